@@ -1,0 +1,124 @@
+"""The ``mixmask`` command: parse, build, run. User mistakes exit with code 2 and one
+sentence, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mixmask.errors import MixmaskError
+
+EXAMPLES = """examples:
+  mixmask pretrain configs/quickstart.yaml data.root=~/data/cifar10
+  mixmask pretrain configs/cifar100/mixmask_mocov2_r18.yaml train.device=cuda train.precision=bf16
+  mixmask knn runs/quickstart
+  mixmask linear runs/quickstart eval.linear_epochs=50
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixmask", description="Self-supervised pretraining of vision backbones.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="pretrain a backbone from a YAML config")
+    pretrain.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    for name, what in (("knn", "weighted kNN top-1"), ("linear", "linear-probe top-1")):
+        command = commands.add_parser(name, help=f"{what} of a pretrained run's backbone")
+        command.add_argument("run", help="a run folder written by `mixmask pretrain`")
+        command.add_argument("overrides", nargs="*",
+                             help="section.key=value overrides of the run's config")
+        command.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            return _pretrain(args)
+        return _evaluate(args)
+    except MixmaskError as error:
+        print(f"mixmask: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _pretrain(args) -> int:
+    from rich.console import Console
+
+    from mixmask.config import load_config
+    from mixmask.engine import pretrain
+
+    config = load_config(args.config, args.overrides)
+    console = Console()
+    summary = pretrain(config, console=console)
+    _print_summary(console, summary, Path(config.out_dir))
+    return 0
+
+
+def _print_summary(console, summary: dict, out_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="result (top-1 %, test set)")
+    table.add_column("metric")
+    table.add_column("pretrained", justify="right")
+    table.add_column("random init", justify="right")
+    for key in ("knn_top1", "linear_top1"):
+        if key in summary:
+            random = summary.get(f"{key}_random_init")
+            table.add_row(key, f"{summary[key]:.2f}", "-" if random is None else f"{random:.2f}")
+    if "probe_top1" in summary:
+        table.add_row("online probe (last epoch)", f"{summary['probe_top1']:.2f}", "-")
+    console.print(table)
+    console.print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s "
+                  f"({summary['images_per_s'] or 0:.0f} training images/s). Run folder: {out_dir}")
+
+
+def _evaluate(args) -> int:
+    import torch
+
+    from mixmask.config import load_config
+    from mixmask.engine import (
+        evaluate_backbone,
+        load_checkpoint_file,
+        load_eval_data,
+        resolve_accelerator,
+    )
+    from mixmask.methods import build_method
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise MixmaskError(f"{run} is not a run folder (no config.yaml); pass the out_dir of "
+                           "`mixmask pretrain`.")
+    config = load_config(run / "config.yaml", args.overrides)
+    default_checkpoint = run / "checkpoints" / "last.ckpt"
+    checkpoint_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint
+    if not checkpoint_path.is_file():
+        raise MixmaskError(f"no checkpoint at {checkpoint_path}; has the run saved one yet?")
+    checkpoint = load_checkpoint_file(checkpoint_path)
+    method = build_method(config)
+    try:
+        method.load_state_dict(checkpoint["method"])
+    except RuntimeError as error:
+        raise MixmaskError(f"{checkpoint_path} does not match the run's config: "
+                           f"{str(error).splitlines()[0]}") from None
+    eval_data, reason = load_eval_data(config)
+    if eval_data is None:
+        raise MixmaskError(f"cannot evaluate: {reason}.")
+    device = torch.device(resolve_accelerator(config.train.device))
+    torch.manual_seed(config.train.seed)
+    results = evaluate_backbone(method.backbone.to(device), eval_data, config, device,
+                                knn=args.command == "knn", linear=args.command == "linear")
+    results.update(checkpoint=str(checkpoint_path), step=checkpoint["step"])
+    (run / f"eval_{args.command}.json").write_text(json.dumps(results, indent=2))
+    key = f"{args.command}_top1"
+    print(f"{key}: {results[key]:.2f}% (checkpoint step {checkpoint['step']}); "
+          f"written to {run / f'eval_{args.command}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

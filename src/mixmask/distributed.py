@@ -1,0 +1,40 @@
+"""Small torch.distributed helpers that are no-ops on a single process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def gather_all(tensor: Tensor) -> Tensor:
+    """Concatenate a tensor from every process along dim 0 (no gradient)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def shuffled_forward(encode: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """MoCo's shuffle-BN: run ``encode`` on a batch shuffled across processes, so per-process
+    BN statistics of the keys do not come from the queries' own images, then un-shuffle."""
+    if world_size() == 1:
+        return encode(images)
+    local = images.shape[0]
+    gathered = gather_all(images)
+    permutation = torch.randperm(gathered.shape[0], device=images.device)
+    dist.broadcast(permutation, src=0)
+    rank = dist.get_rank()
+    own = permutation[rank * local:(rank + 1) * local]
+    keys = gather_all(encode(gathered[own]))
+    inverse = torch.argsort(permutation)
+    return keys[inverse][rank * local:(rank + 1) * local]

@@ -1,0 +1,559 @@
+"""The pretraining loop, on Lightning Fabric (precision, devices, DDP, seeding).
+
+The training step is visible top to bottom in :func:`_train_epoch`: views to the device,
+the method's loss, backward, optimizer step, the method's EMA/queue update, the online
+probe. Scalars are read on the host only every ``train.log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mixmask import __version__
+from mixmask.config import Config, save_config
+from mixmask.data import (
+    DATASET_STATS,
+    EvalDataset,
+    ImageSet,
+    TwoViewDataset,
+    eval_transform,
+    load_image_set,
+    two_view_transform,
+)
+from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.eval.features import extract_features
+from mixmask.eval.knn import knn_top1
+from mixmask.eval.linear import linear_top1
+from mixmask.methods import build_method
+
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+class TrainingDiverged(MixmaskError):
+    """The loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+_TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def load_split(config: Config, split: str, subset: int) -> ImageSet:
+    """One split of ``data.dataset``. A CIFAR dataset whose ``data.root`` is an ImageFolder
+    tree or tarball (a copy of CIFAR as image files) is read as such, with CIFAR's
+    normalisation statistics, so one ``data.root=`` override is all an offline user needs."""
+    data = config.data
+    name, root = data.dataset, os.path.expanduser(data.root)
+    if name in _TORCHVISION_FOLDERS and _looks_like_imagefolder(root, name):
+        image_set = load_image_set("imagefolder", root, split, subset=subset)
+        image_set.mean, image_set.std = DATASET_STATS[name]
+        return image_set
+    return load_image_set(name, root, split, download=data.download, subset=subset)
+
+
+def _looks_like_imagefolder(root: str, name: str) -> bool:
+    if os.path.isfile(root):
+        return root.endswith((".tar", ".tar.gz", ".tgz"))
+    return (os.path.isdir(os.path.join(root, "train"))
+            and not os.path.isdir(os.path.join(root, _TORCHVISION_FOLDERS[name])))
+
+
+@dataclass
+class EvalData:
+    """Labelled train/test sets with the evaluation transform (kNN bank and probes)."""
+
+    train: EvalDataset
+    test: EvalDataset
+    num_classes: int
+
+
+def load_eval_data(config: Config) -> tuple[EvalData | None, str]:
+    """The labelled evaluation sets, or None and the reason they are unavailable."""
+    train_set = load_split(config, "train", config.data.eval_train_subset)
+    if train_set.labels is None:
+        return None, "the dataset has no labels (no class folders)"
+    try:
+        test_set = load_split(config, "test", config.data.eval_test_subset)
+    except MixmaskError as error:
+        return None, f"no test split ({error})"
+    transform = _eval_transform(config, train_set)
+    return EvalData(EvalDataset(train_set, transform), EvalDataset(test_set, transform),
+                    train_set.num_classes), ""
+
+
+def _eval_transform(config: Config, image_set: ImageSet):
+    return eval_transform(config.data.image_size, image_set.mean, image_set.std,
+                          resize_from_larger=config.data.image_size >= 128)
+
+
+class EpochBatchSampler:
+    """Shuffled batches, the same order for a given (seed, epoch) on every run, so a
+    resumed run sees exactly the batches it would have seen; drops the last partial
+    batch; shards each global batch across processes."""
+
+    def __init__(self, num_samples: int, global_batch: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch - self.start_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        local = self.global_batch // self.world_size
+        for batch in range(self.start_batch, self.num_samples // self.global_batch):
+            start = batch * self.global_batch + self.rank * local
+            yield [(index, self.epoch) for index in order[start:start + local].tolist()]
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Seeds the augmentation RNG from (seed, epoch, index) before drawing an item's views,
+    so the views are a pure function of those three: identical across worker counts, and a
+    resumed run draws exactly the views the uninterrupted run would have drawn."""
+
+    def __init__(self, dataset: TwoViewDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        return self.dataset[index]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to 0 over train.epochs (per step)."""
+    train = config.train
+    base = train.lr * (train.batch_size / 256 if train.scale_lr_by_batch else 1.0)
+    warmup = int(train.warmup_epochs * steps_per_epoch)
+    total = train.epochs * steps_per_epoch
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if train.schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_accelerator(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu.")
+    return device
+
+
+def resume_checkpoint(config: Config) -> Path | None:
+    if config.resume == "none":
+        return None
+    if config.resume == "auto":
+        path = Path(config.out_dir) / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume checkpoint {path} does not exist.")
+    return path
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """torch.load with a clear error for a truncated or foreign file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a mixmask checkpoint ({type(error).__name__})."
+            " Delete it to start over, or point resume= at another checkpoint."
+        ) from None
+    if not isinstance(checkpoint, dict) or "method" not in checkpoint:
+        raise CheckpointError(f"{path} is not a mixmask checkpoint (no 'method' state).")
+    return checkpoint
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import torchvision
+
+    return {"mixmask": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": lightning.__version__}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+class MetricsLog:
+    """metrics.csv (one row per logged step or epoch; columns grow as keys appear) and
+    TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path = out_dir / "metrics.csv"
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        if enabled and self.path.is_file():  # resumed: keep the history
+            with self.path.open() as handle:
+                self.rows = list(csv.DictReader(handle))
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        columns = list(dict.fromkeys(key for entry in self.rows for key in entry))
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        for key, value in row.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_backbone(backbone: nn.Module, eval_data: EvalData, config: Config,
+                      device: torch.device, *, knn: bool, linear: bool) -> dict[str, float]:
+    """kNN and/or linear-probe top-1 (percent) of a frozen backbone."""
+    workers = min(config.data.num_workers, 2)
+    train_features, train_labels = extract_features(backbone, eval_data.train, device=device,
+                                                    num_workers=workers)
+    test_features, test_labels = extract_features(backbone, eval_data.test, device=device,
+                                                  num_workers=workers)
+    results = {}
+    if knn:
+        results["knn_top1"] = knn_top1(
+            train_features, train_labels, test_features, test_labels,
+            num_classes=eval_data.num_classes, k=config.monitor.knn_k,
+            temperature=config.monitor.knn_temperature)
+    if linear:
+        results["linear_top1"] = linear_top1(
+            train_features, train_labels, test_features, test_labels,
+            num_classes=eval_data.num_classes, epochs=config.eval.linear_epochs,
+            lr=config.eval.linear_lr, batch_size=config.eval.linear_batch_size,
+            milestones=config.eval.linear_milestones, seed=config.train.seed)
+    return results
+
+
+# --------------------------------------------------------------------------- training
+
+
+def pretrain(config: Config, *, console=None) -> dict[str, Any]:
+    """Pretrain as the config says; returns the summary also written to summary.json."""
+    accelerator = resolve_accelerator(config.train.device)
+    if config.train.batch_size % config.train.devices:
+        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by "
+                          f"train.devices ({config.train.devices}).")
+    fabric = Fabric(accelerator=accelerator, devices=config.train.devices,
+                    precision=PRECISIONS[config.train.precision],
+                    strategy="ddp" if config.train.devices > 1 else "auto")
+    fabric.launch()
+    out_dir = Path(config.out_dir)
+    checkpoint_dir = out_dir / "checkpoints"
+    resume_path = resume_checkpoint(config)
+    if fabric.is_global_zero:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+    fabric.seed_everything(config.train.seed)
+
+    train_set = load_split(config, "train", config.data.subset)
+    if len(train_set) < config.train.batch_size:
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
+                          f"(train.batch_size={config.train.batch_size}).")
+    views = TwoViewDataset(train_set, two_view_transform(
+        config.data.augmentation, config.data.image_size, train_set.mean, train_set.std))
+    sampler = EpochBatchSampler(len(train_set), config.train.batch_size,
+                                seed=config.train.seed, rank=fabric.global_rank,
+                                world_size=fabric.world_size)
+    loader = DataLoader(SeededViews(views, config.train.seed), batch_sampler=sampler,
+                        num_workers=config.data.num_workers,
+                        pin_memory=accelerator == "cuda",
+                        persistent_workers=config.data.num_workers > 0)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    steps_per_epoch = len(train_set) // config.train.batch_size
+
+    eval_data, no_eval_reason = (None, "monitors are off")
+    if config.monitor.knn or config.monitor.online_probe or config.eval.knn or config.eval.linear:
+        eval_data, no_eval_reason = load_eval_data(config)
+    say = _printer(fabric, console)
+    if eval_data is None:
+        say(f"Note: kNN and linear-probe monitors are skipped: {no_eval_reason}.")
+
+    torch.manual_seed(config.train.seed)  # the same initial weights as the random-init baseline
+    method = build_method(config)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad],
+                                lr=config.train.lr, momentum=config.train.momentum,
+                                weight_decay=config.train.weight_decay)
+    method, optimizer = fabric.setup(method, optimizer)
+    probe, probe_optimizer = None, None
+    if config.monitor.online_probe and eval_data is not None:
+        probe = nn.Linear(method.feature_dim, eval_data.num_classes)
+        probe_optimizer = torch.optim.SGD(probe.parameters(), lr=config.monitor.probe_lr,
+                                          momentum=0.9)
+        probe, probe_optimizer = fabric.setup(probe, probe_optimizer)
+    generator = torch.Generator(device=fabric.device)
+    generator.manual_seed(config.train.seed * 1_000 + fabric.global_rank)
+
+    state = {"method": method, "optimizer": optimizer, "epoch": 0, "step": 0}
+    if probe is not None:
+        state.update(probe=probe, probe_optimizer=probe_optimizer)
+    elapsed_before = 0.0
+    if resume_path is not None:
+        checkpoint = load_checkpoint_file(resume_path)
+        _check_compatible(checkpoint, config, resume_path)
+        try:
+            for key in ("method", "optimizer", "probe", "probe_optimizer"):
+                if key in state and key in checkpoint:
+                    target = state[key].module if key in ("method", "probe") else state[key]
+                    target.load_state_dict(checkpoint[key])
+        except RuntimeError as error:
+            raise CheckpointError(f"checkpoint {resume_path} does not fit this model: "
+                                  f"{str(error).splitlines()[0]}") from None
+        state["epoch"], state["step"] = checkpoint["epoch"], checkpoint["step"]
+        generator.set_state(checkpoint["generator"].to("cpu"))
+        elapsed_before = checkpoint.get("wall_time_s", 0.0)
+        say(f"Resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}.")
+
+    metrics = MetricsLog(out_dir, fabric.is_global_zero)
+    run = _Run(config, fabric, method, optimizer, probe, probe_optimizer, generator, loader,
+               sampler, steps_per_epoch, eval_data, metrics, state, checkpoint_dir, say)
+    run.elapsed_before = elapsed_before
+    try:
+        run.fit()
+    except KeyboardInterrupt:
+        run.save_checkpoint("last.ckpt")
+        raise MixmaskError(f"interrupted at step {state['step']}; saved "
+                           f"{checkpoint_dir / 'last.ckpt'}. Continue with resume=auto.") from None
+    finally:
+        metrics.close()
+    return run.finish()
+
+
+def _check_compatible(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
+    saved = checkpoint.get("config", {})
+    for section, key in (("method", "name"), ("model", "backbone"), ("model", "width"),
+                         ("model", "stem")):
+        old = saved.get(section, {}).get(key)
+        new = getattr(getattr(config, section), key)
+        if old is not None and old != new:
+            raise CheckpointError(f"checkpoint {path} was trained with {section}.{key}={old}, "
+                                  f"but the config says {new}; start a new out_dir instead.")
+
+
+def _printer(fabric: Fabric, console):
+    def say(message: str) -> None:
+        if fabric.is_global_zero:
+            (console.print if console is not None else print)(message)
+    return say
+
+
+class _Run:
+    """State of one pretraining run; the loop itself is in fit/_train_epoch."""
+
+    def __init__(self, config, fabric, method, optimizer, probe, probe_optimizer, generator,
+                 loader, sampler, steps_per_epoch, eval_data, metrics, state, checkpoint_dir,
+                 say):
+        self.config, self.fabric, self.method, self.optimizer = config, fabric, method, optimizer
+        self.probe, self.probe_optimizer, self.generator = probe, probe_optimizer, generator
+        self.loader, self.sampler, self.steps_per_epoch = loader, sampler, steps_per_epoch
+        self.eval_data, self.metrics, self.state = eval_data, metrics, state
+        self.checkpoint_dir, self.say = checkpoint_dir, say
+        self.train_images, self.train_seconds = 0, 0.0
+        self.elapsed_before, self.started = 0.0, time.perf_counter()
+        self.last_epoch_metrics: dict[str, float] = {}
+
+    @property
+    def total_steps(self) -> int:
+        total = self.config.train.epochs * self.steps_per_epoch
+        return min(total, self.config.train.max_steps) if self.config.train.max_steps else total
+
+    def fit(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        show = self.fabric.is_global_zero and self.config.train.progress_bar
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
+                      TextColumn("{task.fields[status]}"), disable=not show,
+                      transient=False) as progress:
+            task = progress.add_task("pretrain", total=self.total_steps,
+                                     completed=self.state["step"], status="")
+            while self.state["step"] < self.total_steps:
+                epoch = self.state["step"] // self.steps_per_epoch
+                self.state["epoch"] = epoch
+                self.sampler.set_epoch(epoch, self.state["step"] % self.steps_per_epoch)
+                progress.update(task, description=f"epoch {epoch + 1}/{self.config.train.epochs}")
+                self._train_epoch(progress, task)
+                epoch_done = self.state["step"] % self.steps_per_epoch == 0
+                if epoch_done:
+                    self.state["epoch"] = epoch + 1
+                    self._end_of_epoch(epoch + 1, progress, task)
+        self.save_checkpoint("last.ckpt")
+
+    def _train_epoch(self, progress, task) -> None:
+        config, fabric, method = self.config, self.fabric, self.method
+        start = time.perf_counter()
+        images_seen = 0
+        for view1, view2, labels in self.loader:
+            step = self.state["step"]
+            if step >= self.total_steps:
+                break
+            lr = learning_rate(config, step, self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            output = method(view1, view2, self.generator, step / self.total_steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            fabric.backward(output.loss)
+            self.optimizer.step()
+            method.finish_step(step / self.total_steps)
+            logs = dict(output.logs)
+            if self.probe is not None and (labels >= 0).all():
+                probe_loss = F.cross_entropy(self.probe(output.features), labels)
+                self.probe_optimizer.zero_grad(set_to_none=True)
+                fabric.backward(probe_loss)
+                self.probe_optimizer.step()
+                logs["probe_loss"] = probe_loss.detach()
+            images_seen += view1.shape[0] * fabric.world_size
+            self.state["step"] = step + 1
+            progress.advance(task)
+            if (step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps:
+                self._log_step(step + 1, lr, logs, progress, task)
+        if fabric.device.type == "cuda":
+            torch.cuda.synchronize(fabric.device)
+        self.train_seconds += time.perf_counter() - start
+        self.train_images += images_seen
+
+    def _log_step(self, step: int, lr: float, logs: dict[str, torch.Tensor], progress,
+                  task) -> None:
+        names = list(logs)
+        values = torch.stack([logs[name].float() for name in names]).tolist()  # one sync
+        row = dict(zip(names, values, strict=True))
+        if not all(math.isfinite(value) for value in values):
+            raise TrainingDiverged(
+                f"the loss became {row.get('loss')} at step {step}. The last good checkpoint is "
+                f"kept in {self.checkpoint_dir}; lower train.lr, use train.precision=32, or "
+                "check the data, then continue with resume=auto.")
+        epoch = round(step / self.steps_per_epoch, 3)  # fractional: where in the schedule
+        self.metrics.log({"step": step, "epoch": epoch, "lr": lr, **row})
+        progress.update(task, status=f"loss {row['loss']:.3f}")
+
+    def _end_of_epoch(self, epoch: int, progress, task) -> None:
+        config = self.config
+        row: dict[str, Any] = {"step": self.state["step"], "epoch": epoch}
+        last = epoch == config.train.epochs or self.state["step"] >= self.total_steps
+        if self.eval_data is not None and (config.monitor.knn or self.probe is not None) and (
+                epoch % config.monitor.knn_every == 0 or last) and self.fabric.is_global_zero:
+            backbone = self.method.module.backbone
+            train_features, train_labels = extract_features(
+                backbone, self.eval_data.train, device=self.fabric.device)
+            test_features, test_labels = extract_features(
+                backbone, self.eval_data.test, device=self.fabric.device)
+            if config.monitor.knn:
+                row["knn_top1"] = knn_top1(train_features, train_labels, test_features,
+                                           test_labels, num_classes=self.eval_data.num_classes,
+                                           k=config.monitor.knn_k,
+                                           temperature=config.monitor.knn_temperature)
+            if self.probe is not None:
+                with torch.no_grad():
+                    predicted = self.probe.module(test_features).argmax(dim=1)
+                row["probe_top1"] = 100.0 * (predicted == test_labels).float().mean().item()
+        if self.train_seconds > 0:
+            row["images_per_s"] = self.train_images / self.train_seconds
+        self.last_epoch_metrics = {k: v for k, v in row.items() if k not in ("step", "epoch")}
+        self.metrics.log(row)
+        shown = ", ".join(f"{key} {value:.1f}" for key, value in row.items()
+                          if key not in ("step", "epoch"))
+        if self.fabric.is_global_zero:
+            progress.console.print(f"epoch {epoch}: {shown}")
+        every = config.train.checkpoint_every
+        if every and epoch % every == 0:
+            self.save_checkpoint(f"epoch={epoch}.ckpt")
+        self.save_checkpoint("last.ckpt")
+
+    def save_checkpoint(self, name: str) -> None:
+        fabric = self.fabric
+        content = {
+            "method": self.method.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.state["epoch"], "step": self.state["step"],
+            "generator": self.generator.get_state(),
+            "config": self.config.to_dict(), "versions": versions(),
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
+        }
+        if self.probe is not None:
+            content["probe"] = self.probe.module.state_dict()
+            content["probe_optimizer"] = self.probe_optimizer.state_dict()
+        if fabric.is_global_zero:
+            path = self.checkpoint_dir / name
+            partial = path.with_suffix(".partial")
+            torch.save(content, partial)
+            os.replace(partial, path)  # a killed save never leaves a truncated last.ckpt
+        fabric.barrier()
+
+    def finish(self) -> dict[str, Any]:
+        config, fabric = self.config, self.fabric
+        summary: dict[str, Any] = {
+            "method": config.method.name, "masking": config.method.masking,
+            "dataset": config.data.dataset, "backbone": config.model.backbone,
+            "epochs": self.state["epoch"], "steps": self.state["step"], "seed": config.train.seed,
+        }
+        summary.update(self.last_epoch_metrics)
+        if self.eval_data is not None and fabric.is_global_zero and (
+                config.eval.knn or config.eval.linear):
+            self.say("Evaluating the pretrained backbone...")
+            backbone = self.method.module.backbone
+            summary.update(evaluate_backbone(backbone, self.eval_data, config, fabric.device,
+                                             knn=config.eval.knn, linear=config.eval.linear))
+            if config.eval.compare_random_init:
+                self.say("Evaluating the randomly initialised backbone (same seed)...")
+                torch.manual_seed(config.train.seed)
+                random_backbone = build_method(config).backbone.to(fabric.device)
+                random = evaluate_backbone(random_backbone, self.eval_data, config,
+                                           fabric.device, knn=config.eval.knn,
+                                           linear=config.eval.linear)
+                summary.update({f"{key}_random_init": value for key, value in random.items()})
+        summary["wall_time_s"] = self.elapsed_before + time.perf_counter() - self.started
+        summary["images_per_s"] = (self.train_images / self.train_seconds
+                                   if self.train_seconds else None)
+        summary["versions"] = versions()
+        summary["device"] = device_name(fabric.device)
+        summary["world_size"] = fabric.world_size
+        if fabric.is_global_zero:
+            path = Path(config.out_dir) / "summary.json"
+            path.write_text(json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,173 @@
+"""End-to-end pretraining on real CIFAR-10 images: run folder, resume, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mixmask.cli import main
+from mixmask.config import load_config
+from mixmask.engine import EpochBatchSampler, TrainingDiverged, learning_rate, pretrain
+from mixmask.errors import CheckpointError
+from mixmask.methods import build_method
+
+TINY = ["model.width=0.125", "method.mocov2.proj_hidden_dim=64", "method.mocov2.queue_size=256",
+        "train.batch_size=32", "data.num_workers=0", "train.progress_bar=false",
+        "method.masking=mixmask", "method.mocov2.symmetric=false", "eval.linear_epochs=2",
+        "data.eval_train_subset=200", "data.eval_test_subset=100", "train.log_every=1",
+        "train.checkpoint_every=1", "eval.compare_random_init=true", "eval.linear=true"]
+
+
+def tiny_config(tmp_path, root, *overrides):
+    return load_config(None, [*TINY, f"data.root={root}", "data.subset=128",
+                              f"out_dir={tmp_path / 'run'}", *overrides])
+
+
+def read_metrics(run):
+    with (run / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_real_pretrain_writes_a_complete_run_folder_and_resumes(tmp_path, cifar10_tarball):
+    config = tiny_config(tmp_path, cifar10_tarball, "train.epochs=2")
+    summary = pretrain(config)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.ckpt",
+                 "checkpoints/epoch=1.ckpt", "checkpoints/epoch=2.ckpt"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == config
+    saved = json.loads((run / "summary.json").read_text())
+    for key in ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init",
+                "wall_time_s", "images_per_s", "versions", "device", "probe_top1"):
+        assert key in saved, key
+    assert saved["steps"] == summary["steps"] == 8  # 128 images / batch 32 x 2 epochs
+    assert 0 <= saved["knn_top1"] <= 100 and saved["versions"]["torch"] == torch.__version__
+    rows = read_metrics(run)
+    losses = [float(row["loss"]) for row in rows if row.get("loss")]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(row.get("knn_top1") for row in rows)
+
+    # Offline evaluation of the finished run from the command line.
+    assert main(["knn", str(run)]) == 0
+    offline = json.loads((run / "eval_knn.json").read_text())
+    assert offline["knn_top1"] == pytest.approx(saved["knn_top1"]) and offline["step"] == 8
+    assert main(["linear", str(run), "eval.linear_epochs=1"]) == 0
+    assert 0 <= json.loads((run / "eval_linear.json").read_text())["linear_top1"] <= 100
+
+    # Extend the finished run to 3 epochs: it continues from step 8, not from 0.
+    resumed = pretrain(tiny_config(tmp_path, cifar10_tarball, "train.epochs=3", "resume=auto"))
+    assert resumed["steps"] == 12 and resumed["epochs"] == 3
+    steps = [int(row["step"]) for row in read_metrics(run) if row.get("loss")]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, cifar10_tarball):
+    """Stopping at step 3 (mid-epoch) and resuming gives the weights of a straight run."""
+    straight = tiny_config(tmp_path / "a", cifar10_tarball, "train.epochs=2", "monitor.knn=false",
+                           "monitor.online_probe=false", "eval.knn=false", "eval.linear=false")
+    pretrain(straight)
+    first = tiny_config(tmp_path / "b", cifar10_tarball, "train.epochs=2", "train.max_steps=3",
+                        "monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
+                        "eval.linear=false")
+    pretrain(first)
+    second = tiny_config(tmp_path / "b", cifar10_tarball, "train.epochs=2", "resume=auto",
+                         "monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
+                         "eval.linear=false")
+    assert pretrain(second)["steps"] == 8
+    weights_a = torch.load(tmp_path / "a/run/checkpoints/last.ckpt", weights_only=False)["method"]
+    weights_b = torch.load(tmp_path / "b/run/checkpoints/last.ckpt", weights_only=False)["method"]
+    for name, value in weights_a.items():
+        torch.testing.assert_close(weights_b[name], value, msg=name)
+
+
+def test_loss_decreases_on_a_repeated_real_batch(cifar10_tarball):
+    from mixmask.data import TwoViewDataset, load_image_set, two_view_transform
+
+    image_set = load_image_set("imagefolder", str(cifar10_tarball), "train", subset=64)
+    dataset = TwoViewDataset(image_set, two_view_transform("cifar", 32, image_set.mean,
+                                                           image_set.std))
+    torch.manual_seed(0)
+    items = [dataset[i] for i in range(64)]
+    view1 = torch.stack([item[0] for item in items])
+    view2 = torch.stack([item[1] for item in items])
+    config = load_config(None, [*TINY, "method.mocov2.queue_size=64", "train.batch_size=64"])
+    method = build_method(config)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(15):
+        output = method.training_step(view1, view2, generator)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        method.finish_step(0.0)
+        losses.append(output.loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # Step 1 sees a queue of random unit vectors (an easy task); from step 2 the queue holds
+    # real keys, and the loss must fall from there.
+    assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[1:4]) / 3, losses
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, cifar10_tarball):
+    config = tiny_config(tmp_path, cifar10_tarball, "train.epochs=2", "monitor.knn=false",
+                         "eval.knn=false", "eval.linear=false")
+    pretrain(config)
+    checkpoint = tmp_path / "run/checkpoints/last.ckpt"
+    before = checkpoint.read_bytes()
+    exploding = tiny_config(tmp_path, cifar10_tarball, "train.epochs=4", "resume=auto",
+                            "train.lr=1e30", "monitor.knn=false")
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        pretrain(exploding)
+    assert checkpoint.read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, cifar10_tarball):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        pretrain(tiny_config(tmp_path, cifar10_tarball, f"resume={bad}"))
+
+
+def test_missing_dataset_exits_2_with_instructions(tmp_path, capsys):
+    code = main(["pretrain", "configs/quickstart.yaml", f"data.root={tmp_path / 'nothing'}",
+                 "data.download=false", f"out_dir={tmp_path / 'run'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "Traceback" not in err
+
+
+def test_unlabeled_folder_pretrains_and_skips_label_monitors(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(32):
+        pixels = torch.randint(0, 255, (32, 32, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{index}.png")
+    config = tiny_config(tmp_path, folder, "data.dataset=imagefolder", "train.epochs=1")
+    summary = pretrain(config)
+    assert summary["steps"] == 1 and "knn_top1" not in summary
+    assert "monitors are skipped" in capsys.readouterr().out
+
+
+def test_epoch_sampler_is_deterministic_and_resumable():
+    sampler = EpochBatchSampler(100, 20, seed=3)
+    sampler.set_epoch(2)
+    full = [[index for index, epoch in batch] for batch in sampler]
+    sampler.set_epoch(2, start_batch=3)
+    assert [[index for index, _ in batch] for batch in sampler] == full[3:]
+    assert len(sampler) == 2
+    assert sorted(i for batch in full for i in batch) == list(range(100))
+    shards = [list(EpochBatchSampler(100, 20, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    sampler.set_epoch(0)
+    assert [a + b for a, b in zip(*shards, strict=True)] == list(EpochBatchSampler(100, 20, seed=3))
+
+
+def test_learning_rate_warmup_then_cosine():
+    config = load_config(None, ["train.lr=1.0", "train.epochs=10", "train.warmup_epochs=1"])
+    assert learning_rate(config, 0, 10) == pytest.approx(0.1)
+    assert learning_rate(config, 9, 10) == pytest.approx(1.0)
+    assert learning_rate(config, 55, 10) == pytest.approx(0.5)  # halfway through the cosine
+    assert learning_rate(config, 100, 10) == pytest.approx(0.0)
