@@ -9,7 +9,7 @@ import torch
 from mixmask.cli import main
 from mixmask.config import load_config
 from mixmask.engine import EpochBatchSampler, TrainingDiverged, learning_rate, pretrain
-from mixmask.errors import CheckpointError
+from mixmask.errors import CheckpointError, ConfigError
 from mixmask.methods import build_method
 
 TINY = ["model.width=0.125", "method.mocov2.proj_hidden_dim=64", "method.mocov2.queue_size=256",
@@ -171,3 +171,11 @@ def test_learning_rate_warmup_then_cosine():
     assert learning_rate(config, 9, 10) == pytest.approx(1.0)
     assert learning_rate(config, 55, 10) == pytest.approx(0.5)  # halfway through the cosine
     assert learning_rate(config, 100, 10) == pytest.approx(0.0)
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tmp_path, cifar10_tarball):
+    config = tiny_config(tmp_path, cifar10_tarball, "train.epochs=1", "monitor.knn=false",
+                         "eval.knn=false", "eval.linear=false")
+    pretrain(config)
+    with pytest.raises(ConfigError, match="already holds a run.*resume=auto"):
+        pretrain(config)

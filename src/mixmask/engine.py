@@ -214,13 +214,16 @@ class MetricsLog:
     """metrics.csv (one row per logged step or epoch; columns grow as keys appear) and
     TensorBoard scalars."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at_step: int | None = None):
         self.path = out_dir / "metrics.csv"
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
-        if enabled and self.path.is_file():  # resumed: keep the history
+        if enabled and resumed_at_step is not None and self.path.is_file():
+            # Keep the history up to the checkpoint; rows logged after it (by a run killed
+            # before its next checkpoint) are logged again by the resumed run.
             with self.path.open() as handle:
-                self.rows = list(csv.DictReader(handle))
+                self.rows = [row for row in csv.DictReader(handle)
+                             if int(row["step"]) <= resumed_at_step]
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -287,6 +290,9 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any]:
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     resume_path = resume_checkpoint(config)
+    if resume_path is None and (checkpoint_dir / "last.ckpt").is_file():
+        raise ConfigError(f"{out_dir} already holds a run. Continue it with resume=auto, or "
+                          "choose another out_dir (or delete that folder) to start afresh.")
     if fabric.is_global_zero:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
@@ -350,7 +356,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any]:
         elapsed_before = checkpoint.get("wall_time_s", 0.0)
         say(f"Resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}.")
 
-    metrics = MetricsLog(out_dir, fabric.is_global_zero)
+    metrics = MetricsLog(out_dir, fabric.is_global_zero,
+                         state["step"] if resume_path is not None else None)
     run = _Run(config, fabric, method, optimizer, probe, probe_optimizer, generator, loader,
                sampler, steps_per_epoch, eval_data, metrics, state, checkpoint_dir, say)
     run.elapsed_before = elapsed_before
@@ -442,7 +449,7 @@ class _Run:
             self.optimizer.step()
             method.finish_step(step / self.total_steps)
             logs = dict(output.logs)
-            if self.probe is not None and (labels >= 0).all():
+            if self.probe is not None:  # only built for labelled data
                 probe_loss = F.cross_entropy(self.probe(output.features), labels)
                 self.probe_optimizer.zero_grad(set_to_none=True)
                 fabric.backward(probe_loss)
