@@ -1,12 +1,19 @@
-"""Accuracy regression: a few-minute real pretrain must beat the random-init backbone.
+"""Accuracy regression: a real CPU pretrain (about 9 minutes) must beat random init.
 
 Peers' users were bitten by silent accuracy regressions, so CI pretrains the quickstart
-recipe (MixMask + MoCo v2, quarter-width ResNet-18) on a class-balanced subset of real
-CIFAR-10 and checks the kNN top-1 gain over the same backbone at initialisation.
+recipe (MixMask + MoCo v2, quarter-width ResNet-18, 5,000 real CIFAR-10 images, 10
+epochs) and checks the kNN top-1 gain over the same backbone at initialisation.
 
-Calibration (2-core CPU, torch 2.14.1; `python benchmarks/pretrain_vs_random.py
---regression-test --seeds 0 1 2 data.root=../shared/data/cifar10_jpeg_q75.tar.gz`):
-CALIBRATION
+Calibration (2-core x86_64 CPU, torch 2.14.1; seed 0 is deterministic):
+`python benchmarks/pretrain_vs_random.py configs/quickstart.yaml --seeds 0
+data.root=../shared/data/cifar10_jpeg_q75.tar.gz` gave kNN top-1 31.00 pretrained vs
+25.35 at random init (+5.65; docs/results.md). The monitors and the linear probe that
+this test turns off do not touch the training RNG, so the trained backbone is the same.
+Across seeds the random-init kNN varied by about 1 point (26.0-27.7 over seeds 0-2 on
+1,000 test images), so a 2-point margin flags a real regression, not noise. A shorter
+budget was tried and rejected: 320 steps on 2,560 images gave a gain of -0.53 on average
+(seeds 0-2: -1.40, +0.70, -0.90): MoCo's kNN first dips below random init before it rises.
+Only seed 0 of the full budget is measured so far; more seeds are pending.
 """
 
 from pathlib import Path
@@ -17,12 +24,12 @@ from mixmask.config import load_config
 from mixmask.engine import pretrain
 
 REGRESSION_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+# The quickstart recipe itself (about 9 minutes here), without the per-epoch monitors.
 REGRESSION_OVERRIDES = (
-    "data.subset=2560", "data.eval_train_subset=5000", "data.eval_test_subset=1000",
-    "train.epochs=4", "monitor.knn=false", "monitor.online_probe=false", "eval.linear=false",
+    "monitor.knn=false", "monitor.online_probe=false", "eval.linear=false",
     "train.progress_bar=false",
 )
-MIN_KNN_GAIN = 0.0
+MIN_KNN_GAIN = 2.0
 
 
 @pytest.mark.slow
