@@ -2,6 +2,9 @@
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +182,31 @@ def test_a_new_run_never_overwrites_an_existing_one(tmp_path, cifar10_tarball):
     pretrain(config)
     with pytest.raises(ConfigError, match="already holds a run.*resume=auto"):
         pretrain(config)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    config = load_config(None, [*TINY, "data.dataset=synthetic", "data.subset=64",
+                                "train.epochs=1", "train.precision=bf16", "eval.linear=false",
+                                "eval.compare_random_init=false", f"out_dir={tmp_path / 'run'}"])
+    summary = pretrain(config)
+    losses = [float(row["loss"]) for row in read_metrics(tmp_path / "run") if row.get("loss")]
+    assert summary["steps"] == 2 and len(losses) == 2
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """`train.devices=2` launches two DDP processes (gloo on the CPU): gradients, the key
+    queue (gathered from both) and shuffle-BN run across processes."""
+    command = [str(Path(sys.executable).with_name("mixmask")), "pretrain",
+               "configs/quickstart.yaml", *TINY, "data.dataset=synthetic", "data.subset=128",
+               "train.epochs=1", "train.devices=2", "train.device=cpu", "eval.linear=false",
+               "method.mocov2.shuffle_bn=true", f"out_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4  # 128 / global batch 32
+    assert result.stdout.count("result (top-1 %") == 1  # only rank 0 reports
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    # 4 steps x 16 keys per process x 2 processes: the queue holds keys from both.
+    assert int(checkpoint["method"]["queue_pointer"]) == 128

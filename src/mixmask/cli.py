@@ -55,7 +55,8 @@ def _pretrain(args) -> int:
     config = load_config(args.config, args.overrides)
     console = Console()
     summary = pretrain(config, console=console)
-    _print_summary(console, summary, Path(config.out_dir))
+    if summary is not None:  # global rank 0
+        _print_summary(console, summary, Path(config.out_dir))
     return 0
 
 

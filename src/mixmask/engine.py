@@ -277,8 +277,9 @@ def evaluate_backbone(backbone: nn.Module, eval_data: EvalData, config: Config,
 # --------------------------------------------------------------------------- training
 
 
-def pretrain(config: Config, *, console=None) -> dict[str, Any]:
-    """Pretrain as the config says; returns the summary also written to summary.json."""
+def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
+    """Pretrain as the config says; returns the summary also written to summary.json
+    (None in DDP processes other than global rank 0)."""
     accelerator = resolve_accelerator(config.train.device)
     if config.train.batch_size % config.train.devices:
         raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by "
@@ -532,7 +533,7 @@ class _Run:
             os.replace(partial, path)  # a killed save never leaves a truncated last.ckpt
         fabric.barrier()
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any] | None:
         config, fabric = self.config, self.fabric
         summary: dict[str, Any] = {
             "method": config.method.name, "masking": config.method.masking,
@@ -560,7 +561,7 @@ class _Run:
         summary["versions"] = versions()
         summary["device"] = device_name(fabric.device)
         summary["world_size"] = fabric.world_size
-        if fabric.is_global_zero:
-            path = Path(config.out_dir) / "summary.json"
-            path.write_text(json.dumps(summary, indent=2))
+        if not fabric.is_global_zero:
+            return None  # other DDP processes report nothing
+        (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
