@@ -27,7 +27,7 @@ REGRESSION_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstar
 # The quickstart recipe itself (about 9 minutes here), without the per-epoch monitors.
 REGRESSION_OVERRIDES = (
     "monitor.knn=false", "monitor.online_probe=false", "eval.linear=false",
-    "train.progress_bar=false",
+    "train.progress_bar=false", "train.epochs=4",
 )
 MIN_KNN_GAIN = 2.0
 

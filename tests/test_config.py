@@ -47,10 +47,79 @@ def test_wrong_types_and_choices():
 def test_invalid_combinations():
     with pytest.raises(ConfigError, match=r"mask_ratio' must lie in \(0, 1\)"):
         load_config(None, ["method.mask.mask_ratio=1.0"])
-    with pytest.raises(ConfigError, match="must divide data.image_size"):
+    with pytest.raises(ConfigError, match="must be at least 2 and divide data.image_size"):
         load_config(None, ["method.masking=mixmask", "method.mask.grid_size=7"])
     with pytest.raises(ConfigError, match="must be even"):
         load_config(None, ["method.masking=mixmask", "train.batch_size=33"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method.masking=erase", "method.mask.grid_size=64"], "must be at least 2 and divide"),
+    (["method.masking=both", "method.mask.grid_size=1"], "must be at least 2 and divide"),
+    (["method.masking=mixmask", "method.mask.mask_ratio=0"], r"must lie in \(0, 1\)"),
+    (["method.masking=unmix", "train.batch_size=34", "train.devices=2"], "per-device batch"),
+    (["method.masking=both", "train.batch_size=9"], "must be even"),
+    (["method.name=barlow_twins", "method.masking=mixmask", "method.mask.per_sample=true"],
+     "one mask.*per batch"),
+    (["method.masking=unmix", "method.unmix.p_mixup=1.5"], r"p_mixup' must lie in \[0, 1\]"),
+    (["method.masking=unmix", "method.unmix.alpha=0"], "alpha' must be positive"),
+    (["method.masking=erase", "method.erase.noise_std=-1"], "noise_std' must be 0 or more"),
+    (["method.masking=erase", "method.erase.fill=black"], "must be one of 'noise'"),
+    (["method.name=simclr"], "must be one of 'mocov2'"),
+    (["method.name=byol", "method.byol.momentum_end=1.5"], r"must lie in \[0, 1\]"),
+])
+def test_impossible_mask_and_method_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_focal_erase_and_unmix_need_no_grid_that_divides_the_image():
+    load_config(None, ["method.masking=erase", "method.erase.shape=focal",
+                       "method.mask.grid_size=7"])
+    load_config(None, ["method.masking=unmix", "method.mask.grid_size=7"])
+
+
+def test_switching_the_method_keeps_each_methods_defaults():
+    config = load_config(CONFIGS / "cifar100" / "mocov2_r18.yaml", ["method.name=vicreg"])
+    assert config.method.vicreg.sim_weight == 25.0
+    assert config.method.byol.pred_hidden_dim == 4096
+
+
+def test_the_base_by_masking_matrix_is_complete_and_composed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_matrix", CONFIGS / "make_matrix.py")
+    make_matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_matrix)
+    expected = make_matrix.matrix()
+    assert len(expected) == 25
+    for base in make_matrix.BASES:
+        for masking in make_matrix.MASKINGS:
+            path = CONFIGS / "cifar100" / f"{base}_{masking}_r18.yaml"
+            assert path.read_text() == expected[path], (
+                f"{path} is stale: run python configs/make_matrix.py")
+            check_composed(path, base, masking)
+
+
+def check_composed(path, base, masking):
+    config = load_config(path)
+    recipe = load_config(CONFIGS / "cifar100" / f"{base}_r18.yaml")
+    assert (config.method.name, config.method.masking) == (base, masking)
+    # The recipe is unchanged apart from the masking section and the run folder.
+    assert config.train == recipe.train and config.data == recipe.data
+    assert getattr(config.method, base) == getattr(recipe.method, base)
+    assert config.out_dir == f"runs/cifar100/{path.stem}"
+
+
+def test_list_of_bases_later_ones_win(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {epochs: 5, lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("train: {epochs: 7}\n")
+    (tmp_path / "c.yaml").write_text("base: [a.yaml, b.yaml]\ntrain: {batch_size: 64}\n")
+    config = load_config(tmp_path / "c.yaml")
+    assert (config.train.epochs, config.train.lr, config.train.batch_size) == (7, 0.1, 64)
+    (tmp_path / "d.yaml").write_text("base: {a: 1}\n")
+    with pytest.raises(ConfigError, match="'base' must be a file name or a list"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_base_inheritance_and_round_trip(tmp_path):

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixmask.masking import (
+    EraseBatch,
     MixMaskBatch,
+    UnMixBatch,
     block_mask,
     discrete_mask,
+    focal_mask,
+    high_pass_filter,
+    inverse_partner,
     mix_images,
     mix_ratio,
+    permutation_partner,
     reversed_partner,
+    sample_erase,
     sample_mixmask,
+    sample_unmix,
     switched_lambda,
     upsample_mask,
 )
@@ -381,4 +392,438 @@ def test_sampling_and_mixing_never_read_values_back_to_the_host(mode, per_sample
             images, grid_size=4, mode=mode, per_sample=per_sample, generator=seeded(1)
         )
         switched_lambda(mix.lam)
+    assert recorder.syncing_ops == []
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+
+
+# -- partners ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5, 8, 13])
+def test_permutation_partner_is_a_single_cycle_derangement(batch):
+    for seed in range(20):
+        partner = permutation_partner(batch, generator=seeded(seed))
+        assert partner.dtype == torch.long and partner.shape == (batch,)
+        assert sorted(partner.tolist()) == list(range(batch))
+        assert all(partner[i].item() != i for i in range(batch))
+        # Following the partners from image 0 visits every image before coming back.
+        visited, image = [], 0
+        for _ in range(batch):
+            image = partner[image].item()
+            visited.append(image)
+        assert visited[-1] == 0 and sorted(visited) == list(range(batch))
+
+
+def test_permutation_partner_varies_with_the_seed_and_repeats_with_it():
+    draws = {tuple(permutation_partner(6, generator=seeded(seed)).tolist()) for seed in range(40)}
+    assert len(draws) > 20  # 5! = 120 single cycles through 6 images
+    first = permutation_partner(9, generator=seeded(3))
+    assert torch.equal(first, permutation_partner(9, generator=seeded(3)))
+
+
+def test_permutation_partner_rejects_a_batch_of_one():
+    with pytest.raises(ValueError, match="at least 2"):
+        permutation_partner(1, generator=seeded())
+
+
+def test_inverse_partner_composes_to_the_identity():
+    for seed in range(10):
+        partner = torch.randperm(11, generator=seeded(seed))
+        inverse = inverse_partner(partner)
+        identity = torch.arange(11)
+        assert torch.equal(partner[inverse], identity)
+        assert torch.equal(inverse[partner], identity)
+    reversed_index = reversed_partner(7, "cpu")
+    assert torch.equal(inverse_partner(reversed_index), reversed_index)
+
+
+def test_switched_embedding_with_a_permutation_partner():
+    batch = 6
+    model = small_model()
+    images = torch.randn(batch, 3, 16, 16, generator=seeded())
+    partner = permutation_partner(batch, generator=seeded(5))
+    mix = sample_mixmask(
+        images,
+        grid_size=4,
+        mask_ratio=0.3,
+        mode="discrete",
+        per_sample=True,
+        generator=seeded(1),
+        partner_index=partner,
+    )
+    assert torch.equal(mix.partner_index, partner)
+    # By hand: the mix in which image i is the partner, found by searching the partners.
+    complementary = []
+    for i in range(batch):
+        j = [k for k in range(batch) if partner[k].item() == i][0]
+        pixel_keep = torch.kron(mix.keep_mask[j], torch.ones(4, 4))
+        complementary.append(pixel_keep * images[j] + (1 - pixel_keep) * images[i])
+    complementary = torch.stack(complementary)
+    inverse = inverse_partner(partner)
+    with torch.no_grad():
+        switched = model(mix.mixed_images)[inverse]
+        expected = model(complementary)
+    assert torch.allclose(switched, expected, atol=1e-5)
+    share_of_image = (complementary == images).float().mean(dim=(1, 2, 3))
+    assert torch.allclose(switched_lambda(mix.lam, partner_index=partner), share_of_image)
+
+
+def test_sample_mixmask_default_partner_is_still_the_reversed_batch():
+    images = torch.randn(4, 3, 8, 8, generator=seeded())
+    mix = sample_mixmask(images, grid_size=4, generator=seeded(1))
+    assert mix.partner_index.tolist() == [3, 2, 1, 0]
+    assert torch.equal(
+        switched_lambda(mix.lam, partner_index=mix.partner_index), switched_lambda(mix.lam)
+    )
+
+
+@pytest.mark.parametrize("sample", [sample_mixmask, sample_unmix])
+def test_mixes_reject_a_batch_of_one_and_a_wrong_partner(sample):
+    kwargs = {"grid_size": 4} if sample is sample_mixmask else {}
+    with pytest.raises(ValueError, match="at least 2"):
+        sample(torch.zeros(1, 3, 8, 8), generator=seeded(), **kwargs)
+    with pytest.raises(ValueError, match="partner_index"):
+        sample(torch.zeros(4, 3, 8, 8), generator=seeded(), partner_index=torch.arange(3), **kwargs)
+
+
+# -- Un-Mix ------------------------------------------------------------------------------
+
+
+def unmix_draws(count: int, **kwargs) -> list[UnMixBatch]:
+    images = torch.randn(2, 3, 8, 8, generator=seeded())
+    generator = seeded(11)
+    return [sample_unmix(images, generator=generator, **kwargs) for _ in range(count)]
+
+
+def test_unmix_lambda_is_uniform_with_alpha_one():
+    lam = torch.stack([draw.lam[0] for draw in unmix_draws(2000, p_mixup=1.0)])
+    assert ((lam >= 0) & (lam <= 1)).all()
+    # Kolmogorov-Smirnov distance to U(0, 1), by hand (1% critical value ~ 0.036).
+    ordered = lam.sort().values
+    n = ordered.numel()
+    above = (torch.arange(1, n + 1) / n - ordered).abs().max()
+    below = (ordered - torch.arange(0, n) / n).abs().max()
+    assert max(above, below) < 0.04
+    counts = torch.histc(lam, bins=10, min=0, max=1)
+    assert (counts > 140).all() and (counts < 260).all()
+
+
+def test_unmix_lambda_follows_beta_moments_for_other_alpha():
+    for alpha in (0.2, 2.0):
+        lam = torch.stack([draw.lam[0] for draw in unmix_draws(1500, p_mixup=1.0, alpha=alpha)])
+        assert ((lam >= 0) & (lam <= 1)).all()
+        variance = 1 / (4 * (2 * alpha + 1))  # Beta(a, a): mean 1/2, variance 1/(4(2a+1))
+        assert abs(lam.mean().item() - 0.5) < 0.03
+        assert abs(lam.var().item() - variance) < 0.12 * variance
+
+
+def test_unmix_mixup_matches_the_formula():
+    images = torch.randn(6, 3, 10, 12, generator=seeded())
+    partner = permutation_partner(6, generator=seeded(2))
+    for seed in range(5):
+        draw = sample_unmix(images, generator=seeded(seed), p_mixup=1.0, partner_index=partner)
+        assert not draw.used_cutmix
+        assert draw.lam.shape == (6,) and (draw.lam == draw.lam[0]).all()
+        lam = draw.lam[0].item()
+        for i in range(6):
+            expected = lam * images[i] + (1 - lam) * images[partner[i].item()]
+            assert torch.allclose(draw.mixed_images[i], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (12, 20), (7, 5), (32, 32)])
+def test_unmix_cutmix_box_area_is_one_minus_lambda(height, width):
+    batch = 4
+    images = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1)
+    images = images.expand(batch, 3, height, width).clone()
+    saw_clipped_or_partial = False
+    for seed in range(60):
+        draw = sample_unmix(images, generator=seeded(seed), p_mixup=0.0)
+        assert draw.used_cutmix
+        from_partner = draw.mixed_images == images.flip(0)
+        from_self = draw.mixed_images == images
+        assert (from_partner | from_self).all()
+        partner_share = from_partner.float().mean(dim=(1, 2, 3))
+        assert torch.allclose(partner_share, 1 - draw.lam)
+        # The pasted region is one axis-aligned rectangle, the same in every image.
+        region = from_partner[0, 0]
+        rows, cols = region.any(dim=1), region.any(dim=0)
+        assert torch.equal(region, rows[:, None] & cols[None, :])
+        assert (from_partner == from_partner[:1, :1]).all()
+        saw_clipped_or_partial |= 0 < partner_share[0].item() < 1
+    assert saw_clipped_or_partial
+
+
+def test_unmix_extremes_and_fraction_of_mixup_draws():
+    assert not any(draw.used_cutmix for draw in unmix_draws(50, p_mixup=1.0))
+    assert all(draw.used_cutmix for draw in unmix_draws(50, p_mixup=0.0))
+    draws = unmix_draws(2000, p_mixup=0.3)
+    mixup_fraction = sum(not draw.used_cutmix for draw in draws) / len(draws)
+    assert abs(mixup_fraction - 0.3) < 0.04  # binomial std ~ 0.01
+
+
+def test_unmix_is_deterministic_given_the_seed():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    for seed in range(4):
+        first = sample_unmix(images, generator=seeded(seed))
+        again = sample_unmix(images, generator=seeded(seed))
+        assert torch.equal(first.mixed_images, again.mixed_images)
+        assert torch.equal(first.lam, again.lam)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"p_mixup": 1.5}, "p_mixup"), ({"p_mixup": -0.1}, "p_mixup"), ({"alpha": 0.0}, "alpha")],
+)
+def test_unmix_invalid_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_unmix(torch.zeros(2, 3, 8, 8), generator=seeded(), **kwargs)
+
+
+# -- erase: masks, fills, filter ------------------------------------------------------------
+
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def test_erase_noise_fill_statistics():
+    images = torch.randn(8, 3, 32, 32, generator=seeded()) + 5.0  # far from the noise
+    erase = sample_erase(images, generator=seeded(1), fill="noise", noise_std=0.5)
+    assert isinstance(erase, EraseBatch)
+    erased = (erase.keep_mask == 0).expand_as(images)
+    noise = erase.erased_images[erased]
+    assert noise.numel() == images.numel() // 2
+    assert abs(noise.mean().item()) < 0.02
+    assert abs(noise.std().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("mode", ["discrete", "block"])
+@pytest.mark.parametrize("grid_size, mask_ratio", [(8, 0.5), (4, 0.25), (16, 0.6)])
+def test_erase_grid_masked_fraction_is_the_mask_ratio(mode, grid_size, mask_ratio):
+    images = torch.full((6, 3, 32, 32), 7.0)
+    erase = sample_erase(
+        images,
+        generator=seeded(1),
+        grid_size=grid_size,
+        mask_ratio=mask_ratio,
+        mode=mode,
+        fill="mean",
+    )
+    assert erase.keep_mask.shape == (6, 1, 32, 32)
+    expected = round(mask_ratio * grid_size**2) / grid_size**2
+    changed = (erase.erased_images != images).float().mean(dim=(1, 2, 3))
+    assert torch.allclose(changed, torch.full((6,), expected))
+    # Each erased cell is a whole grid cell.
+    cell = 32 // grid_size
+    pooled = F.avg_pool2d(erase.keep_mask, cell)
+    assert set(pooled.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_erase_keeps_unmasked_pixels_exactly():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    for kwargs in ({}, {"shape": "focal"}, {"channel_wise": True}, {"per_sample": False}):
+        erase = sample_erase(images, generator=seeded(2), grid_size=4, **kwargs)
+        kept = erase.keep_mask.bool().expand_as(images)
+        assert torch.equal(erase.erased_images[kept], images[kept])
+        assert (erase.erased_images[~kept] != images[~kept]).all()
+
+
+def test_erase_channel_wise_masks_differ_per_channel():
+    images = torch.randn(5, 3, 32, 32, generator=seeded())
+    erase = sample_erase(images, generator=seeded(3), channel_wise=True, mask_ratio=0.5)
+    assert erase.keep_mask.shape == (5, 3, 32, 32)
+    for i in range(5):
+        masks = erase.keep_mask[i]
+        assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert torch.allclose(1 - erase.keep_mask.mean(dim=(2, 3)), torch.full((5, 3), 0.5))
+    shared = sample_erase(images, generator=seeded(3), channel_wise=True, per_sample=False)
+    assert shared.keep_mask.shape == (1, 3, 32, 32)
+
+
+def test_erase_one_mask_for_the_batch():
+    images = torch.randn(5, 3, 16, 16, generator=seeded())
+    erase = sample_erase(images, generator=seeded(3), grid_size=4, per_sample=False)
+    assert erase.keep_mask.shape == (1, 1, 16, 16)
+    changed = erase.erased_images != images
+    assert (changed == changed[:1]).all()
+
+
+def test_erase_zero_fill_is_a_raw_black_pixel_and_mean_fill_is_zero():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    zero = sample_erase(
+        images,
+        generator=seeded(4),
+        grid_size=4,
+        fill="zero",
+        pixel_mean=CIFAR_MEAN,
+        pixel_std=CIFAR_STD,
+    )
+    raw = zero.erased_images * std + mean
+    erased = (zero.keep_mask == 0).expand_as(images)
+    assert torch.allclose(raw[erased], torch.zeros(()), atol=1e-6)
+    mean_fill = sample_erase(images, generator=seeded(4), grid_size=4, fill="mean")
+    assert (mean_fill.erased_images[(mean_fill.keep_mask == 0).expand_as(images)] == 0).all()
+
+
+def test_focal_mask_keeps_one_rectangle_within_the_scale_range():
+    height, width, scale = 24, 40, (0.1, 0.6)
+    keep = focal_mask(500, (height, width), generator=seeded(5), scale=scale)
+    assert keep.shape == (500, 1, height, width) and keep.dtype == torch.float32
+    fraction = keep.mean(dim=(1, 2, 3))
+    slack = 1 / (2 * width)  # rounding the rectangle's width to whole pixels
+    assert (fraction >= scale[0] - slack).all() and (fraction <= scale[1] + slack).all()
+    assert fraction.min() < 0.15 and fraction.max() > 0.55  # the range is covered
+    region = keep[:, 0].bool()
+    rows, cols = region.any(dim=2), region.any(dim=1)
+    assert torch.equal(region, rows[:, :, None] & cols[:, None, :])
+    # Rows (and columns) of the rectangle are contiguous.
+    assert (rows.float().diff(dim=1).abs().sum(dim=1) <= 2).all()
+    assert (cols.float().diff(dim=1).abs().sum(dim=1) <= 2).all()
+    # The corner is uniform enough that every pixel is kept by some mask.
+    assert region.any(dim=0).all()
+
+
+def test_erase_focal_keeps_one_minus_mask_ratio_by_default():
+    images = torch.randn(50, 3, 32, 32, generator=seeded())
+    erase = sample_erase(images, generator=seeded(6), shape="focal", mask_ratio=0.7)
+    kept = erase.keep_mask.mean(dim=(1, 2, 3))
+    assert (kept - 0.3).abs().max() <= 1 / 64 + 1e-6
+    ranged = sample_erase(images, generator=seeded(6), shape="focal", focal_scale=(0.2, 0.4))
+    kept = ranged.keep_mask.mean(dim=(1, 2, 3))
+    assert kept.min() >= 0.2 - 1 / 64 and kept.max() <= 0.4 + 1 / 64
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.5, 3.0])
+def test_high_pass_is_the_image_minus_torchvision_gaussian_blur(sigma):
+    images = torch.randn(2, 3, 32, 24, generator=seeded())
+    size = 2 * math.ceil(3 * sigma) + 1
+    expected = images - TF.gaussian_blur(images, [size, size], [sigma, sigma])
+    assert torch.allclose(high_pass_filter(images, sigma), expected, atol=1e-5)
+
+
+def test_high_pass_of_a_constant_image_is_zero():
+    images = torch.full((2, 3, 16, 16), 1.7) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+    assert high_pass_filter(images, 2.0).abs().max() < 1e-5
+    # Even when the kernel is wider than a tiny image.
+    assert high_pass_filter(torch.full((1, 1, 3, 3), 4.0), 5.0).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sigma", [1.5, 2.0])
+def test_high_pass_frequency_response(sigma):
+    # A cosine of f cycles per pixel leaves the filter scaled by 1 - exp(-2 pi^2 sigma^2 f^2),
+    # the continuous Gaussian's response; compare away from the borders.
+    size, radius = 64, math.ceil(3 * sigma)
+    columns = torch.arange(size, dtype=torch.float32)
+    for frequency in (1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2):
+        wave = torch.cos(2 * math.pi * frequency * columns).expand(1, 1, size, size)
+        output = high_pass_filter(wave.clone(), sigma)[..., radius:-radius, radius:-radius]
+        inner = wave[..., radius:-radius, radius:-radius]
+        gain = (output * inner).sum() / (inner * inner).sum()
+        expected = 1 - math.exp(-2 * math.pi**2 * sigma**2 * frequency**2)
+        assert abs(gain.item() - expected) < 0.01
+        assert torch.allclose(output, gain * inner, atol=1e-4)
+
+
+def test_high_pass_keeps_dtype_and_channels_separate():
+    images = torch.zeros(1, 3, 16, 16)
+    images[0, 1, 8, 8] = 1.0
+    filtered = high_pass_filter(images, 1.0)
+    assert filtered[0, 0].abs().max() == 0 and filtered[0, 2].abs().max() == 0
+    assert filtered[0, 1, 8, 8] > 0.5
+    assert high_pass_filter(images.to(torch.bfloat16), 1.0).dtype == torch.bfloat16
+
+
+def test_erase_high_pass_filters_the_kept_pixels():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    erase = sample_erase(images, generator=seeded(7), grid_size=4, high_pass_sigma=1.0)
+    kept = erase.keep_mask.bool().expand_as(images)
+    filtered = images - TF.gaussian_blur(images, [7, 7], [1.0, 1.0])
+    assert torch.allclose(erase.erased_images[kept], filtered[kept], atol=1e-5)
+
+
+def test_erase_is_deterministic_given_the_seed():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    for kwargs in ({}, {"shape": "focal", "channel_wise": True}):
+        first = sample_erase(images, generator=seeded(8), grid_size=4, **kwargs)
+        again = sample_erase(images, generator=seeded(8), grid_size=4, **kwargs)
+        other = sample_erase(images, generator=seeded(9), grid_size=4, **kwargs)
+        assert torch.equal(first.erased_images, again.erased_images)
+        assert torch.equal(first.keep_mask, again.keep_mask)
+        assert not torch.equal(first.erased_images, other.erased_images)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"grid_size": 5}, "grid_size"),
+        ({"grid_size": 32}, "grid_size"),
+        ({"mask_ratio": 0.0}, "mask_ratio"),
+        ({"mask_ratio": 1.0}, "mask_ratio"),
+        ({"shape": "circle"}, "shape"),
+        ({"fill": "blur"}, "fill"),
+        ({"mode": "random"}, "mode"),
+        ({"fill": "zero"}, "pixel_mean"),
+        ({"fill": "zero", "pixel_mean": (0.5,), "pixel_std": (0.2,)}, "one value per channel"),
+        ({"noise_std": -1.0}, "noise_std"),
+        ({"high_pass_sigma": -1.0}, "high_pass_sigma"),
+    ],
+)
+def test_erase_invalid_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_erase(torch.zeros(2, 3, 16, 16), generator=seeded(), **kwargs)
+
+
+def test_focal_and_high_pass_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="scale"):
+        focal_mask(2, 16, generator=seeded(), scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="scale"):
+        focal_mask(2, 16, generator=seeded(), scale=(0.0, 0.2))
+    with pytest.raises(ValueError, match="sigma"):
+        high_pass_filter(torch.zeros(1, 1, 8, 8), 0.0)
+
+
+# -- no host reads in the new samplers ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"mode": "block", "per_sample": False},
+        {"shape": "focal", "channel_wise": True},
+        {"fill": "zero", "pixel_mean": CIFAR_MEAN, "pixel_std": CIFAR_STD, "high_pass_sigma": 1.0},
+    ],
+)
+def test_erase_never_reads_values_back_to_the_host(kwargs):
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    with HostSyncRecorder() as recorder:
+        sample_erase(images, generator=seeded(1), grid_size=4, **kwargs)
+    assert recorder.syncing_ops == []
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_unmix_and_partners_never_read_values_back_to_the_host(alpha):
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    with HostSyncRecorder() as recorder:
+        partner = permutation_partner(4, generator=seeded(1))
+        inverse = inverse_partner(partner)
+        draw = sample_unmix(images, generator=seeded(2), alpha=alpha, partner_index=partner)
+        sample_mixmask(images, grid_size=4, generator=seeded(3), partner_index=partner)
+        switched_lambda(draw.lam, partner_index=partner)
+        draw.mixed_images[inverse]
     assert recorder.syncing_ops == []

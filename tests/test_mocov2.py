@@ -83,7 +83,7 @@ def test_mixmask_loss_is_clean_plus_lambda_weighted_terms():
     method = tiny_method("method.masking=mixmask", "method.mocov2.symmetric=false")
     output = method.training_step(*views(), torch.Generator().manual_seed(0))
     logs = output.logs
-    assert torch.isclose(logs["lambda"], torch.tensor(0.5))
+    assert torch.isclose(logs["lambda_mixmask"], torch.tensor(0.5))
     # loss = clean + lam * mixed + (1 - lam) * switched: at init all InfoNCE terms are close
     # to log(K + 1), so the total is about twice the clean loss.
     assert torch.isfinite(output.loss)

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   mixmask pretrain configs/cifar100/mixmask_mocov2_r18.yaml train.device=cuda train.precision=bf16
   mixmask knn runs/quickstart
   mixmask linear runs/quickstart eval.linear_epochs=50
+  mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
 """
 
 
@@ -32,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*",
                              help="section.key=value overrides of the run's config")
         command.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    show = commands.add_parser(
+        "show-masks", help="write a PNG of what a config feeds the model: originals, masks, "
+                           "mixed and switched views, erased and Un-Mix views")
+    show.add_argument("config", help="YAML config")
+    show.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    show.add_argument("--out", help="PNG path (default: OUT_DIR/mask_gallery.png)")
+    show.add_argument("--num-images", type=int, default=8, help="even; default 8")
     return parser
 
 
@@ -40,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "show-masks":
+            return _show_masks(args)
         return _evaluate(args)
     except MixmaskError as error:
         print(f"mixmask: error: {error}", file=sys.stderr)
@@ -57,6 +67,17 @@ def _pretrain(args) -> int:
     summary = pretrain(config, console=console)
     if summary is not None:  # global rank 0
         _print_summary(console, summary, Path(config.out_dir))
+    return 0
+
+
+def _show_masks(args) -> int:
+    from mixmask.config import load_config
+    from mixmask.viz import GALLERY_ROWS, gallery_from_config
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(config.out_dir) / "mask_gallery.png"
+    path = gallery_from_config(config, out, num_images=args.num_images)
+    print(f"wrote {path} (rows: {', '.join(GALLERY_ROWS)})")
     return 0
 
 

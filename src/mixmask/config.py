@@ -4,8 +4,10 @@ YAML files select and override; every key lives in a dataclass below with the pa
 default. Command-line overrides are ``section.key=value`` (values parsed as YAML). An
 unknown or mistyped key is a :class:`ConfigError` that names it and the closest valid key.
 
-A YAML file may start with ``base: other.yaml`` (relative to the file) to inherit and
-override another config, so recipe variants stay one-screen fragments.
+A YAML file may start with ``base: other.yaml`` or ``base: [a.yaml, b.yaml]`` (relative
+to the file; later ones override earlier ones) to inherit and override other configs, so a
+recipe variant is a one-screen fragment, and a base x masking config is one line that
+composes a recipe with a masking fragment (configs/make_matrix.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import yaml
 
 from mixmask.errors import ConfigError
 
-MethodName = Literal["mocov2"]
-MaskingName = Literal["none", "mixmask"]
+MethodName = Literal["mocov2", "byol", "simsiam", "barlow_twins", "vicreg"]
+MaskingName = Literal["none", "erase", "mixmask", "unmix", "both"]
+# Bases whose loss is a statistic of the whole batch (one value, not one per sample).
+BATCH_LEVEL_METHODS = ("barlow_twins", "vicreg")
 
 
 @dataclass
@@ -53,7 +57,8 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    """MixMask masks (design.md sec. 2): a g x g grid, block (BEiT) or discrete cells."""
+    """Grid masks (design.md sec. 2): a g x g grid, block (BEiT) or discrete cells. MixMask
+    fills the masked cells from the partner image; ``erase`` uses the same grid."""
 
     # 8 cells a side at every image size: the paper's 8x8 grid at 224 px; at 32 px the
     # same 64 cells keep the block-mask statistics and match the 8x8 token grid of a
@@ -63,6 +68,30 @@ class MaskConfig:
     mode: Literal["block", "discrete"] = "block"
     # The reference draws one mask per step for the whole batch; per-sample is an ablation.
     per_sample: bool = False
+
+
+@dataclass
+class EraseConfig:
+    """MSCN-style erasing (Jing et al., arXiv 2206.07700) of the online view's masked cells
+    (grid size, ratio, mode and per-sample from ``method.mask``)."""
+
+    # grid: the method.mask grid; focal: keep one random rectangle, erase the rest.
+    shape: Literal["grid", "focal"] = "grid"
+    # noise: N(0, noise_std^2) in normalised space; zero: black pixels; mean: dataset mean.
+    fill: Literal["noise", "zero", "mean"] = "noise"
+    noise_std: float = 1.0
+    # Every colour channel gets its own mask.
+    channel_wise: bool = False
+    # Gaussian high-pass filter on the online view before erasing (0 = off).
+    high_pass_sigma: float = 0.0
+
+
+@dataclass
+class UnMixConfig:
+    """Un-Mix (Shen et al., arXiv 2003.05438): Mixup or CutMix with the reversed batch."""
+
+    p_mixup: float = 0.5  # probability of Mixup (else CutMix) at each step
+    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); Beta(1, 1) = U(0, 1) as in Un-Mix
 
 
 @dataclass
@@ -82,13 +111,63 @@ class MoCoV2Config:
 
 
 @dataclass
+class BYOLConfig:
+    """BYOL (Grill et al., arXiv 2006.07733); defaults: solo-learn's CIFAR recipe."""
+
+    proj_hidden_dim: int = 4096
+    proj_output_dim: int = 256
+    pred_hidden_dim: int = 4096
+    # Target EMA momentum: cosine from start to end over training (BYOL sec. 3.2).
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
+
+
+@dataclass
+class SimSiamConfig:
+    """SimSiam (Chen & He, arXiv 2011.10566); defaults: its CIFAR setting (2-layer
+    projector, 2048-d, bottleneck predictor 512)."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    pred_hidden_dim: int = 512
+
+
+@dataclass
+class BarlowTwinsConfig:
+    """Barlow Twins (Zbontar et al., arXiv 2103.03230); defaults: solo-learn's CIFAR recipe."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    lambda_offdiag: float = 0.0051
+    scale_loss: float = 0.1
+
+
+@dataclass
+class VICRegConfig:
+    """VICReg (Bardes et al., arXiv 2105.04906); defaults: the paper's weights and
+    solo-learn's CIFAR projector."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+
+
+@dataclass
 class MethodConfig:
     name: MethodName = "mocov2"
     masking: MaskingName = "none"
     mask: MaskConfig = field(default_factory=MaskConfig)
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    unmix: UnMixConfig = field(default_factory=UnMixConfig)
     # Method-specific keys live under the method's name, so switching ``method.name`` on
     # the command line keeps each method's own defaults.
     mocov2: MoCoV2Config = field(default_factory=MoCoV2Config)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    vicreg: VICRegConfig = field(default_factory=VICRegConfig)
 
 
 @dataclass
@@ -100,10 +179,15 @@ class TrainConfig:
     devices: int = 1  # processes (GPUs) under DDP
     precision: Literal["32", "bf16", "16"] = "32"
     seed: int = 0
-    optimizer: Literal["sgd"] = "sgd"
+    # lars: SGD with layer-wise trust ratios (BYOL, Barlow Twins, VICReg recipes); biases
+    # and norm parameters are excluded from adaptation and weight decay.
+    optimizer: Literal["sgd", "lars"] = "sgd"
     lr: float = 0.06
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lars_eta: float = 0.02
+    # Clip the LARS trust ratio so the adapted lr never exceeds train.lr (solo-learn clip_lr).
+    lars_clip_lr: bool = True
     # Scale lr linearly with batch size: lr * batch_size / 256.
     scale_lr_by_batch: bool = False
     warmup_epochs: float = 0.0
@@ -189,10 +273,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config {path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}.")
-    base = raw.pop("base", None)
-    if base is None:
+    bases = raw.pop("base", None)
+    if bases is None:
         return raw
-    merged = _read_yaml(path.parent / base, (*seen, path.resolve()))
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(item, str) for item in bases):
+        raise ConfigError(f"config {path}: 'base' must be a file name or a list of them.")
+    merged: dict[str, Any] = {}
+    for base in bases:  # later files override earlier ones; this file overrides them all
+        _deep_merge(merged, _read_yaml(path.parent / base, (*seen, path.resolve())))
     _deep_merge(merged, raw)
     return merged
 
@@ -306,25 +396,55 @@ def validate(config: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")
-    mask = config.method.mask
-    if not 0.0 < mask.mask_ratio < 1.0:
-        raise ConfigError(f"'method.mask.mask_ratio' must lie in (0, 1), got {mask.mask_ratio}.")
-    if config.method.masking != "none":
-        if mask.grid_size > config.data.image_size or config.data.image_size % mask.grid_size:
-            raise ConfigError(
-                f"'method.mask.grid_size' ({mask.grid_size}) must divide data.image_size "
-                f"({config.data.image_size}) into whole cells."
-            )
-        if config.train.batch_size % 2:
-            raise ConfigError(
-                "MixMask pairs each image with the reversed batch: 'train.batch_size' must be "
-                f"even, got {config.train.batch_size}."
-            )
-    if config.method.mocov2.queue_size < config.train.batch_size:
+    _validate_masking(config)
+    if config.method.name == "mocov2" and (
+            config.method.mocov2.queue_size < config.train.batch_size):
         raise ConfigError(
             f"'method.mocov2.queue_size' ({config.method.mocov2.queue_size}) must hold at least "
             f"one batch of keys (train.batch_size={config.train.batch_size})."
         )
+    byol = config.method.byol
+    for key, value in (("momentum_start", byol.momentum_start),
+                       ("momentum_end", byol.momentum_end)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"'method.byol.{key}' must lie in [0, 1], got {value}.")
+
+
+def _validate_masking(config: Config) -> None:
+    """Mask parameters that cannot work, said before any data is loaded."""
+    method, mask = config.method, config.method.mask
+    if not 0.0 < mask.mask_ratio < 1.0:
+        raise ConfigError(f"'method.mask.mask_ratio' must lie in (0, 1), got {mask.mask_ratio}.")
+    uses_grid = method.masking in ("mixmask", "both") or (
+        method.masking == "erase" and method.erase.shape == "grid")
+    image_size = config.data.image_size
+    if uses_grid and (mask.grid_size < 2 or mask.grid_size > image_size
+                      or image_size % mask.grid_size):
+        raise ConfigError(
+            f"'method.mask.grid_size' ({mask.grid_size}) must be at least 2 and divide "
+            f"data.image_size ({image_size}) into whole cells, e.g. 4 or 8."
+        )
+    local_batch = config.train.batch_size // config.train.devices
+    if method.masking in ("mixmask", "unmix", "both") and local_batch % 2:
+        raise ConfigError(
+            f"'{method.masking}' pairs each image with another of the batch (the reversed "
+            f"batch): the per-device batch must be even, got {local_batch} "
+            f"(train.batch_size={config.train.batch_size}, train.devices={config.train.devices})."
+        )
+    if (method.masking in ("mixmask", "both") and mask.per_sample
+            and method.name in BATCH_LEVEL_METHODS):
+        raise ConfigError(
+            f"{method.name}'s loss is one value for the whole batch, so MixMask needs one mask "
+            "(one lambda) per batch: set method.mask.per_sample=false."
+        )
+    unmix, erase = method.unmix, method.erase
+    if not 0.0 <= unmix.p_mixup <= 1.0:
+        raise ConfigError(f"'method.unmix.p_mixup' must lie in [0, 1], got {unmix.p_mixup}.")
+    if unmix.alpha <= 0:
+        raise ConfigError(f"'method.unmix.alpha' must be positive, got {unmix.alpha}.")
+    for key, value in (("noise_std", erase.noise_std), ("high_pass_sigma", erase.high_pass_sigma)):
+        if value < 0:
+            raise ConfigError(f"'method.erase.{key}' must be 0 or more, got {value}.")
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -39,6 +39,7 @@ from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
 from mixmask.eval.linear import linear_top1
 from mixmask.methods import build_method
+from mixmask.optim import build_optimizer
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -324,9 +325,11 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
 
     torch.manual_seed(config.train.seed)  # the same initial weights as the random-init baseline
     method = build_method(config)
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad],
-                                lr=config.train.lr, momentum=config.train.momentum,
-                                weight_decay=config.train.weight_decay)
+    method.pixel_mean, method.pixel_std = train_set.mean, train_set.std  # erase fill="zero"
+    optimizer = build_optimizer(
+        config.train.optimizer, method.named_parameters(), lr=config.train.lr,
+        momentum=config.train.momentum, weight_decay=config.train.weight_decay,
+        eta=config.train.lars_eta, clip_lr=config.train.lars_clip_lr)
     method, optimizer = fabric.setup(method, optimizer)
     probe, probe_optimizer = None, None
     if config.monitor.online_probe and eval_data is not None:

@@ -8,19 +8,45 @@ Usage (MoCo v2 + MixMask, design.md sec. 2)::
     mixed = info_nce(mixed_q, key, queue, 0.2)
     switched = info_nce(mixed_q.flip(0), key, queue, 0.2)
     loss = weighted_mix_loss(clean, mixed, switched, mix.lam)
+
+Batch-level losses (Barlow Twins, VICReg) return a scalar; the same call holds with
+those scalars, because ``flip(q_mix, 0)`` is a row permutation of ``q_mix`` and these
+losses do not depend on the order of the rows (both inputs permuted alike)::
+
+    switched = barlow_twins_loss(mixed_q.flip(0), target)   # 0-dim
+    loss = weighted_mix_loss(clean, mixed, switched, mix.lam.mean())
+
+Under torch.distributed, the batch-level losses reduce their statistics with the
+autograd-aware collectives of ``torch.distributed.nn.functional``: every process returns
+the loss of the global batch, and the gradient each process receives is ``world_size``
+times its share, which DistributedDataParallel's gradient averaging cancels. The result:
+DDP gradients equal the single-process gradients of the loss on the whole batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixmask.distributed import world_size
 from mixmask.masking import switched_lambda
 
-__all__ = ["info_nce", "weighted_mix_loss"]
+__all__ = [
+    "barlow_twins_loss",
+    "byol_loss",
+    "info_nce",
+    "simsiam_loss",
+    "vicreg_loss",
+    "weighted_mix_loss",
+]
+
+# BatchNorm1d's default epsilon: Barlow Twins normalises with BatchNorm1d(affine=False).
+_BATCH_NORM_EPS = 1e-5
 
 
 def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
@@ -58,20 +84,234 @@ def info_nce(
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
+def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """BYOL's regression loss (Grill et al. 2020, arXiv 2006.07733, eq. 2), per sample::
+
+        L_i = || p_i / ||p_i|| - z'_i / ||z'_i|| ||^2 = 2 - 2 * cos(p_i, z'_i)
+
+    ``prediction`` is the online predictor's output p, ``target`` the target projection z'
+    (EMA encoder), both [B, D] and L2-normalised here, in float32 with autocast off. Values
+    lie in [0, 4]. Pass the target detached; BYOL symmetrises by swapping the views::
+
+        loss = (byol_loss(p1, z2.detach()) + byol_loss(p2, z1.detach())).mean()
+
+    Returns the per-sample loss [B] (float32).
+    """
+    return 2.0 - 2.0 * _cosine_similarity(prediction, target)
+
+
+def simsiam_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """SimSiam's negative cosine similarity (Chen & He 2020, arXiv 2011.10566, eq. 1)::
+
+        D(p_i, z_i) = - p_i / ||p_i|| . z_i / ||z_i||
+
+    per sample, in [-1, 1]. The stop-gradient of eq. 3 is the caller's: this function
+    does not detach, so pass ``target`` detached (``z.detach()``) as the paper does::
+
+        loss = 0.5 * (simsiam_loss(p1, z2.detach()) + simsiam_loss(p2, z1.detach())).mean()
+
+    Inputs [B, D] are L2-normalised here, in float32 with autocast off.
+    Returns the per-sample loss [B] (float32).
+    """
+    return -_cosine_similarity(prediction, target)
+
+
+def barlow_twins_loss(
+    online: Tensor, target: Tensor, lambda_offdiag: float = 0.0051, scale: float = 1.0
+) -> Tensor:
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, arXiv 2103.03230, eq. 1)::
+
+        C_ij = sum_b zn_bi * zn'_bj / N
+        L = scale * ( sum_i (1 - C_ii)^2 + lambda_offdiag * sum_{i != j} C_ij^2 )
+
+    where ``zn`` is ``online`` [N, D] normalised per dimension over the batch,
+    ``(z - mean) / sqrt(var + 1e-5)`` with the biased variance, as the reference's
+    ``BatchNorm1d(affine=False)`` does, and likewise ``zn'`` for ``target``. ``N`` is the
+    global batch: under torch.distributed the means, variances and the cross-correlation
+    are summed over all processes with the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce`` (an in-place all_reduce, as some
+    libraries use, leaves gradients 1/world_size too small); on one process no collective
+    runs. Local batch sizes may differ between processes. ``target`` may be detached or
+    not; the paper passes both views with gradient (shared weights). Computed in float32
+    with autocast off. Usage::
+
+        loss = barlow_twins_loss(projector(f(x1)), projector(f(x2)))
+
+    The loss does not depend on the order of the rows (both inputs permuted alike), which
+    is what lets MixMask's switched term use it. Returns a scalar (float32).
+    """
+    _check_pair(online, target)
+    with _full_precision(online.device):
+        online, target = online.float(), target.float()
+        local_count, dim = online.shape
+        # Two collectives: [sums, count], then [cross products, squared deviations].
+        sums = _all_reduce_sum(
+            torch.cat([online.sum(0), target.sum(0), online.new_full((1,), local_count)])
+        )
+        count = sums[2 * dim]
+        online_centred = online - sums[:dim] / count
+        target_centred = target - sums[dim:2 * dim] / count
+        reduced = _all_reduce_sum(
+            torch.cat([
+                (online_centred.T @ target_centred).flatten(),
+                online_centred.square().sum(0),
+                target_centred.square().sum(0),
+            ])
+        )
+        cross = reduced[:dim * dim].view(dim, dim)
+        online_std = torch.sqrt(reduced[dim * dim:dim * dim + dim] / count + _BATCH_NORM_EPS)
+        target_std = torch.sqrt(reduced[dim * dim + dim:] / count + _BATCH_NORM_EPS)
+        # C_ij = sum_b (z_bi - m_i)(z'_bj - m'_j) / (N s_i s'_j): normalising after the sum.
+        correlation = cross / (count * torch.outer(online_std, target_std))
+        on_diagonal = (1.0 - torch.diagonal(correlation)).square().sum()
+        off_diagonal = _off_diagonal(correlation).square().sum()
+        return scale * (on_diagonal + lambda_offdiag * off_diagonal)
+
+
+def vicreg_loss(
+    online: Tensor,
+    target: Tensor,
+    sim_weight: float = 25.0,
+    var_weight: float = 25.0,
+    cov_weight: float = 1.0,
+    eps: float = 1e-4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """VICReg (Bardes et al. 2021, arXiv 2105.04906, eqs. 1-6) on embeddings [N, D]::
+
+        invariance = mean_{b,k} (z_bk - z'_bk)^2                              (eq. 5)
+        variance   = ( v(z) + v(z') ) / 2,  v(z) = mean_k max(0, 1 - sqrt(Var(z_.k) + eps))
+        covariance = c(z) + c(z'),          c(z) = sum_{i != j} Cov(z)_ij^2 / D   (eq. 4)
+        loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
+
+    with the unbiased variance and covariance over the batch, gamma = 1 (eq. 1). As in
+    the reference code, the variance term averages the two branches (the paper's eq. 6
+    sums them) and the covariance term sums them; the weights 25 / 25 / 1 are the paper's.
+
+    Under torch.distributed all three terms are computed on the global batch, gathered
+    with the autograd-aware ``torch.distributed.nn.functional.all_gather`` (the reference
+    gathers for variance and covariance; the invariance term's gradient is the same
+    either way, and gathering it too makes every process return the same loss). Local
+    batch sizes must then be equal. ``target`` may be detached or not (the paper passes
+    both with gradient). Computed in float32 with autocast off. Usage::
+
+        loss, terms = vicreg_loss(projector(f(x1)), projector(f(x2)))
+
+    Returns the weighted total (scalar) and the unweighted terms
+    ``{"invariance", "variance", "covariance"}`` (scalars, float32).
+    """
+    _check_pair(online, target)
+    if online.shape[0] * world_size() < 2:
+        raise ValueError("vicreg_loss needs at least 2 samples in the (global) batch to "
+                         "estimate variances; use a larger batch.")
+    with _full_precision(online.device):
+        online = _all_gather_cat(online.float())
+        target = _all_gather_cat(target.float())
+        invariance = F.mse_loss(online, target)
+        variance = 0.5 * (_variance_hinge(online, eps) + _variance_hinge(target, eps))
+        covariance = _covariance_penalty(online) + _covariance_penalty(target)
+        total = sim_weight * invariance + var_weight * variance + cov_weight * covariance
+        return total, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
 def weighted_mix_loss(
-    clean_loss: Tensor, mixed_loss: Tensor, switched_loss: Tensor, lam: Tensor
+    clean_loss: Tensor,
+    mixed_loss: Tensor,
+    switched_loss: Tensor,
+    lam: Tensor,
+    switched_weight: Tensor | None = None,
 ) -> Tensor:
     """MixMask's loss (arXiv 2210.11456; design.md sec. 2, step 6), averaged over the batch::
 
-        mean_i [ L(q_i, k_i) + lam_i * L(q_mix_i, k_i) + (1 - lam_{B-1-i}) * L(q_sw_i, k_i) ]
+        mean_i [ L(q_i, k_i) + lam_i * L(q_mix_i, k_i) + w_i * L(q_sw_i, k_i) ]
 
-    with ``q_sw = flip(q_mix, 0)``: each mixed view is credited to image i in proportion
-    to the pixels image i holds in it (:func:`mixmask.masking.switched_lambda`). For one
-    mask per batch, ``1 - lam_{B-1-i} = 1 - lam``, the reference's formula.
+    with ``q_sw = flip(q_mix, 0)`` and, by default, ``w_i = 1 - lam_{B-1-i}``: each mixed
+    view is credited to image i in proportion to the pixels image i holds in it
+    (:func:`mixmask.masking.switched_lambda`). For one mask per batch, ``w = 1 - lam``, the
+    reference's formula. With another partner (mix j = M_j x_j + (1 - M_j) x_{partner[j]}),
+    ``q_sw = q_mix[inverse_partner]`` and the caller passes
+    ``switched_weight = 1 - lam[inverse_partner]``.
 
-    All inputs are per-sample [B]; ``lam`` is [B] (or a 0-dim per-batch value).
+    Per-sample losses are [B]; ``lam`` and ``switched_weight`` are [B] or 0-dim.
+    Batch-level losses (Barlow Twins, VICReg) are 0-dim: with a 0-dim ``lam`` the result
+    is ``clean + lam * mixed + (1 - lam) * switched``; with ``lam`` [B] (per-sample masks)
+    it is the same with the batch means of ``lam`` and of the switched weights.
     Returns a scalar.
     """
-    switched_weight = 1.0 - lam if lam.dim() == 0 else switched_lambda(lam)
+    if switched_weight is None:
+        switched_weight = 1.0 - lam if lam.dim() == 0 else switched_lambda(lam)
     total = clean_loss + lam * mixed_loss + switched_weight * switched_loss
     return total.mean()
+
+
+def _cosine_similarity(first: Tensor, second: Tensor) -> Tensor:
+    """Row-wise cosine similarity [B] of two [B, D] tensors, in float32."""
+    _check_pair(first, second)
+    with _full_precision(first.device):
+        first = F.normalize(first.float(), dim=1)
+        second = F.normalize(second.float(), dim=1)
+        return (first * second).sum(dim=1)
+
+
+def _check_pair(first: Tensor, second: Tensor) -> None:
+    if first.dim() != 2 or first.shape != second.shape:
+        raise ValueError(
+            "Expected two embeddings of the same shape [batch, dim], got "
+            f"{tuple(first.shape)} and {tuple(second.shape)}."
+        )
+
+
+def _off_diagonal(square: Tensor) -> Tensor:
+    """The n * (n - 1) off-diagonal entries of an [n, n] matrix, flattened (the Barlow
+    Twins reference's trick: drop the last entry, then every row of n + 1 starts with a
+    diagonal entry)."""
+    n = square.shape[0]
+    return square.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def _variance_hinge(embedding: Tensor, eps: float) -> Tensor:
+    """VICReg's v(Z) (eq. 1) with gamma = 1: mean_k max(0, 1 - sqrt(Var(z_.k) + eps))."""
+    std = torch.sqrt(embedding.var(dim=0) + eps)
+    return F.relu(1.0 - std).mean()
+
+
+def _covariance_penalty(embedding: Tensor) -> Tensor:
+    """VICReg's c(Z) (eqs. 3-4): squared off-diagonal covariances summed, divided by D."""
+    count, dim = embedding.shape
+    centred = embedding - embedding.mean(dim=0)
+    covariance = centred.T @ centred / (count - 1)
+    return _off_diagonal(covariance).square().sum() / dim
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum over processes that backpropagates (the gradient is summed over processes too);
+    the identity on one process."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    with _legacy_collectives_allowed():
+        return all_reduce(tensor)
+
+
+def _all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenation over processes along dim 0 that backpropagates to each process's own
+    rows (summed over processes); the identity on one process."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    with _legacy_collectives_allowed():
+        return torch.cat(all_gather(tensor), dim=0)
+
+
+@contextlib.contextmanager
+def _legacy_collectives_allowed() -> Iterator[None]:
+    """Mute the FutureWarning of ``torch.distributed.nn.functional``: recent torch releases
+    point to the private ``torch.distributed._functional_collectives``, whose autograd
+    support is recent too; the public module backpropagates correctly on every torch we
+    support (2.3 to 2.14), so we keep it, silently. (It refuses torch.compile.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed.nn.functional", category=FutureWarning
+        )
+        yield

@@ -5,6 +5,11 @@ cell is filled from the partner image ("masked"). Masks live on a coarse ``g x g
 and are upsampled to pixels by nearest neighbour (MixMask, arXiv 2210.11456, method;
 design.md sec. 2, steps 2-3).
 
+The module also holds the other masking axes of design.md sec. 2: Un-Mix's Mixup/CutMix
+(:func:`sample_unmix`), MSCN's erase masks with noise fill, focal masks, channel-wise masks
+and a high-pass filter (:func:`sample_erase`), and the random derangement partner used
+when Un-Mix and MixMask run together (:func:`permutation_partner`).
+
 Every random function takes an explicit ``torch.Generator`` and builds its tensors on
 ``generator.device``; none of them reads a value back to the host, loops over batch
 elements in Python or branches on tensor values, so they run inside a CUDA step without
@@ -21,19 +26,29 @@ Usage (``weighted_mix_loss`` from :mod:`mixmask.losses`)::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "EraseBatch",
     "MixMaskBatch",
+    "UnMixBatch",
     "block_mask",
     "discrete_mask",
+    "focal_mask",
+    "high_pass_filter",
+    "inverse_partner",
     "mix_images",
     "mix_ratio",
+    "permutation_partner",
     "reversed_partner",
+    "sample_erase",
     "sample_mixmask",
+    "sample_unmix",
     "switched_lambda",
     "upsample_mask",
 ]
@@ -210,6 +225,39 @@ def reversed_partner(batch_size: int, device: torch.device | str | None = None) 
     return torch.arange(batch_size - 1, -1, -1, device=device)
 
 
+def permutation_partner(batch_size: int, *, generator: torch.Generator) -> Tensor:
+    """A random partner index [B] that is a derangement: no image is its own partner.
+
+    For the "both" strategy (design.md sec. 2): Un-Mix mixes with the reversed batch and
+    MixMask with a random permutation (the reference's ``torch.randperm``), so the two mixed
+    views of an image hold different partners. ``randperm`` leaves about one image in e per
+    batch paired with itself, a "mix" that is the clean image credited as a mix; here the
+    partner is a uniformly random single cycle through the batch, ``sigma = randperm(B)``,
+    ``partner[sigma[k]] = sigma[(k + 1) % B]``, which has no fixed point. Returns a long
+    tensor on ``generator.device``; use :func:`inverse_partner` for the switched embeddings.
+    """
+    if batch_size < 2:
+        raise ValueError(
+            f"A partner permutation needs a batch of at least 2 images, got {batch_size}."
+        )
+    device = generator.device
+    order = torch.randperm(batch_size, generator=generator, device=device)
+    partner = torch.empty_like(order)
+    return partner.scatter_(0, order, order.roll(-1))
+
+
+def inverse_partner(partner_index: Tensor) -> Tensor:
+    """The inverse permutation of ``partner_index`` (its argsort): ``partner[inverse[i]] = i``.
+
+    Mix j is ``f(M_j x_j + (1 - M_j) x_{partner[j]})``; image i is the partner in mix
+    ``inverse[i]``, so its switched embedding is ``q_mix[inverse[i]]`` and its pixel share
+    there ``1 - lam[inverse[i]]`` (the reference's ``q_mask[argsort(index_mask)]`` in its
+    "both" model). For the reversed batch the inverse is the reversal itself.
+    ``partner_index`` must be a permutation.
+    """
+    return torch.argsort(partner_index, stable=True)
+
+
 def mix_images(images: Tensor, keep_mask: Tensor, partner_index: Tensor) -> Tensor:
     """MixMask's mix (design.md sec. 2, step 3): ``x_mix = M * x + (1 - M) * x[partner]``.
 
@@ -229,16 +277,21 @@ def mix_ratio(keep_mask: Tensor) -> Tensor:
     return keep_mask.flatten(1).float().mean(dim=1)
 
 
-def switched_lambda(lam: Tensor) -> Tensor:
-    """Weight of the switched term, ``1 - flip(lam, 0)`` (MixMask's loss, the "1 - lambda"
+def switched_lambda(lam: Tensor, *, partner_index: Tensor | None = None) -> Tensor:
+    """Weight of the switched term, ``1 - lam[inverse[i]]`` (MixMask's loss, the "1 - lambda"
     of ``L(q, k) + lam * L(q_mix, k) + (1 - lam) * L(q_sw, k)``, design.md sec. 2, step 6).
 
-    With the reversed partner, mix j is ``M_j * x_j + (1 - M_j) * x_{B-1-j}``. The switched
-    embedding ``flip(q_mix, 0)[i]`` is the embedding of mix ``j = B-1-i``, in which image i
-    is the partner and holds the pixel share ``1 - lam[B-1-i]``. For one mask per batch
-    this is the paper's ``1 - lambda``; for per-sample masks it differs per sample.
+    Mix j is ``M_j * x_j + (1 - M_j) * x_{partner[j]}``. Image i is the partner in mix
+    ``j = inverse[i]`` (:func:`inverse_partner`), whose embedding ``q_mix[inverse[i]]`` is the
+    switched embedding of image i, and image i holds the pixel share ``1 - lam[inverse[i]]``
+    there. ``partner_index=None`` means the reversed batch, an involution: ``inverse[i] =
+    B-1-i``, so the switched embedding is ``flip(q_mix, 0)`` and the weight ``1 - flip(lam, 0)``.
+    For one mask per batch this is the paper's ``1 - lambda``; for per-sample masks it differs
+    per sample.
     """
-    return 1.0 - lam.flip(0)
+    if partner_index is None:
+        return 1.0 - lam.flip(0)
+    return 1.0 - lam[inverse_partner(partner_index.to(lam.device))]
 
 
 class MixMaskBatch(NamedTuple):
@@ -247,7 +300,29 @@ class MixMaskBatch(NamedTuple):
     mixed_images: Tensor  # [B, C, H, W]
     keep_mask: Tensor  # grid keep mask [1, g, g] (per batch) or [B, g, g] (per sample)
     lam: Tensor  # [B]: share of image i in mix i (repeated when the mask is per batch)
-    partner_index: Tensor  # [B]: reversed batch
+    partner_index: Tensor  # [B]: the image mixed into mix i (default: the reversed batch)
+
+
+def _validate_mix_batch(images: Tensor) -> None:
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}.")
+    if images.shape[0] < 2:
+        raise ValueError(
+            f"Mixing needs a batch of at least 2 images (each is mixed with another), "
+            f"got {images.shape[0]}."
+        )
+
+
+def _resolve_partner(images: Tensor, partner_index: Tensor | None) -> Tensor:
+    batch_size = images.shape[0]
+    if partner_index is None:
+        return reversed_partner(batch_size, images.device)
+    if partner_index.shape != (batch_size,) or partner_index.dtype != torch.long:
+        raise ValueError(
+            f"partner_index must be a long tensor of shape [{batch_size}] (one partner per "
+            f"image), got {partner_index.dtype} of shape {tuple(partner_index.shape)}."
+        )
+    return partner_index.to(images.device)
 
 
 def sample_mixmask(
@@ -258,24 +333,341 @@ def sample_mixmask(
     mode: Literal["block", "discrete"] = "block",
     per_sample: bool = False,
     generator: torch.Generator,
+    partner_index: Tensor | None = None,
 ) -> MixMaskBatch:
-    """Draw MixMask masks and mix each image with its partner in the reversed batch
-    (design.md sec. 2, steps 2-3): ``x_mix = M * x + (1 - M) * flip(x, 0)``, ``lam = mean(M)``.
+    """Draw MixMask masks and mix each image with its partner (design.md sec. 2, steps 2-3):
+    ``x_mix = M * x + (1 - M) * x[partner]``, ``lam = mean(M)``.
+
+    The partner defaults to the reversed batch ``flip(x, 0)`` (the reference's MixMask);
+    the reference's "both" strategy (Un-Mix + MixMask) passes a random permutation instead,
+    here :func:`permutation_partner`, so the two mixes pair different images. Switched
+    embeddings and weights then go through :func:`inverse_partner` /
+    ``switched_lambda(lam, partner_index=...)``.
 
     The reference draws one mask per step for the whole batch (``per_sample=False``);
     ``per_sample=True`` draws one per image (ablation). ``lam`` is always [B]. The
     generator should live on the images' device; masks drawn elsewhere are moved there.
-    With an odd batch the middle image is its own partner (as in the reference), so its
-    "mix" is the image itself; use even batches.
+    With an odd batch and the reversed partner the middle image is its own partner (as in
+    the reference), so its "mix" is the image itself; use even batches.
     """
     if mode not in ("block", "discrete"):
         raise ValueError(f"Unknown mask mode {mode!r}; use 'block' or 'discrete'.")
+    _validate_mix_batch(images)
     batch_size = images.shape[0]
+    partner_index = _resolve_partner(images, partner_index)
     num_masks = batch_size if per_sample else 1
     make_mask = block_mask if mode == "block" else discrete_mask
     keep_mask = make_mask(num_masks, grid_size, mask_ratio, generator=generator)
     keep_mask = keep_mask.to(images.device)
-    partner_index = reversed_partner(batch_size, images.device)
     mixed_images = mix_images(images, keep_mask, partner_index)
     lam = mix_ratio(keep_mask).expand(batch_size).contiguous()
     return MixMaskBatch(mixed_images, keep_mask, lam, partner_index)
+
+
+# -- Un-Mix: Mixup / CutMix with a partner (Shen et al., arXiv 2003.05438) -------------------
+
+
+class UnMixBatch(NamedTuple):
+    """One Un-Mix draw for a batch (see :func:`sample_unmix`)."""
+
+    mixed_images: Tensor  # [B, C, H, W]
+    lam: Tensor  # [B]: share of image i's pixels in mix i (one value, repeated)
+    partner_index: Tensor  # [B]: the image mixed into mix i (default: the reversed batch)
+    used_cutmix: Tensor  # 0-dim bool: True if this draw was CutMix, False if Mixup
+
+
+def _sample_beta(alpha: float, generator: torch.Generator) -> Tensor:
+    """One draw of Beta(alpha, alpha) as a 0-dim float32 tensor on ``generator.device``.
+
+    Beta(1, 1) is U(0, 1), Un-Mix's default, drawn with ``torch.rand``. Other ``alpha`` use
+    ``torch._sample_dirichlet`` (the sampler behind ``torch.distributions.Beta``, which
+    itself accepts no generator) on the 2-vector ``(alpha, alpha)``: its first coordinate is
+    Beta(alpha, alpha), it takes the explicit generator, runs on CPU and CUDA without a host
+    read, and stays finite for small alpha where a ratio of two gammas underflows to 0/0.
+    """
+    device = generator.device
+    if alpha == 1.0:
+        return torch.rand((), generator=generator, device=device)
+    concentration = torch.full((2,), float(alpha), device=device)
+    return torch._sample_dirichlet(concentration, generator=generator)[0]
+
+
+def sample_unmix(
+    images: Tensor,
+    *,
+    generator: torch.Generator,
+    p_mixup: float = 0.5,
+    alpha: float = 1.0,
+    partner_index: Tensor | None = None,
+) -> UnMixBatch:
+    """Un-Mix's image mixture (Shen et al., arXiv 2003.05438; design.md sec. 2).
+
+    One draw per batch, as in the reference: ``lam ~ Beta(alpha, alpha)`` (Beta(1, 1) =
+    U(0, 1) is the reference's default), then with probability ``p_mixup`` the global mix
+    (Mixup) ``x_mix = lam * x + (1 - lam) * x[partner]``, else the local mix (CutMix): a box
+    of about ``(1 - lam) * H * W`` pixels is pasted from the partner and ``lam`` is
+    recomputed as ``1 - box_area / (H * W)`` after clipping, so it is again the share of
+    image i's own pixels in mix i. The box follows the CutMix reference's ``rand_bbox``:
+    ``cut_h = int(H * sqrt(1 - lam))``, ``cut_w = int(W * sqrt(1 - lam))``, centre uniform
+    over the pixels, rows ``[cy - cut_h // 2, cy + cut_h // 2)`` and columns likewise,
+    clipped to the image (the reference swaps H and W, harmless only for square images; we
+    do not). The partner defaults to the reversed batch, the reference's ``flip(x, 0)``.
+
+    Without host reads or data-dependent branches both candidates are computed and the
+    random draw selects one with ``torch.where`` (two cheap elementwise passes); the box is
+    built from ``arange`` comparisons. The reference's ``--method unmix`` crashes (it uses
+    ``lam`` before drawing it); this works for any batch of at least 2 and any image size.
+
+    ``lam`` is [B] (one value repeated, so it plugs into the same weighted loss as MixMask's
+    ``lam``); ``used_cutmix`` is a 0-dim bool tensor, for logging. The generator should live
+    on the images' device; draws made elsewhere are moved there.
+    """
+    if not 0.0 <= p_mixup <= 1.0:
+        raise ValueError(f"p_mixup must lie in [0, 1] (0.5 in Un-Mix), got {p_mixup}.")
+    if not alpha > 0.0:
+        raise ValueError(f"alpha must be positive (1.0 in Un-Mix: lambda ~ U(0, 1)), got {alpha}.")
+    _validate_mix_batch(images)
+    batch_size, _, height, width = images.shape
+    partner_index = _resolve_partner(images, partner_index)
+    device = images.device
+
+    draws = torch.rand(3, generator=generator, device=generator.device).to(device)
+    choice, centre_row, centre_col = draws.unbind()
+    lam_drawn = _sample_beta(alpha, generator).to(device)
+    partner_images = images[partner_index]
+
+    # Global mixture (Mixup).
+    lam_pixels = lam_drawn.to(images.dtype)
+    mixup_images = lam_pixels * images + (1 - lam_pixels) * partner_images
+
+    # Local mixture (CutMix), the reference's rand_bbox with tensors.
+    cut_ratio = torch.sqrt(1.0 - lam_drawn)
+    half_height = torch.floor(torch.floor(height * cut_ratio) / 2)
+    half_width = torch.floor(torch.floor(width * cut_ratio) / 2)
+    row = torch.floor(centre_row * height).clamp(max=height - 1)  # randint(H); float rounding
+    col = torch.floor(centre_col * width).clamp(max=width - 1)
+    top, bottom = (row - half_height).clamp(0, height), (row + half_height).clamp(0, height)
+    left, right = (col - half_width).clamp(0, width), (col + half_width).clamp(0, width)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_box = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None]
+    cutmix_images = torch.where(in_box, partner_images, images)
+    lam_cutmix = 1.0 - (bottom - top) * (right - left) / (height * width)
+
+    use_mixup = choice < p_mixup
+    mixed_images = torch.where(use_mixup, mixup_images, cutmix_images)
+    lam = torch.where(use_mixup, lam_drawn, lam_cutmix).expand(batch_size).contiguous()
+    return UnMixBatch(mixed_images, lam, partner_index, ~use_mixup)
+
+
+# -- Erase: Masked Siamese ConvNets (Jing, Zhu, LeCun, arXiv 2206.07700) ---------------------
+
+
+def focal_mask(
+    num_masks: int,
+    image_size: int | tuple[int, int],
+    *,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.05, 0.3),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """Focal keep masks (MSN, Assran et al., arXiv 2204.07141, "focal masking"; used by MSCN):
+    keep one random rectangle of the image, erase everything outside it.
+
+    Per mask: kept area fraction ``a ~ U(scale)``, aspect ``h / w`` log-uniform in ``ratio``
+    (as torchvision's ``RandomResizedCrop``), ``h = round(sqrt(a * H * W * aspect))``
+    clamped to ``[ceil(a * H * W / W), H]``, ``w = round(a * H * W / h)`` clamped to
+    ``[1, W]``, top-left corner uniform over the valid positions. Clamping ``h`` first keeps
+    ``w <= W`` without shrinking the area, so the kept fraction is within ``1 / (2 W)`` of
+    ``a`` (rounding of ``w``); extreme aspects bend towards the image's shape instead.
+    The default ``scale`` is MSN's focal-view crop scale (0.05, 0.3).
+
+    Returns a float32 keep mask ``[num_masks, 1, H, W]`` on ``generator.device``
+    (1 inside the kept rectangle).
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if num_masks < 1:
+        raise ValueError(f"num_masks must be at least 1, got {num_masks}.")
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {height}x{width}.")
+    low, high = scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(
+            f"scale must satisfy 0 < min <= max <= 1 (kept area fractions), got {scale}."
+        )
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}.")
+
+    device = generator.device
+    u_area, u_aspect, u_top, u_left = torch.rand(4, num_masks, generator=generator, device=device)
+    area = (low + u_area * (high - low)) * (height * width)
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + u_aspect * (log_high - log_low))
+    rect_height = torch.round(torch.sqrt(area * aspect))
+    rect_height = torch.maximum(rect_height, torch.ceil(area / width)).clamp(1, height)
+    rect_width = torch.round(area / rect_height).clamp(1, width)
+    top = torch.floor(u_top * (height - rect_height + 1)).clamp(max=height - rect_height)
+    left = torch.floor(u_left * (width - rect_width + 1)).clamp(max=width - rect_width)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + rect_height)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + rect_width)[:, None])
+    return (in_rows[:, :, None] & in_cols[:, None, :]).float().unsqueeze(1)
+
+
+def high_pass_filter(images: Tensor, sigma: float) -> Tensor:
+    """High-pass filter: the image minus its Gaussian blur, per channel (MSCN, arXiv
+    2206.07700, applies a high-pass filter to the image before masking).
+
+    MSCN gives no formula here that we could confirm, so we take the standard one:
+    ``x - G_sigma * x`` with a normalised, sampled Gaussian of radius ``ceil(3 sigma)``,
+    as torchvision's ``gaussian_blur`` (separable depthwise convolutions, reflect padding,
+    radius capped at ``min(H, W) - 1`` for tiny images). Its frequency response is about
+    ``1 - exp(-2 pi^2 sigma^2 f^2)`` (f in cycles per pixel): a constant image maps to 0,
+    fine detail passes. Works on normalised images ``[B, C, H, W]``; computed in float32 and
+    returned in the input dtype.
+    """
+    if not sigma > 0.0:
+        raise ValueError(f"sigma must be positive (in pixels), got {sigma}.")
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}.")
+    channels, height, width = images.shape[1:]
+    radius = min(math.ceil(3 * sigma), height - 1, width - 1)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    size = 2 * radius + 1
+    with torch.autocast(images.device.type, enabled=False):
+        pixels = images.float()
+        padded = F.pad(pixels, (radius, radius, radius, radius), mode="reflect")
+        blurred = F.conv2d(
+            padded, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels
+        )
+        blurred = F.conv2d(
+            blurred, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels
+        )
+        return (pixels - blurred).to(images.dtype)
+
+
+class EraseBatch(NamedTuple):
+    """One MSCN erase draw for a batch (see :func:`sample_erase`)."""
+
+    erased_images: Tensor  # [B, C, H, W]
+    keep_mask: Tensor  # pixel keep mask [B or 1, C or 1, H, W] float (1 = kept)
+
+
+def _channel_stats(values: Sequence[float] | Tensor, channels: int, name: str, images: Tensor):
+    stats = torch.as_tensor(values, dtype=torch.float32, device=images.device).flatten()
+    if stats.numel() != channels:
+        raise ValueError(
+            f"{name} must have one value per channel ({channels}), got {stats.numel()}."
+        )
+    return stats.view(1, channels, 1, 1)
+
+
+def sample_erase(
+    images: Tensor,
+    *,
+    generator: torch.Generator,
+    shape: Literal["grid", "focal"] = "grid",
+    grid_size: int = 8,
+    mask_ratio: float = 0.5,
+    mode: Literal["block", "discrete"] = "discrete",
+    per_sample: bool = True,
+    channel_wise: bool = False,
+    fill: Literal["noise", "zero", "mean"] = "noise",
+    noise_std: float = 1.0,
+    high_pass_sigma: float = 0.0,
+    pixel_mean: Sequence[float] | Tensor | None = None,
+    pixel_std: Sequence[float] | Tensor | None = None,
+    focal_scale: tuple[float, float] | None = None,
+) -> EraseBatch:
+    """MSCN's erase masking of the online view (Jing, Zhu, LeCun, "Masked Siamese ConvNets",
+    arXiv 2206.07700; no official code; design.md sec. 2, "erase").
+
+    MSCN's abstract: masked Siamese networks "practically only work well with Vision
+    Transformers"; the paper studies why they fail with ConvNets and adds "several
+    empirical designs" to fix it. Those designs, each an option here:
+
+    - ``shape="grid"``: random cells of a ``grid_size x grid_size`` grid are erased,
+      ``mode="discrete"`` (each cell independently, exactly ``round(mask_ratio * g^2)``
+      cells) or ``"block"`` (BEiT blocks); see :func:`discrete_mask`, :func:`block_mask`.
+      ``shape="focal"``: MSN's focal masking, one random rectangle kept, the rest erased
+      (:func:`focal_mask`); its kept fraction is ``1 - mask_ratio`` (aspect random) unless
+      ``focal_scale`` gives a range of kept fractions.
+    - ``fill``, the value of erased pixels in normalised pixel space: ``"noise"`` =
+      N(0, noise_std^2) per pixel and channel (``noise_std=0`` equals the mean fill);
+      noise rather than a constant, so that the erased area is no flat patch with sharp
+      edges that a ConvNet detects trivially. ``"zero"`` = a black pixel, ``(0 - mean) /
+      std`` per channel (needs ``pixel_mean`` and ``pixel_std``, the normalisation's
+      per-channel statistics). ``"mean"`` = the dataset mean, 0 after normalisation.
+    - ``channel_wise``: each channel draws its own mask (MSCN's channel-wise masking), so
+      most pixels keep some of their channels.
+    - ``high_pass_sigma > 0``: the image is high-pass filtered before masking
+      (:func:`high_pass_filter`: the image minus its Gaussian blur with that sigma, in
+      pixels); MSCN applies a high-pass filter before the masks. 0 = off.
+
+    ``mask_ratio`` is the erased fraction (as in :func:`sample_mixmask`). ``per_sample``:
+    one mask per image (default) or one for the whole batch. The defaults (discrete 8 x 8
+    grid, ratio 0.5, noise with std 1 = the pixel std after normalisation, no channel-wise
+    masks, no filter) are this library's choice: MSCN's final values for grid size, ratio,
+    noise scale and filter could not be confirmed from its text, so tune them. The
+    generator should live on the images' device.
+
+    Returns :class:`EraseBatch`: ``erased_images`` [B, C, H, W] (kept pixels are the
+    (filtered) image exactly, erased pixels the fill) and the pixel ``keep_mask``
+    ``[B or 1, C or 1, H, W]`` (1 = kept).
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}.")
+    if shape not in ("grid", "focal"):
+        raise ValueError(f"Unknown erase shape {shape!r}; use 'grid' or 'focal'.")
+    if mode not in ("block", "discrete"):
+        raise ValueError(f"Unknown mask mode {mode!r}; use 'block' or 'discrete'.")
+    if fill not in ("noise", "zero", "mean"):
+        raise ValueError(f"Unknown fill {fill!r}; use 'noise', 'zero' or 'mean'.")
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio}.")
+    if noise_std < 0.0:
+        raise ValueError(f"noise_std must be 0 or more (a standard deviation), got {noise_std}.")
+    if high_pass_sigma < 0.0:
+        raise ValueError(f"high_pass_sigma must be 0 (off) or positive, got {high_pass_sigma}.")
+    batch_size, channels, height, width = images.shape
+    if shape == "grid" and (
+        grid_size > min(height, width) or height % grid_size or width % grid_size
+    ):
+        raise ValueError(
+            f"grid_size {grid_size} must divide the image size {height}x{width} into whole "
+            f"cells; choose a grid_size that divides it."
+        )
+    if fill == "zero" and (pixel_mean is None or pixel_std is None):
+        raise ValueError(
+            "fill='zero' needs pixel_mean and pixel_std (the normalisation's per-channel "
+            "statistics): a black pixel is (0 - mean) / std in normalised space."
+        )
+
+    num_masks = (batch_size if per_sample else 1) * (channels if channel_wise else 1)
+    if shape == "grid":
+        make_mask = block_mask if mode == "block" else discrete_mask
+        grid = make_mask(num_masks, grid_size, mask_ratio, generator=generator)
+        pixel_keep = upsample_mask(grid, (height, width))
+    else:
+        kept = 1.0 - mask_ratio
+        scale = (kept, kept) if focal_scale is None else focal_scale
+        pixel_keep = focal_mask(num_masks, (height, width), generator=generator, scale=scale)
+    keep_mask = pixel_keep.to(images.device).view(
+        batch_size if per_sample else 1, channels if channel_wise else 1, height, width
+    )
+
+    source = high_pass_filter(images, high_pass_sigma) if high_pass_sigma > 0 else images
+    if fill == "noise":
+        filler = torch.randn(images.shape, generator=generator, device=generator.device)
+        filler = (filler.to(images.device) * noise_std).to(images.dtype)
+    elif fill == "zero":
+        mean = _channel_stats(pixel_mean, channels, "pixel_mean", images)
+        std = _channel_stats(pixel_std, channels, "pixel_std", images)
+        filler = (-mean / std).to(images.dtype)
+    else:
+        filler = images.new_zeros(())
+    erased_images = torch.where(keep_mask.bool(), source, filler)
+    return EraseBatch(erased_images, keep_mask)

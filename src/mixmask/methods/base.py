@@ -1,40 +1,77 @@
 """What every Siamese base shares: the views, the masking axis and the EMA target.
 
-A base (MoCo v2, ...) says only how it embeds the online and the target view, and its
-per-sample loss between them. Masking (design.md sec. 2) is applied here, once, so every
-base combines with every strategy:
+A base (MoCo v2, BYOL, SimSiam, Barlow Twins, VICReg) says only how it embeds a view on
+the online side, what its target for a view is, and its loss between the two. Masking
+(design.md sec. 2) is applied here, once, to the online view of every (online, target)
+pair, so every base combines with every strategy. With q = online(x), k = target(x'):
 
 * ``none``:    L(q, k)
-* ``mixmask``: L(q, k) + lam * L(q_mix, k) + (1 - lam) * L(q_sw, k)   (MixMask eq. 3)
-  with x_mix = M * x + (1 - M) * flip(x), lam = mean(M) and q_sw = flip(q_mix), the
-  embedding of the complementary mix, obtained for free.
+* ``erase``:   L(online(erase(x)), k)                              (MSCN: same loss, no lambda)
+* ``mixmask``: L(q, k) + lam * L(q_mix, k) + (1 - lam') * L(q_sw, k)  (MixMask eq. 3)
+* ``unmix``:   the same three terms with a Mixup/CutMix mix             (Un-Mix)
+* ``both``:    L(q, k) + the Un-Mix pair of terms + the MixMask pair   (five terms)
+
+A mix of image j is ``x_mix_j = M * x_j + (1 - M) * x_partner[j]`` with lam_j = the share
+of image j's pixels. Image i is the partner in mix ``inverse[i]``, so its switched
+embedding ``q_sw_i = q_mix[inverse[i]]`` comes for free and is credited with its pixel share
+``lam'_i = 1 - lam[inverse[i]]``. The partner is the reversed batch (inverse = reversal,
+the reference's ``flip``); in ``both`` the Un-Mix branch keeps the reversal and MixMask
+uses a random derangement, so the two mixes pair different images.
+
+Per-sample losses (InfoNCE, BYOL, SimSiam) weight each sample by its own lambda; batch-level
+losses (Barlow Twins, VICReg) take the batch's scalar lambda, which is exact because one
+mask (one lambda) serves the whole batch and q_sw is a row permutation of q_mix.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mixmask.config import MethodConfig
-from mixmask.losses import weighted_mix_loss
-from mixmask.masking import sample_mixmask
+from mixmask.masking import (
+    inverse_partner,
+    permutation_partner,
+    sample_erase,
+    sample_mixmask,
+    sample_unmix,
+)
 
 
 @dataclass
 class StepOutput:
     loss: Tensor
-    # Backbone features of the clean online view, detached: the online probe's input.
+    # Backbone features of the first online view, detached: the online probe's input
+    # (with erase, of the erased view: the clean view has no online pass then).
     features: Tensor
     # Scalars to log (tensors: read on the host only at logging steps).
     logs: dict[str, Tensor]
 
 
+class Embedding(NamedTuple):
+    """One online forward pass of a batch."""
+
+    features: Tensor  # backbone output
+    projection: Tensor  # projector output
+    output: Tensor  # what enters the loss on the online side (the prediction, if any)
+
+
+class Mix(NamedTuple):
+    """A mixed batch: what the masking strategies hand to the shared loss."""
+
+    images: Tensor
+    lam: Tensor  # [B]: share of image j's pixels in mix j
+    partner_index: Tensor  # [B]
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online (MoCo eq. 2), for parameters;
-    buffers (BN statistics) are copied like the references do."""
+    """target <- momentum * target + (1 - momentum) * online (MoCo eq. 2, BYOL eq. 1), for
+    parameters; buffers (BN statistics) are copied like the references do."""
     target_params = list(target.parameters())
     online_params = list(online.parameters())
     torch._foreach_mul_(target_params, momentum)
@@ -43,10 +80,27 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         target_buffer.copy_(online_buffer)
 
 
-class SiameseMethod(nn.Module):
-    """Base of the Siamese methods: subclasses implement the three abstract methods."""
+def cosine_momentum(start: float, end: float, progress: float) -> float:
+    """BYOL's schedule (sec. 3.2): tau = end - (end - start) * (cos(pi * progress) + 1) / 2,
+    from ``start`` at progress 0 to ``end`` at progress 1."""
+    return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
+
+class SiameseMethod(nn.Module):
+    """Base of the Siamese methods.
+
+    A subclass sets the class attributes and implements :meth:`embed` and :meth:`pair_loss`,
+    and :meth:`target_embedding` (a separate target network: MoCo, BYOL) or
+    :meth:`target_from_online` (the online network itself: SimSiam, Barlow Twins, VICReg).
+    """
+
+    # Each view is online once and target once (two pairs); else only (view1 -> view2).
     symmetric: bool = False
+    # The target comes from a separate (EMA) network; else from the online pass of the
+    # target view, which then costs no extra forward.
+    has_target_network: bool = True
+    # pair_loss returns one value for the batch (Barlow Twins, VICReg), not one per sample.
+    batch_level_loss: bool = False
 
     def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
         super().__init__()
@@ -54,18 +108,29 @@ class SiameseMethod(nn.Module):
         self.feature_dim = feature_dim
         self.masking = config.masking
         self.mask_config = config.mask
+        self.erase_config = config.erase
+        self.unmix_config = config.unmix
+        # Pixel statistics of the dataset (for erase fill="zero"); set by the engine.
+        self.pixel_mean: tuple[float, ...] | None = None
+        self.pixel_std: tuple[float, ...] | None = None
+        self._last_targets: list[Tensor] = []
 
-    # -- the base's three ingredients -------------------------------------------------
-    def online_embedding(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (backbone features, online embedding) of a batch."""
+    # -- the base's ingredients ----------------------------------------------------------
+    def embed(self, images: Tensor) -> Embedding:
+        """The online network on a batch."""
         raise NotImplementedError
 
     def target_embedding(self, images: Tensor) -> Tensor:
-        """Embedding of the target view; no gradient reaches the target branch."""
+        """Target of a view from the separate target network (called under no_grad)."""
+        raise NotImplementedError
+
+    def target_from_online(self, embedding: Embedding) -> Tensor:
+        """Target of a view from its online pass (detach it where the method stops grads)."""
         raise NotImplementedError
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
-        """Per-sample loss [B] between online and target embeddings of the same images."""
+        """Loss between online outputs and targets of the same images: per sample [B], or
+        a scalar for a batch-level loss."""
         raise NotImplementedError
 
     def after_step(self, targets: list[Tensor], progress: float) -> None:
@@ -75,42 +140,42 @@ class SiameseMethod(nn.Module):
     def training_step(self, view1: Tensor, view2: Tensor, generator: torch.Generator,
                       progress: float = 0.0) -> StepOutput:
         views = (view1, view2)
-        pairs = ((0, 1), (1, 0)) if self.symmetric else ((0, 1),)
-        with torch.no_grad():
-            targets = [self.target_embedding(views[target]) for _, target in pairs]
+        online_views = (0, 1) if self.symmetric else (0,)
+        clean: dict[int, Embedding] = {}
+        targets: dict[int, Tensor] = {}
+        for online_index in online_views:
+            target_index = 1 - online_index
+            if self.has_target_network:
+                with torch.no_grad():
+                    targets[target_index] = self.target_embedding(views[target_index])
+            else:
+                if target_index not in clean:
+                    clean[target_index] = self.embed(views[target_index])
+                targets[target_index] = self.target_from_online(clean[target_index])
+
         total = view1.new_zeros(())
         logs: dict[str, Tensor] = {}
-        clean_features = None
-        for (online_index, _), target in zip(pairs, targets, strict=True):
-            online_view = views[online_index]
-            features, online = self.online_embedding(online_view)
-            if clean_features is None:
-                clean_features = features.detach()
-            clean_loss = self.pair_loss(online, target)
-            if self.masking == "none":
-                total = total + clean_loss.mean()
-                continue
-            mix = sample_mixmask(
-                online_view,
-                grid_size=self.mask_config.grid_size,
-                mask_ratio=self.mask_config.mask_ratio,
-                mode=self.mask_config.mode,
-                per_sample=self.mask_config.per_sample,
-                generator=generator,
-            )
-            # A separate forward pass: BN normalises the mixed batch on its own statistics,
-            # as in the reference (design.md sec. 2, step 4).
-            _, online_mixed = self.online_embedding(mix.mixed_images)
-            mixed_loss = self.pair_loss(online_mixed, target)
-            switched_loss = self.pair_loss(online_mixed.flip(0), target)
-            total = total + weighted_mix_loss(clean_loss, mixed_loss, switched_loss, mix.lam)
-            logs["lambda"] = mix.lam.mean().detach()
-            logs["loss_clean"] = clean_loss.mean().detach()
-            logs["loss_mixed"] = mixed_loss.mean().detach()
-        loss = total / len(pairs)
+        probe_features = None
+        for online_index in online_views:
+            images, target = views[online_index], targets[1 - online_index]
+            if self.masking == "erase":
+                images = self._erase(images, generator)
+                online = self.embed(images)
+            else:
+                online = clean[online_index] if online_index in clean else self.embed(images)
+            if probe_features is None:
+                probe_features = online.features.detach()
+            pair_total = self.pair_loss(online.output, target)
+            logs["loss_clean" if self.masking != "erase" else "loss_erased"] = (
+                pair_total.detach().mean())
+            for name, mix in self._mixes(images, generator):
+                mixed_output = self.embed(mix.images).output  # BN sees the mixed batch alone
+                pair_total = pair_total + self._mix_terms(mixed_output, target, mix, name, logs)
+            total = total + pair_total.mean()
+        loss = total / len(online_views)
         logs["loss"] = loss.detach()
-        self._last_targets = targets
-        return StepOutput(loss=loss, features=clean_features, logs=logs)
+        self._last_targets = [targets[1 - index].detach() for index in online_views]
+        return StepOutput(loss=loss, features=probe_features, logs=logs)
 
     def forward(self, view1: Tensor, view2: Tensor, generator: torch.Generator,
                 progress: float = 0.0) -> StepOutput:
@@ -121,3 +186,43 @@ class SiameseMethod(nn.Module):
         """Engine hook after optimizer.step(): hands the step's targets to after_step."""
         self.after_step(self._last_targets, progress)
         self._last_targets = []
+
+    # -- masking strategies ---------------------------------------------------------------
+    def _mixes(self, images: Tensor, generator: torch.Generator) -> list[tuple[str, Mix]]:
+        mixes = []
+        if self.masking in ("unmix", "both"):
+            unmix = sample_unmix(images, generator=generator, p_mixup=self.unmix_config.p_mixup,
+                                 alpha=self.unmix_config.alpha)
+            mixes.append(("unmix", Mix(unmix.mixed_images, unmix.lam, unmix.partner_index)))
+        if self.masking in ("mixmask", "both"):
+            partner = (permutation_partner(images.shape[0], generator=generator)
+                       .to(images.device) if self.masking == "both" else None)
+            mask = self.mask_config
+            mixmask = sample_mixmask(images, grid_size=mask.grid_size, mask_ratio=mask.mask_ratio,
+                                     mode=mask.mode, per_sample=mask.per_sample,
+                                     generator=generator, partner_index=partner)
+            mixes.append(("mixmask",
+                          Mix(mixmask.mixed_images, mixmask.lam, mixmask.partner_index)))
+        return mixes
+
+    def _mix_terms(self, mixed_output: Tensor, target: Tensor, mix: Mix, name: str,
+                   logs: dict[str, Tensor]) -> Tensor:
+        """lam * L(q_mix, k) + (1 - lam[inverse]) * L(q_mix[inverse], k)."""
+        inverse = inverse_partner(mix.partner_index)
+        mixed_loss = self.pair_loss(mixed_output, target)
+        switched_loss = self.pair_loss(mixed_output[inverse], target)
+        lam, switched_lam = mix.lam, 1.0 - mix.lam[inverse]
+        if self.batch_level_loss:  # one lambda per batch (validated in the config)
+            lam, switched_lam = lam[0], switched_lam[0]
+        logs[f"loss_{name}"] = mixed_loss.detach().mean()
+        logs[f"lambda_{name}"] = mix.lam.detach().mean()
+        return lam * mixed_loss + switched_lam * switched_loss
+
+    def _erase(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        mask, erase = self.mask_config, self.erase_config
+        return sample_erase(
+            images, shape=erase.shape, grid_size=mask.grid_size, mask_ratio=mask.mask_ratio,
+            mode=mask.mode, per_sample=mask.per_sample, channel_wise=erase.channel_wise,
+            fill=erase.fill, noise_std=erase.noise_std, high_pass_sigma=erase.high_pass_sigma,
+            pixel_mean=self.pixel_mean, pixel_std=self.pixel_std, generator=generator,
+        ).erased_images

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mixmask.config import MethodConfig
 from mixmask.distributed import gather_all, shuffled_forward
 from mixmask.losses import info_nce
-from mixmask.methods.base import SiameseMethod, ema_update
+from mixmask.methods.base import Embedding, SiameseMethod, ema_update
 from mixmask.models.heads import MLPHead
 
 
@@ -34,9 +34,10 @@ class MoCoV2(SiameseMethod):
         self.register_buffer("queue", queue)
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
 
-    def online_embedding(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def embed(self, images: Tensor) -> Embedding:
         features = self.backbone(images)
-        return features, self.projector(features)
+        projection = self.projector(features)
+        return Embedding(features, projection, projection)
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

@@ -1,0 +1,41 @@
+"""Barlow Twins (Zbontar et al. 2021, arXiv 2103.03230) as a Siamese base.
+
+One network with gradients through both views; the loss drives the cross-correlation
+matrix of the two views' batch-normalised projections to the identity (eq. 1). It is a
+statistic of the whole batch: the masking axis weights it with the batch's lambda.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mixmask.config import MethodConfig
+from mixmask.losses import barlow_twins_loss
+from mixmask.methods.base import Embedding, SiameseMethod
+from mixmask.models.heads import MLPHead
+
+
+class BarlowTwins(SiameseMethod):
+    # The loss is symmetric in its two arguments, so one pair covers both directions.
+    symmetric = False
+    has_target_network = False
+    batch_level_loss = True
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
+        super().__init__(backbone, feature_dim, config)
+        params = config.barlow_twins
+        self.lambda_offdiag, self.scale_loss = params.lambda_offdiag, params.scale_loss
+        self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
+                                 batch_norm=True, num_layers=3)
+
+    def embed(self, images: Tensor) -> Embedding:
+        features = self.backbone(images)
+        projection = self.projector(features)
+        return Embedding(features, projection, projection)
+
+    def target_from_online(self, embedding: Embedding) -> Tensor:
+        return embedding.projection  # gradients flow through both views
+
+    def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
+        return barlow_twins_loss(online, target, lambda_offdiag=self.lambda_offdiag,
+                                 scale=self.scale_loss)
