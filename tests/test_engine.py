@@ -210,3 +210,28 @@ def test_ddp_two_cpu_processes(tmp_path):
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     # 4 steps x 16 keys per process x 2 processes: the queue holds keys from both.
     assert int(checkpoint["method"]["queue_pointer"]) == 128
+
+
+@pytest.mark.parametrize("recipe", ["byol_erase_r18", "barlow_twins_both_r18", "simsiam_unmix_r18",
+                                    "vicreg_mixmask_r18"])
+def test_matrix_recipes_run_through_the_engine_with_their_optimizer(tmp_path, recipe):
+    """The shipped base x masking configs (LARS or SGD, warm-up, each base's heads) train
+    end to end, on synthetic images and tiny heads so this takes seconds."""
+    base = recipe.rsplit("_", 2)[0]
+    small_heads = [f"method.{base}.{key}=32" for key in ("proj_hidden_dim", "proj_output_dim")]
+    if base in ("byol", "simsiam"):
+        small_heads.append(f"method.{base}.pred_hidden_dim=16")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "cifar100"
+                         / f"{recipe}.yaml",
+                         ["data.dataset=synthetic", "data.subset=64", "data.num_workers=0",
+                          "model.width=0.125", "train.batch_size=16", "train.epochs=2",
+                          "train.warmup_epochs=1", "train.progress_bar=false",
+                          "monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
+                          "eval.linear=false", f"out_dir={tmp_path / 'run'}", *small_heads])
+    summary = pretrain(config)
+    assert summary["steps"] == 8 and summary["method"] == base
+    rows = read_metrics(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(float(row["loss"]))) for row in rows if row.get("loss"))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    expected_optimizer = "lars" if base in ("byol", "barlow_twins", "vicreg") else "sgd"
+    assert checkpoint["config"]["train"]["optimizer"] == expected_optimizer
