@@ -81,11 +81,24 @@ def test_target_network_gets_no_gradient_and_follows_the_ema(base):
             param.add_(1.0)  # a stand-in for the optimizer step
     progress = 0.25
     method.finish_step(progress)
-    momentum = (cosine_momentum(0.99, 1.0, progress) if base == "byol"
-                else method.momentum)
+    momentum = cosine_momentum(0.99, 1.0, progress) if base == "byol" else method.momentum
     for before, online, after in zip(target_before, online_before,
                                      method.target_backbone.parameters(), strict=True):
         torch.testing.assert_close(after, momentum * before + (1 - momentum) * (online + 1.0))
+
+
+def test_moco_cosine_momentum_schedule():
+    method = tiny_method("mocov2", "none", "method.mocov2.momentum_schedule=cosine",
+                         "method.mocov2.momentum_end=0.999")
+    target_before = [p.clone() for p in method.target_backbone.parameters()]
+    with torch.no_grad():
+        for param in method.backbone.parameters():
+            param.add_(1.0)
+    method.after_step([torch.zeros(0, 32)], 0.5)
+    momentum = 0.9945  # halfway from 0.99 to 0.999 on the cosine
+    for before, online, after in zip(target_before, method.backbone.parameters(),
+                                     method.target_backbone.parameters(), strict=True):
+        torch.testing.assert_close(after, momentum * before + (1 - momentum) * online)
 
 
 def test_byol_momentum_schedule_end_points_and_midpoint():

@@ -102,6 +102,10 @@ class MoCoV2Config:
     proj_output_dim: int = 128
     queue_size: int = 4096
     momentum: float = 0.99
+    # constant (MoCo v2, Un-Mix) or cosine from momentum to momentum_end (solo-learn's
+    # MoCo v2+ CIFAR recipe: 0.99 -> 0.999).
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    momentum_end: float = 0.999
     temperature: float = 0.1
     # Symmetric loss: each view is query once and key once (two losses, both keys enqueued).
     symmetric: bool = True
@@ -403,11 +407,13 @@ def validate(config: Config) -> None:
             f"'method.mocov2.queue_size' ({config.method.mocov2.queue_size}) must hold at least "
             f"one batch of keys (train.batch_size={config.train.batch_size})."
         )
-    byol = config.method.byol
-    for key, value in (("momentum_start", byol.momentum_start),
-                       ("momentum_end", byol.momentum_end)):
+    byol, moco = config.method.byol, config.method.mocov2
+    for key, value in (("byol.momentum_start", byol.momentum_start),
+                       ("byol.momentum_end", byol.momentum_end),
+                       ("mocov2.momentum", moco.momentum),
+                       ("mocov2.momentum_end", moco.momentum_end)):
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"'method.byol.{key}' must lie in [0, 1], got {value}.")
+            raise ConfigError(f"'method.{key}' must lie in [0, 1], got {value}.")
 
 
 def _validate_masking(config: Config) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mixmask.config import MethodConfig
 from mixmask.distributed import gather_all, shuffled_forward
 from mixmask.losses import info_nce
-from mixmask.methods.base import Embedding, SiameseMethod, ema_update
+from mixmask.methods.base import Embedding, SiameseMethod, cosine_momentum, ema_update
 from mixmask.models.heads import MLPHead
 
 
@@ -26,6 +26,8 @@ class MoCoV2(SiameseMethod):
         self.symmetric = params.symmetric
         self.temperature = params.temperature
         self.momentum = params.momentum
+        self.momentum_end = (params.momentum_end if params.momentum_schedule == "cosine"
+                             else params.momentum)
         self.shuffle_bn = params.shuffle_bn
         self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim)
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
@@ -54,8 +56,9 @@ class MoCoV2(SiameseMethod):
 
     @torch.no_grad()
     def after_step(self, targets: list[Tensor], progress: float) -> None:
-        ema_update(self.target_backbone, self.backbone, self.momentum)
-        ema_update(self.target_projector, self.projector, self.momentum)
+        momentum = cosine_momentum(self.momentum, self.momentum_end, progress)
+        ema_update(self.target_backbone, self.backbone, momentum)
+        ema_update(self.target_projector, self.projector, momentum)
         # Keys enter the queue once per step, however many loss terms used them.
         self._enqueue(gather_all(torch.cat(targets)))
 
