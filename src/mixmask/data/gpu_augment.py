@@ -1,0 +1,728 @@
+"""Batched, per-sample-random augmentation on tensors: the two-view pipelines of
+:mod:`mixmask.data.transforms`, run on a whole uint8 batch on its own device (GPU or CPU).
+
+The PIL pipelines ("cifar", "mocov2": MoCo v2 aug+, Chen et al. 2020, arXiv 2003.04297)
+draw one set of random parameters per image in a DataLoader worker. Here every random
+parameter is a tensor with one entry per sample, drawn in one vectorised call, and every
+op is a pure function of the images and those parameters, so that
+
+* a fixed-parameter call can be checked against torchvision's functional ops
+  (``tests/test_gpu_augment.py`` does, op by op and end to end);
+* nothing loops over samples in Python, reads a value back to the host or branches on
+  tensor values, so a CUDA training step is never synchronised by its data pipeline.
+
+Usage::
+
+    augment = BatchedTwoViewAugment.from_preset("cifar", 32, *DATASET_STATS["cifar10"])
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    first, second = augment(uint8_images, generator)   # [B, 3, 32, 32] float32 each
+
+The pieces, for composing other pipelines (BYOL's asymmetric views, for instance, are two
+:class:`ViewConfig` with different ``blur_p`` and ``solarize_p``):
+
+* ops: :func:`resized_crop`, :func:`horizontal_flip`, :func:`adjust_brightness`,
+  :func:`adjust_contrast`, :func:`adjust_saturation`, :func:`adjust_hue`,
+  :func:`color_jitter`, :func:`grayscale`, :func:`gaussian_blur`, :func:`solarize`,
+  :func:`normalize`; each takes float images ``[B, C, H, W]`` in [0, 1] (the crop also
+  uint8) and per-sample parameter tensors ``[B]`` / ``[B, k]``;
+* samplers: :func:`sample_crop_boxes`, :func:`sample_color_jitter`,
+  :func:`sample_apply`, :func:`sample_uniform`, :func:`sample_view_params`;
+* pipeline: :class:`ViewConfig`, :func:`view_config`, :func:`apply_view`,
+  :class:`BatchedTwoViewAugment`.
+
+Differences from the PIL pipeline (all by design; the *distributions* of every random
+parameter are torchvision's, see the samplers):
+
+* PIL rounds to uint8 after the crop and after every colour op; here the image stays in
+  float32 from the crop on.
+* The crop's resampling is torchvision's tensor ``resized_crop`` (bilinear; with
+  ``antialias=True``, the presets' setting, the tent filter widened by the downscale
+  factor, which is PIL's antialiased bilinear): measured within 1 uint8 step of PIL's
+  crop, upscaling or downscaling (mean 0.3 step, PIL's own rounding). When a crop is
+  upscaled (every crop of a 32 px image resized to 32 px) antialias changes nothing.
+* The colour ops are torchvision's tensor ops, which differ from its PIL ops: measured
+  on ColorJitter(0.4, 0.4, 0.4, 0.1), mean 1.5 uint8 steps, 99th percentile 6, max 15
+  (PIL shifts hue in uint8 HSV and rounds after every op).
+* ``grayscale`` uses torchvision's tensor luma weights (0.2989, 0.587, 0.114); PIL's "L"
+  conversion uses 299/587/114 per mille in fixed point.
+
+Cost (both views as one batch of 2B): the crop is two batched matmuls with per-sample
+``[S, H]`` and ``[S, W]`` interpolation matrices, O(B C S H W) multiply-adds, and holds
+one float copy of the source batch; colour jitter is six cheap blend passes and one
+RGB->HSV->RGB pass over the 2B crops (about 60 elementwise passes in all); the blur is
+a separable grouped convolution over 2B*C channels. Peak memory is a few float32 copies
+of the 2B output views. On CUDA, the crop's matmuls follow
+``torch.backends.cuda.matmul.allow_tf32``: with TF32 on they carry about 1e-3 relative
+error, below one uint8 step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BatchedTwoViewAugment",
+    "GPU_AUGMENT_PRESETS",
+    "ViewConfig",
+    "ViewParams",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "apply_view",
+    "color_jitter",
+    "gaussian_blur",
+    "grayscale",
+    "horizontal_flip",
+    "normalize",
+    "resized_crop",
+    "sample_apply",
+    "sample_color_jitter",
+    "sample_crop_boxes",
+    "sample_uniform",
+    "sample_view_params",
+    "solarize",
+    "view_config",
+]
+
+GPU_AUGMENT_PRESETS = ("mocov2", "cifar")
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+"""Column of each op in ``color_jitter``'s ``factors`` and its id in ``order`` (the
+indices of torchvision's ``ColorJitter.get_params`` ``fn_idx``)."""
+
+
+def _per_sample(values: Tensor, images: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, 1] in the images' dtype, to broadcast over C, H, W."""
+    return values.to(images.dtype).view(-1, 1, 1, 1)
+
+
+def _per_sample_bool(apply: Tensor) -> Tensor:
+    return apply.to(torch.bool).view(-1, 1, 1, 1)
+
+
+# -- geometry -----------------------------------------------------------------------------
+
+
+def _resize_weights(
+    start: Tensor, length: Tensor, in_size: int, out_size: int, antialias: bool
+) -> Tensor:
+    """[B, out_size, in_size] weights resampling the span [start, start + length) of an
+    axis of in_size pixels to out_size pixels; zero outside the span, so the crop never
+    reads its neighbours (torchvision crops first, then resizes).
+
+    antialias=False is ``F.interpolate(mode="bilinear", align_corners=False)``: sample at
+    (i + 0.5) * scale - 0.5, clamped to the span, with the tent of width 1.
+    antialias=True is PIL's / torchvision's antialiased bilinear: a tent widened to the
+    scale factor when downscaling, cut at the span and renormalised.
+    """
+    dtype = torch.float32
+    start = start.to(dtype).view(-1, 1, 1)
+    length = length.to(dtype).view(-1, 1, 1)
+    scale = length / out_size
+    center = (torch.arange(out_size, device=start.device, dtype=dtype).view(1, -1, 1) + 0.5) * scale
+    # Pixel index relative to the span's first pixel.
+    position = torch.arange(in_size, device=start.device, dtype=dtype).view(1, 1, -1) - start
+    if not antialias:
+        source = torch.minimum((center - 0.5).clamp(min=0.0), length - 1.0)
+        return (1.0 - (position - source).abs()).clamp(min=0.0)
+    support = scale.clamp(min=1.0)
+    weights = (1.0 - (position + 0.5 - center).abs() / support).clamp(min=0.0)
+    weights = weights * ((position >= 0) & (position < length))
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def resized_crop(
+    images: Tensor,
+    boxes: Tensor,
+    size: int,
+    *,
+    antialias: bool = False,
+    flip: Tensor | None = None,
+) -> Tensor:
+    """Crop each image to its own box and resize it to ``size x size``, in one batched call.
+
+    images: [B, C, H, W], uint8 (converted to [0, 1] once) or float.
+    boxes: [V * B, 4] (top, left, height, width) in source pixels, integer valued, inside
+        the image (as :func:`sample_crop_boxes` draws them; not checked, to stay sync-free).
+        V > 1 crops every image V times without copying the source: row v * B + b of the
+        output is images[b] cropped to boxes[v * B + b].
+    antialias: False matches ``torchvision F.resized_crop(..., antialias=False)`` on float
+        tensors (max abs difference about 1e-6); True matches ``antialias=True``
+        (torchvision's approximation of PIL's resize), which only differs when a box is
+        larger than ``size`` (downscaling).
+    flip: optional [V * B] bool; mirrors those outputs horizontally at no cost by
+        reversing their column weights (the same as :func:`horizontal_flip` afterwards).
+
+    Returns float32 [V * B, C, size, size]. Implemented as ``rows @ image @ columns^T``
+    with per-sample interpolation matrices (see the module docstring for its cost), which
+    gives torchvision's edge handling exactly: samples are clamped to the box.
+    """
+    batch, channels, height, width = images.shape
+    if boxes.shape[0] % batch != 0:
+        raise ValueError(
+            f"boxes must have one row per image (or V rows per image), got {boxes.shape[0]} "
+            f"boxes for {batch} images."
+        )
+    views = boxes.shape[0] // batch
+    top, left, box_height, box_width = boxes.unbind(dim=1)
+    row_weights = _resize_weights(top, box_height, height, size, antialias)
+    column_weights = _resize_weights(left, box_width, width, size, antialias)
+    if flip is not None:
+        column_weights = torch.where(
+            flip.to(torch.bool).view(-1, 1, 1), column_weights.flip(1), column_weights
+        )
+    if images.dtype == torch.uint8:
+        # Fold the 1/255 of uint8 -> [0, 1] into the (small) weights.
+        row_weights = row_weights / 255.0
+    # All views' column weights side by side, [B, W, V * S], so the source is read once
+    # for all views; the source goes to float32 rows [B, H, C, W] in the same single copy,
+    # so both matmuls see contiguous operands.
+    column_weights = (
+        column_weights.view(views, batch, size, width)
+        .permute(1, 3, 0, 2)
+        .reshape(batch, width, views * size)
+    )
+    source = torch.empty(
+        batch, height, channels, width, device=images.device, dtype=torch.float32
+    ).copy_(images.permute(0, 2, 1, 3))
+    # Under a caller's bf16 autocast the matmuls would lose more than a uint8 step.
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        resized_columns = torch.bmm(source.view(batch, height * channels, width), column_weights)
+        resized_columns = (
+            resized_columns.view(batch, height, channels, views, size)
+            .permute(3, 0, 1, 2, 4)
+            .reshape(views * batch, height, channels * size)
+        )
+        out = torch.bmm(row_weights, resized_columns)  # [V * B, S, C * S]
+    return out.view(views * batch, size, channels, size).permute(0, 2, 1, 3).contiguous()
+
+
+def horizontal_flip(images: Tensor, apply: Tensor) -> Tensor:
+    """Mirror the samples where ``apply`` [B] is true (torchvision ``hflip``)."""
+    return torch.where(_per_sample_bool(apply), images.flip(-1), images)
+
+
+# -- colour -------------------------------------------------------------------------------
+
+
+def _luma(images: Tensor) -> Tensor:
+    """[B, 1, H, W] ITU-R 601-2 luma with torchvision's tensor weights and op order."""
+    red, green, blue = images.unbind(dim=-3)
+    return red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(-3)
+
+
+def _blend(images: Tensor, other: Tensor, factors: Tensor) -> Tensor:
+    # torchvision's _blend: factor * image + (1 - factor) * other, clamped to [0, 1].
+    factor = _per_sample(factors, images)
+    return (images * factor + other * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(images: Tensor, factors: Tensor) -> Tensor:
+    """``clamp(factor * image)`` per sample (torchvision ``adjust_brightness``)."""
+    return (images * _per_sample(factors, images)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: Tensor, factors: Tensor) -> Tensor:
+    """Blend each image with the mean of its own grayscale (torchvision ``adjust_contrast``)."""
+    mean = _luma(images).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, factors)
+
+
+def adjust_saturation(images: Tensor, factors: Tensor) -> Tensor:
+    """Blend each image with its grayscale, per pixel (torchvision ``adjust_saturation``)."""
+    return _blend(images, _luma(images), factors)
+
+
+def adjust_hue(images: Tensor, factors: Tensor) -> Tensor:
+    """Shift the hue by ``factor`` (in [-0.5, 0.5] turns) per sample: torchvision's
+    ``adjust_hue`` on tensors (RGB -> HSV, shift, HSV -> RGB), to float rounding (about
+    1e-6). images: float RGB [B, 3, H, W] in [0, 1].
+
+    Written without HSV's saturation and sector lookup: a hue shift keeps each pixel's
+    max V and min V(1 - S), so with hue h in [0, 6) each channel is V - (V - min) * w(h),
+    and w is the piecewise-linear weight that torchvision's (v, p, q, t) table spells out
+    sector by sector: red clamp(min(h - 1, 5 - h)), green clamp(max(1 - h, h - 3)), blue
+    clamp(max(3 - h, h - 5)), each clamped to [0, 1].
+    """
+    red, green, blue = images.unbind(dim=-3)
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
+    # Hue in sextants as torchvision/Pillow compute it, from the max channel's two
+    # neighbours; grey pixels (chroma 0) get hue 0 and any nonzero divisor.
+    max_is_red = value == red
+    max_is_green = (value == green) & ~max_is_red
+    max_is_blue = ~(max_is_red | max_is_green)
+    hue = (
+        (green - blue)
+        .mul_(max_is_red)
+        .add_((blue - red).add_(chroma, alpha=2.0).mul_(max_is_green))
+        .add_((red - green).add_(chroma, alpha=4.0).mul_(max_is_blue))
+        .div_(chroma + (chroma == 0))
+    )
+    hue = hue.add_(factors.to(images.dtype).view(-1, 1, 1) * 6.0).remainder_(6.0)
+    red_weight = torch.minimum(hue - 1.0, 5.0 - hue)
+    green_weight = torch.maximum(1.0 - hue, hue - 3.0)
+    blue_weight = torch.maximum(3.0 - hue, hue - 5.0)
+    weights = torch.stack((red_weight, green_weight, blue_weight), dim=-3).clamp_(0.0, 1.0)
+    return weights.mul_(chroma.unsqueeze(-3)).neg_().add_(value.unsqueeze(-3))
+
+
+def color_jitter(
+    images: Tensor, factors: Tensor, order: Tensor, apply: Tensor, *, hue: bool = True
+) -> Tensor:
+    """torchvision ``ColorJitter`` with per-sample factors and a per-sample op order.
+
+    factors: [B, 4] brightness, contrast, saturation, hue (columns ``BRIGHTNESS`` ...).
+    order: [B, 4], a permutation of 0..3 per sample; ``order[b, k]`` is the op applied
+        k-th to sample b (torchvision's ``fn_idx``).
+    apply: [B] bool; samples where it is false pass through unchanged (``RandomApply``).
+    hue: False skips the hue op for every sample (torchvision's ``ColorJitter(hue=0)``).
+
+    Brightness, contrast and saturation are all ``clamp(f * x + (1 - f) * target)`` with
+    target 0, the grayscale mean or the grayscale, and are the identity, bit for bit, at
+    f = 1. So instead of evaluating all four ops in each of four slots, the samples' blend
+    ops before their hue go into three blend passes, then one hue pass, then their blend
+    ops after the hue into three more blend passes (f = 1 in the unused ones): one HSV
+    round trip instead of four, with exactly the per-sample order.
+    """
+    apply = apply.to(torch.bool)
+    order = order.to(torch.int64)
+    hue_slot = (order == HUE).to(torch.int32).argmax(dim=1)
+    slots = torch.arange(order.shape[1], device=order.device)
+    before_hue = (slots.view(1, -1) < hue_slot.view(-1, 1)) & apply.view(-1, 1)
+    after_hue = (slots.view(1, -1) > hue_slot.view(-1, 1)) & apply.view(-1, 1)
+    out = images
+    for slot in (0, 1, 2):
+        out = _blend_slot(out, factors, order[:, slot], before_hue[:, slot])
+    if hue:
+        out = torch.where(_per_sample_bool(apply), adjust_hue(out, factors[:, HUE]), out)
+    for slot in (1, 2, 3):
+        out = _blend_slot(out, factors, order[:, slot], after_hue[:, slot])
+    return out
+
+
+def _blend_slot(images: Tensor, factors: Tensor, op: Tensor, active: Tensor) -> Tensor:
+    """One of brightness / contrast / saturation per sample (``op``), or the identity
+    where ``active`` is false or ``op`` is hue."""
+    is_blend = active & (op != HUE)
+    factor = torch.where(is_blend, factors.gather(1, op.view(-1, 1)).squeeze(1), 1.0)
+    factor = _per_sample(factor, images)
+    gray = _luma(images)
+    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    # Brightness blends with 0: adding 0 * gray keeps it exactly torchvision's f * x.
+    gray_weight = torch.where(_per_sample_bool(op == SATURATION), 1.0 - factor, 0.0)
+    mean_weight = torch.where(_per_sample_bool(op == CONTRAST), 1.0 - factor, 0.0)
+    target = gray * gray_weight + mean * mean_weight
+    return torch.addcmul(target, images, factor).clamp_(0.0, 1.0)
+
+
+def grayscale(images: Tensor, apply: Tensor) -> Tensor:
+    """Replace the samples where ``apply`` [B] is true by their luma on all three channels
+    (torchvision ``rgb_to_grayscale(num_output_channels=3)``, ITU-R 601-2)."""
+    return torch.where(_per_sample_bool(apply), _luma(images).expand_as(images), images)
+
+
+def gaussian_blur(
+    images: Tensor, sigma: Tensor, kernel_size: int, apply: Tensor | None = None
+) -> Tensor:
+    """Gaussian blur with a per-sample ``sigma`` [B] (torchvision ``gaussian_blur`` with
+    ``[kernel_size] * 2`` and ``[sigma] * 2``: same kernel, reflect padding).
+
+    The 2-D kernel is separable, so it runs as a vertical then a horizontal grouped
+    convolution over the B*C channels, each with its sample's 1-D kernel.
+    """
+    if kernel_size % 2 == 0 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}.")
+    batch, channels, height, width = images.shape
+    half = (kernel_size - 1) * 0.5
+    offsets = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    pdf = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.to(images.dtype).view(-1, 1)).pow(2))
+    kernel = pdf / pdf.sum(dim=1, keepdim=True)
+    kernel = kernel.view(batch, 1, kernel_size).expand(batch, channels, kernel_size)
+    kernel = kernel.reshape(batch * channels, 1, kernel_size)
+    pad = kernel_size // 2
+    out = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    out = out.reshape(1, batch * channels, height + 2 * pad, width + 2 * pad)
+    out = F.conv2d(out, kernel.unsqueeze(-1), groups=batch * channels)
+    out = F.conv2d(out, kernel.unsqueeze(-2), groups=batch * channels)
+    out = out.view(batch, channels, height, width)
+    if apply is None:
+        return out
+    return torch.where(_per_sample_bool(apply), out, images)
+
+
+def solarize(images: Tensor, apply: Tensor, threshold: float = 0.5) -> Tensor:
+    """Invert (x -> 1 - x) the pixels at or above ``threshold`` in the samples where
+    ``apply`` is true (torchvision ``solarize``; BYOL, Grill et al. 2020, Table 6, uses
+    threshold 0.5). images: float in [0, 1]."""
+    invert = (_per_sample_bool(apply) & (images >= threshold)).to(images.dtype)
+    # |x - 1| is 1 - x to the bit and |x - 0| is x: cheaper than torch.where with a
+    # per-pixel condition on the CPU.
+    return (images - invert).abs_()
+
+
+def normalize(
+    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
+) -> Tensor:
+    """``(image - mean) / std`` per channel (torchvision ``normalize``)."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return images.sub(mean).div_(std)
+
+
+# -- samplers -----------------------------------------------------------------------------
+
+
+def _device(generator: torch.Generator | None, device: torch.device | str | None):
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def sample_uniform(
+    batch: int,
+    low: float,
+    high: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """[B] float32 uniform on [low, high) (torchvision's ``torch.empty(1).uniform_``)."""
+    uniform = torch.rand(batch, generator=generator, device=_device(generator, device))
+    return low + (high - low) * uniform
+
+
+def sample_apply(
+    batch: int,
+    p: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """[B] bool, true with probability p (``RandomApply``, ``RandomGrayscale``, flips)."""
+    return torch.rand(batch, generator=generator, device=_device(generator, device)) < p
+
+
+def sample_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    *,
+    attempts: int = 10,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """[B, 4] int64 boxes (top, left, height, width), distributed as torchvision's
+    ``RandomResizedCrop.get_params`` draws them.
+
+    torchvision tries up to 10 times: area ~ U(scale) * H * W, log aspect ratio ~
+    U(log ratio), w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio)); the first
+    box that fits is placed uniformly; if none fits, the centre crop of the whole image
+    with its aspect ratio clamped to ``ratio``. Here all 10 attempts are drawn for every
+    sample at once and the first that fits is picked with argmax.
+    """
+    device = _device(generator, device)
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    uniform = torch.rand(batch, attempts, 2, generator=generator, device=device)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform[..., 0])
+    aspect = torch.exp(log_low + (log_high - log_low) * uniform[..., 1])
+    # torch.round rounds half to even, as Python's round in torchvision.
+    box_width = torch.round(torch.sqrt(target_area * aspect))
+    box_height = torch.round(torch.sqrt(target_area / aspect))
+    fits = (box_width > 0) & (box_width <= width) & (box_height > 0) & (box_height <= height)
+    first = fits.to(torch.int32).argmax(dim=1, keepdim=True)
+    any_fits = fits.any(dim=1)
+    box_height = box_height.gather(1, first).squeeze(1)
+    box_width = box_width.gather(1, first).squeeze(1)
+
+    # torchvision's fallback, a constant of the image shape.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_width, fallback_height = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_width, fallback_height = int(round(height * max(ratio))), height
+    else:
+        fallback_width, fallback_height = width, height
+    box_height = torch.where(any_fits, box_height, float(fallback_height))
+    box_width = torch.where(any_fits, box_width, float(fallback_width))
+
+    # randint(0, n) as floor(U * n); the clamp guards float rounding of U * n up to n.
+    position = torch.rand(batch, 2, generator=generator, device=device)
+    top = torch.minimum(
+        torch.floor(position[:, 0] * (height - box_height + 1)), height - box_height
+    )
+    left = torch.minimum(torch.floor(position[:, 1] * (width - box_width + 1)), width - box_width)
+    top = torch.where(any_fits, top, float((height - fallback_height) // 2))
+    left = torch.where(any_fits, left, float((width - fallback_width) // 2))
+    return torch.stack((top, left, box_height, box_width), dim=1).to(torch.int64)
+
+
+def sample_color_jitter(
+    batch: int,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(factors [B, 4], order [B, 4]) as torchvision's ``ColorJitter.get_params``:
+    brightness, contrast, saturation ~ U(max(0, 1 - x), 1 + x), hue ~ U(-hue, hue), and a
+    uniformly random permutation of the four ops per sample (argsort of uniforms)."""
+    device = _device(generator, device)
+    uniform = torch.rand(batch, 4, generator=generator, device=device)
+    ranges = [(max(0.0, 1.0 - x), 1.0 + x) for x in (brightness, contrast, saturation)]
+    ranges.append((-hue, hue))
+    factors = torch.stack(
+        [low + (high - low) * uniform[:, column] for column, (low, high) in enumerate(ranges)],
+        dim=1,
+    )
+    order = torch.rand(batch, 4, generator=generator, device=device).argsort(dim=1)
+    return factors, order
+
+
+# -- pipelines ----------------------------------------------------------------------------
+
+
+def _blur_kernel_size(image_size: int) -> int:
+    # As mixmask.data.transforms: about 10% of the side, odd (SimCLR, Appendix A).
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """One view's augmentation: torchvision's parameters, with each op's probability.
+
+    Defaults are the "cifar" preset (MoCo v2 aug+ without blur). The two views of a
+    :class:`BatchedTwoViewAugment` must share ``image_size``, ``antialias``, the blur
+    kernel size and ``solarize_threshold``; probabilities and ranges may differ.
+    """
+
+    image_size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    antialias: bool = True
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_kernel_size: int | None = None  # None: about 10% of image_size, odd (23 at 224)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+    flip_p: float = 0.5
+
+    @property
+    def kernel_size(self) -> int:
+        if self.blur_kernel_size is not None:
+            return self.blur_kernel_size
+        return _blur_kernel_size(self.image_size)
+
+
+def view_config(preset: str, image_size: int) -> ViewConfig:
+    """The :class:`ViewConfig` of a preset of :func:`mixmask.data.transforms.two_view_transform`:
+    "mocov2" (MoCo v2 aug+: blur with p=0.5) or "cifar" (the same without blur)."""
+    if preset not in GPU_AUGMENT_PRESETS:
+        raise ValueError(
+            f"Unknown augmentation preset {preset!r}. Use one of: {', '.join(GPU_AUGMENT_PRESETS)}."
+        )
+    return ViewConfig(image_size=image_size, blur_p=0.5 if preset == "mocov2" else 0.0)
+
+
+@dataclass
+class ViewParams:
+    """Every random parameter of a batch of views, one row per sample."""
+
+    boxes: Tensor  # [B, 4] int64 top, left, height, width
+    flip: Tensor  # [B] bool
+    jitter_factors: Tensor  # [B, 4] brightness, contrast, saturation, hue
+    jitter_order: Tensor  # [B, 4] permutation of 0..3
+    jitter_apply: Tensor  # [B] bool
+    grayscale_apply: Tensor  # [B] bool
+    blur_sigma: Tensor  # [B]
+    blur_apply: Tensor  # [B] bool
+    solarize_apply: Tensor  # [B] bool
+
+    @staticmethod
+    def cat(params: Sequence[ViewParams]) -> ViewParams:
+        return ViewParams(
+            **{
+                field.name: torch.cat([getattr(p, field.name) for p in params])
+                for field in dataclasses.fields(ViewParams)
+            }
+        )
+
+
+def sample_view_params(
+    batch: int,
+    height: int,
+    width: int,
+    config: ViewConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> ViewParams:
+    """Draw one view's parameters for a batch of ``height x width`` images."""
+    device = _device(generator, device)
+    draw = {"generator": generator, "device": device}
+    boxes = sample_crop_boxes(batch, height, width, config.scale, config.ratio, **draw)
+    factors, order = sample_color_jitter(
+        batch, config.brightness, config.contrast, config.saturation, config.hue, **draw
+    )
+    return ViewParams(
+        boxes=boxes,
+        flip=sample_apply(batch, config.flip_p, **draw),
+        jitter_factors=factors,
+        jitter_order=order,
+        jitter_apply=sample_apply(batch, config.jitter_p, **draw),
+        grayscale_apply=sample_apply(batch, config.grayscale_p, **draw),
+        blur_sigma=sample_uniform(batch, *config.blur_sigma, **draw),
+        blur_apply=sample_apply(batch, config.blur_p, **draw),
+        solarize_apply=sample_apply(batch, config.solarize_p, **draw),
+    )
+
+
+def apply_view(images: Tensor, params: ViewParams, config: ViewConfig) -> Tensor:
+    """The augmented views, in [0, 1] and before normalisation: crop (with the flip folded
+    in) -> colour jitter -> grayscale -> blur -> solarize, each per sample.
+
+    images: [B, C, H, W] uint8 or float; params: drawn for V * B rows (V views of each
+    image, see :func:`resized_crop`). config gives the sizes and, by whether each
+    probability is above 0, which passes run at all; which samples each pass changes is
+    up to ``params``.
+
+    torchvision flips last; the flip commutes with every op here (the colour ops are per
+    pixel, the blur kernel and its reflect padding are symmetric), so it rides on the
+    crop's column weights for free.
+    """
+    out = resized_crop(
+        images, params.boxes, config.image_size, antialias=config.antialias, flip=params.flip
+    )
+    if config.jitter_p > 0:
+        out = color_jitter(
+            out,
+            params.jitter_factors,
+            params.jitter_order,
+            params.jitter_apply,
+            hue=config.hue > 0,
+        )
+    if config.grayscale_p > 0:
+        out = grayscale(out, params.grayscale_apply)
+    if config.blur_p > 0:
+        out = gaussian_blur(out, params.blur_sigma, config.kernel_size, params.blur_apply)
+    if config.solarize_p > 0:
+        out = solarize(out, params.solarize_apply, config.solarize_threshold)
+    return out
+
+
+class BatchedTwoViewAugment:
+    """Two independently augmented, normalised float32 views of a uint8 batch, on the
+    batch's device; the tensor counterpart of
+    :func:`mixmask.data.transforms.two_view_transform`.
+
+    >>> augment = BatchedTwoViewAugment.from_preset("cifar", 32, mean, std)
+    >>> first, second = augment(images_uint8, generator)   # generator on images.device
+
+    first, second: ViewConfig of each view (second defaults to first; BYOL's asymmetric
+    views differ in blur_p and solarize_p). Both views run as one batch of 2B, so the
+    op count and kernel launches do not grow with the number of views.
+    channels_last: return the views in ``torch.channels_last`` memory format.
+    """
+
+    def __init__(
+        self,
+        first: ViewConfig,
+        second: ViewConfig | None = None,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool = False,
+    ):
+        second = first if second is None else second
+        for name in ("image_size", "antialias", "kernel_size", "solarize_threshold"):
+            if getattr(first, name) != getattr(second, name):
+                raise ValueError(
+                    f"Both views must share {name} ({getattr(first, name)} vs "
+                    f"{getattr(second, name)}); probabilities and ranges may differ."
+                )
+        self.first, self.second = first, second
+        # The passes that run on the 2B batch: those either view uses.
+        self._passes = dataclasses.replace(
+            first,
+            **{
+                name: max(getattr(first, name), getattr(second, name))
+                for name in ("jitter_p", "hue", "grayscale_p", "blur_p", "solarize_p")
+            },
+        )
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.channels_last = channels_last
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        channels_last: bool = False,
+    ) -> BatchedTwoViewAugment:
+        """The same augmentation for both views, as the PIL preset of that name."""
+        return cls(view_config(preset, image_size), mean=mean, std=std, channels_last=channels_last)
+
+    def sample_params(
+        self, batch: int, height: int, width: int, *, generator=None, device=None
+    ) -> ViewParams:
+        """Parameters of both views, first view's B rows then the second's."""
+        return ViewParams.cat(
+            [
+                sample_view_params(batch, height, width, config, generator=generator, device=device)
+                for config in (self.first, self.second)
+            ]
+        )
+
+    def _normalize(self, views: Tensor) -> Tensor:
+        # Mean and std are moved to the device once, not once per batch.
+        if views.device not in self._stats:
+            self._stats[views.device] = (
+                torch.tensor(self.mean, device=views.device).view(-1, 1, 1),
+                torch.tensor(self.std, device=views.device).view(-1, 1, 1),
+            )
+        mean, std = self._stats[views.device]
+        return views.sub(mean).div_(std)
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """images: [B, 3, H, W] uint8 (or float in [0, 1]) on any device; generator: on
+        the same device (None: torch's default generator of that device)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}.")
+        if generator is not None and generator.device.type != images.device.type:
+            raise ValueError(
+                f"The generator is on {generator.device} but the images are on "
+                f"{images.device}; pass torch.Generator(device=images.device)."
+            )
+        batch, _, height, width = images.shape
+        params = self.sample_params(batch, height, width, generator=generator, device=images.device)
+        views = apply_view(images, params, self._passes)
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        views = self._normalize(views)
+        return views[:batch], views[batch:]

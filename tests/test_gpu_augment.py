@@ -1,0 +1,522 @@
+"""Tests for mixmask.data.gpu_augment: every op against torchvision's functional ops with
+the same fixed parameters (per sample), every sampler against torchvision's own sampler's
+distribution, and the two-view call for host syncs, determinism and output format."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as F2
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision import transforms as T
+
+from mixmask.data.gpu_augment import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    SATURATION,
+    BatchedTwoViewAugment,
+    ViewConfig,
+    ViewParams,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    apply_view,
+    color_jitter,
+    gaussian_blur,
+    grayscale,
+    horizontal_flip,
+    normalize,
+    resized_crop,
+    sample_apply,
+    sample_color_jitter,
+    sample_crop_boxes,
+    sample_view_params,
+    solarize,
+    view_config,
+)
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# Float rounding only: our ops reorder a few float32 operations relative to torchvision's
+# (fused blends, separable blur, matmul crop, closed-form hue), nothing else.
+ATOL = 2e-6
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records the ops that read a tensor value back to the host, which would stall a CUDA
+    step: .item()/bool()/int() (aten::_local_scalar_dense), nonzero, masked_select and
+    indexing with a boolean mask (its output size depends on the data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncing_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        indices = args[1] if name.startswith(("aten::index", "aten::_index_put")) else ()
+        bool_index = any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices
+        )
+        if bool_index or name in {
+            "aten::_local_scalar_dense",
+            "aten::nonzero",
+            "aten::masked_select",
+            "aten::repeat_interleave.Tensor",
+        }:
+            self.syncing_ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_images(batch: int = 8, height: int = 20, width: int = 24, seed: int = 0):
+    """Float images in [0, 1] with the hard cases of colour ops: grey pixels, ties between
+    channels, pure black and white, values on hue-sector boundaries."""
+    images = torch.rand(batch, 3, height, width, generator=seeded(seed))
+    images[:, :, :3] = (images[:, :, :3] * 4).round() / 4
+    images[:, :, 3:5] = images[:, :1, 3:5]
+    return images
+
+
+def per_sample(reference_op, images, *parameters):
+    return torch.stack(
+        [reference_op(image, *[p[index] for p in parameters]) for index, image in enumerate(images)]
+    )
+
+
+def ks_statistic(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical
+    CDFs, evaluated at every observed value (exact for discrete data too)."""
+    first, second = first.double().sort().values, second.double().sort().values
+    points = torch.cat([first, second])
+    cdf_first = torch.searchsorted(first, points, right=True) / first.numel()
+    cdf_second = torch.searchsorted(second, points, right=True) / second.numel()
+    return float((cdf_first - cdf_second).abs().max())
+
+
+def ks_bound(n: int, m: int) -> float:
+    # Critical value at alpha = 1e-3: c(alpha) sqrt((n + m) / (n m)), c = sqrt(-ln(a/2)/2).
+    return math.sqrt(-math.log(1e-3 / 2) / 2) * math.sqrt((n + m) / (n * m))
+
+
+# -- fixed parameters vs torchvision ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ours, reference",
+    [
+        (adjust_brightness, F2.adjust_brightness),
+        (adjust_contrast, F2.adjust_contrast),
+        (adjust_saturation, F2.adjust_saturation),
+        (adjust_brightness, TF.adjust_brightness),
+        (adjust_contrast, TF.adjust_contrast),
+        (adjust_saturation, TF.adjust_saturation),
+    ],
+)
+def test_blend_ops_match_torchvision_with_a_factor_per_sample(ours, reference):
+    images = random_images()
+    factors = torch.tensor([0.0, 0.6, 0.9, 1.0, 1.2, 1.4, 2.0, 0.75])
+    expected = per_sample(lambda image, f: reference(image, float(f)), images, factors)
+    torch.testing.assert_close(ours(images, factors), expected, atol=ATOL, rtol=0)
+
+
+def test_brightness_is_torchvisions_to_the_bit():
+    images = random_images()
+    factors = torch.linspace(0.6, 1.4, 8)
+    expected = per_sample(lambda image, f: F2.adjust_brightness(image, float(f)), images, factors)
+    assert torch.equal(adjust_brightness(images, factors), expected)
+
+
+@pytest.mark.parametrize("reference", [F2.adjust_hue, TF.adjust_hue])
+def test_hue_matches_torchvision_with_a_factor_per_sample(reference):
+    images = random_images(batch=16)
+    factors = torch.linspace(-0.5, 0.5, 16)
+    expected = per_sample(lambda image, f: reference(image, float(f)), images, factors)
+    torch.testing.assert_close(adjust_hue(images, factors), expected, atol=ATOL, rtol=0)
+
+
+def test_hue_keeps_grey_pixels_and_each_pixels_max_and_min():
+    images = random_images()
+    shifted = adjust_hue(images, torch.full((8,), 0.3))
+    torch.testing.assert_close(shifted.amax(1), images.amax(1), atol=ATOL, rtol=0)
+    torch.testing.assert_close(shifted.amin(1), images.amin(1), atol=ATOL, rtol=0)
+    grey = images[:, :, 3:5]
+    assert torch.equal(shifted[:, :, 3:5], grey)
+
+
+def reference_jitter(image, factors, order, apply):
+    """torchvision ColorJitter.forward with fixed parameters."""
+    if not apply:
+        return image
+    ops = {
+        BRIGHTNESS: F2.adjust_brightness,
+        CONTRAST: F2.adjust_contrast,
+        SATURATION: F2.adjust_saturation,
+        HUE: F2.adjust_hue,
+    }
+    for op in order.tolist():
+        image = ops[op](image, float(factors[op]))
+    return image
+
+
+def test_color_jitter_applies_the_four_ops_in_each_samples_own_order():
+    # One sample per permutation of the four ops, each with its own factors.
+    orders = torch.tensor(list(itertools.permutations(range(4))))
+    images = random_images(batch=len(orders), height=12, width=10, seed=1)
+    factors, _ = sample_color_jitter(len(orders), generator=seeded(2))
+    factors[:, HUE] *= 4  # hue in [-0.4, 0.4]: every sector boundary gets crossed
+    apply = torch.ones(len(orders), dtype=torch.bool)
+    ours = color_jitter(images, factors, orders, apply)
+    expected = per_sample(reference_jitter, images, factors, orders, apply)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_color_jitter_leaves_unapplied_samples_unchanged_to_the_bit():
+    images = random_images(seed=3)
+    factors, order = sample_color_jitter(8, generator=seeded(4))
+    apply = torch.tensor([True, False] * 4)
+    ours = color_jitter(images, factors, order, apply)
+    assert torch.equal(ours[~apply], images[~apply])
+    expected = per_sample(reference_jitter, images, factors, order, apply)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_color_jitter_without_hue_skips_it_but_keeps_the_other_ops_order():
+    orders = torch.tensor(list(itertools.permutations(range(4))))
+    images = random_images(batch=len(orders), height=6, width=6, seed=5)
+    factors, _ = sample_color_jitter(len(orders), 0.4, 0.4, 0.4, 0.0, generator=seeded(6))
+    ours = color_jitter(images, factors, orders, torch.ones(24, dtype=torch.bool), hue=False)
+    no_hue = [order[order != HUE] for order in orders]
+    expected = per_sample(
+        lambda image, f, o: reference_jitter(image, f, o, True), images, factors, no_hue
+    )
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_grayscale_matches_torchvision_on_the_chosen_samples():
+    images = random_images()
+    apply = torch.tensor([True, False, True, True, False, False, True, False])
+    expected = torch.stack(
+        [
+            F2.rgb_to_grayscale(image, num_output_channels=3) if chosen else image
+            for image, chosen in zip(images, apply, strict=True)
+        ]
+    )
+    assert torch.equal(grayscale(images, apply), expected)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 23])
+def test_gaussian_blur_matches_torchvision_with_a_sigma_per_sample(kernel_size):
+    images = random_images(height=26, width=30)
+    sigma = torch.linspace(0.1, 2.0, 8)
+    apply = torch.tensor([True] * 6 + [False] * 2)
+    ours = gaussian_blur(images, sigma, kernel_size, apply)
+    for reference in (TF.gaussian_blur, F2.gaussian_blur):
+        expected = torch.stack(
+            [
+                reference(image, [kernel_size] * 2, [float(s)] * 2) if chosen else image
+                for image, s, chosen in zip(images, sigma, apply, strict=True)
+            ]
+        )
+        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    assert torch.equal(ours[~apply], images[~apply])
+
+
+def test_solarize_matches_torchvision_to_the_bit():
+    images = random_images()
+    images[0, 0, 0, :3] = torch.tensor([0.5, 0.5 - 1e-7, 1.0])  # at and around the threshold
+    apply = torch.tensor([True, True, False, True, False, True, True, False])
+    expected = per_sample(lambda image, a: F2.solarize(image, 0.5) if a else image, images, apply)
+    assert torch.equal(solarize(images, apply, threshold=0.5), expected)
+
+
+def test_horizontal_flip_and_normalize_match_torchvision():
+    images = random_images()
+    apply = torch.tensor([True, False] * 4)
+    expected = per_sample(lambda image, a: F2.horizontal_flip(image) if a else image, images, apply)
+    assert torch.equal(horizontal_flip(images, apply), expected)
+    torch.testing.assert_close(
+        normalize(images, MEAN, STD), F2.normalize(images, MEAN, STD), atol=1e-6, rtol=0
+    )
+
+
+# Boxes (top, left, height, width) in a 20 x 24 image: whole image, small and large,
+# tall and wide, touching every border.
+BOXES = torch.tensor(
+    [[0, 0, 20, 24], [3, 4, 10, 12], [2, 1, 17, 5], [0, 5, 20, 19],
+     [7, 7, 9, 9], [1, 2, 3, 4], [12, 0, 8, 24], [0, 20, 1, 4]]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("size", [4, 9, 16, 40])
+def test_resized_crop_matches_torchvision_resized_crop(antialias, size):
+    # Sizes 4 and 9 downscale most boxes (where antialias matters), 40 upscales all.
+    images = random_images()
+    ours = resized_crop(images, BOXES, size, antialias=antialias)
+    expected = per_sample(
+        lambda image, box: F2.resized_crop(image, *box.tolist(), [size, size], antialias=antialias),
+        images,
+        BOXES,
+    )
+    assert ours.shape == (8, 3, size, size) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    if size == 40:  # every box upscaled: antialias changes nothing
+        other = resized_crop(images, BOXES, size, antialias=not antialias)
+        torch.testing.assert_close(ours, other, atol=ATOL, rtol=0)
+
+
+def test_resized_crop_of_uint8_flipped_and_several_views_agree_with_the_plain_call():
+    images_uint8 = torch.randint(0, 256, (8, 3, 20, 24), dtype=torch.uint8, generator=seeded())
+    images = images_uint8 / 255.0
+    plain = resized_crop(images, BOXES, 16, antialias=True)
+    from_uint8 = resized_crop(images_uint8, BOXES, 16, antialias=True)
+    torch.testing.assert_close(from_uint8, plain, atol=ATOL, rtol=0)
+
+    flip = torch.tensor([True, False, False, True, True, False, True, True])
+    flipped = resized_crop(images, BOXES, 16, antialias=True, flip=flip)
+    torch.testing.assert_close(flipped, horizontal_flip(plain, flip), atol=ATOL, rtol=0)
+
+    other_boxes = BOXES.flip(0)
+    two_views = resized_crop(images, torch.cat([BOXES, other_boxes]), 16, antialias=True)
+    torch.testing.assert_close(two_views[:8], plain, atol=0, rtol=0)
+    torch.testing.assert_close(
+        two_views[8:], resized_crop(images, other_boxes, 16, antialias=True), atol=0, rtol=0
+    )
+
+
+def test_resized_crop_ignores_a_callers_bf16_autocast():
+    images = random_images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = resized_crop(images, BOXES, 16)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, resized_crop(images, BOXES, 16), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["cifar", "mocov2"])
+def test_a_whole_view_matches_torchvisions_functional_pipeline_per_sample(preset):
+    """crop -> jitter (random order) -> grayscale -> blur -> solarize -> flip, with each
+    sample's drawn parameters fed to torchvision's functional ops one image at a time."""
+    config = dataclasses.replace(view_config(preset, 16), solarize_p=0.5)
+    images = torch.randint(0, 256, (12, 3, 24, 20), dtype=torch.uint8, generator=seeded())
+    params = sample_view_params(12, 24, 20, config, generator=seeded(7))
+    ours = apply_view(images, params, config)
+
+    expected = []
+    for index, image in enumerate(images / 255.0):
+        box = params.boxes[index].tolist()
+        view = F2.resized_crop(image, *box, [16, 16], antialias=True)
+        view = reference_jitter(
+            view,
+            params.jitter_factors[index],
+            params.jitter_order[index],
+            params.jitter_apply[index],
+        )
+        if params.grayscale_apply[index]:
+            view = F2.rgb_to_grayscale(view, num_output_channels=3)
+        if config.blur_p > 0 and params.blur_apply[index]:
+            sigma = float(params.blur_sigma[index])
+            view = F2.gaussian_blur(view, [config.kernel_size] * 2, [sigma, sigma])
+        if params.solarize_apply[index]:
+            view = F2.solarize(view, 0.5)
+        if params.flip[index]:
+            view = F2.horizontal_flip(view)
+        expected.append(view)
+    torch.testing.assert_close(ours, torch.stack(expected), atol=1e-5, rtol=0)
+
+
+# -- sampled parameters vs torchvision's samplers -----------------------------------------
+
+DRAWS = 20_000
+
+
+def torchvision_crop_boxes(draws: int, height: int, width: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    image = torch.empty(3, height, width)
+    return torch.tensor(
+        [T.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)],
+        dtype=torch.float64,
+    )
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (24, 60)])
+def test_crop_boxes_follow_torchvisions_distribution(height, width):
+    # 24 x 60 is wider than 4/3: there all 10 attempts fail about 4% of the time and
+    # torchvision falls back to the centre crop (0, 14, 24, 32).
+    ours = sample_crop_boxes(DRAWS, height, width, generator=seeded(8))
+    assert ours.dtype == torch.int64 and ours.shape == (DRAWS, 4)
+    ours = ours.double()
+    theirs = torchvision_crop_boxes(DRAWS, height, width, seed=9)
+    top, left, box_height, box_width = ours.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (box_height >= 1).all()
+    assert (top + box_height <= height).all() and (left + box_width <= width).all()
+
+    def statistics(boxes):
+        top, left, box_height, box_width = boxes.unbind(1)
+        return {
+            "area": box_height * box_width / (height * width),
+            "log_aspect": torch.log(box_width / box_height),
+            "centre_y": (top + box_height / 2) / height,
+            "centre_x": (left + box_width / 2) / width,
+        }
+
+    ours_stats, theirs_stats = statistics(ours), statistics(theirs)
+    for name in ours_stats:
+        assert ks_statistic(ours_stats[name], theirs_stats[name]) < ks_bound(DRAWS, DRAWS), name
+        for q in (0.1, 0.5, 0.9):
+            gap = ours_stats[name].quantile(q) - theirs_stats[name].quantile(q)
+            assert abs(gap) < 0.03, (name, q)
+    if (height, width) == (24, 60):
+        fallback = torch.tensor([0.0, 14.0, 24.0, 32.0])
+        ours_rate = (ours == fallback).all(1).double().mean()
+        theirs_rate = (theirs == fallback).all(1).double().mean()
+        assert theirs_rate > 0.02
+        assert abs(ours_rate - theirs_rate) < 5 * math.sqrt(2 * 0.04 * 0.96 / DRAWS)
+
+
+def test_crop_fallback_is_torchvisions_centre_crop():
+    # scale (2, 3): no attempt can fit, so every box is the fallback.
+    boxes = sample_crop_boxes(64, 24, 60, scale=(2.0, 3.0), generator=seeded())
+    image = torch.empty(3, 24, 60)
+    expected = T.RandomResizedCrop.get_params(image, [2.0, 3.0], [3 / 4, 4 / 3])
+    assert expected == (0, 14, 24, 32)
+    assert (boxes == torch.tensor(expected)).all()
+    tall = sample_crop_boxes(4, 60, 24, scale=(2.0, 3.0), generator=seeded())
+    assert (
+        tall == torch.tensor(T.RandomResizedCrop.get_params(image.mT, [2.0, 3.0], [3 / 4, 4 / 3]))
+    ).all()
+
+
+def test_jitter_factors_follow_torchvisions_distribution():
+    factors, _ = sample_color_jitter(DRAWS, generator=seeded(10))
+    torch.manual_seed(11)
+    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    theirs = torch.tensor(
+        [
+            jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)[1:]
+            for _ in range(DRAWS)
+        ]
+    )
+    for column, (low, high) in enumerate([(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):
+        values = factors[:, column]
+        assert low <= values.min() and values.max() < high
+        # U(low, high): mean (low + high) / 2, standard error (high - low) / sqrt(12 n).
+        assert abs(values.mean() - (low + high) / 2) < 5 * (high - low) / math.sqrt(12 * DRAWS)
+        assert ks_statistic(values, theirs[:, column]) < ks_bound(DRAWS, DRAWS)
+
+
+def test_jitter_order_is_a_uniform_permutation_per_sample():
+    _, order = sample_color_jitter(DRAWS, generator=seeded(12))
+    assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(DRAWS, 4))
+    # Each op lands in each slot a quarter of the time (5 standard errors).
+    slot_frequency = torch.stack([(order == op).double().mean(0) for op in range(4)])
+    tolerance = 5 * math.sqrt(0.25 * 0.75 / DRAWS)
+    assert (slot_frequency - 0.25).abs().max() < tolerance
+    # And all 24 orders come up equally often.
+    codes = (order * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.bincount(codes, minlength=256)
+    counts = counts[counts > 0].double() / DRAWS
+    assert counts.numel() == 24
+    assert (counts - 1 / 24).abs().max() < 5 * math.sqrt(1 / 24 * 23 / 24 / DRAWS)
+
+
+@pytest.mark.parametrize("preset", ["cifar", "mocov2"])
+def test_apply_probabilities_are_the_presets(preset):
+    config = dataclasses.replace(view_config(preset, 32), solarize_p=0.2)
+    params = sample_view_params(DRAWS, 32, 32, config, generator=seeded(13))
+    expected = {
+        "flip": 0.5,
+        "jitter_apply": 0.8,
+        "grayscale_apply": 0.2,
+        "blur_apply": 0.5 if preset == "mocov2" else 0.0,
+        "solarize_apply": 0.2,
+    }
+    for name, p in expected.items():
+        frequency = getattr(params, name).double().mean()
+        assert abs(frequency - p) < 5 * math.sqrt(0.25 / DRAWS) + 1e-12, name
+    assert 0.1 <= params.blur_sigma.min() and params.blur_sigma.max() < 2.0
+    assert abs(params.blur_sigma.mean() - 1.05) < 0.01
+    assert abs(sample_apply(DRAWS, 0.0, generator=seeded()).double().mean()) == 0
+
+
+# -- the two-view call --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["cifar", "mocov2"])
+def test_two_views_never_read_values_back_to_the_host(preset):
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=seeded())
+    augment = BatchedTwoViewAugment.from_preset(preset, 32, MEAN, STD, channels_last=True)
+    augment(images, seeded(1))  # moves mean/std to the device once, outside the recorder
+    with HostSyncRecorder() as recorder:
+        augment(images, seeded(1))
+    assert recorder.syncing_ops == []
+
+
+def test_two_views_are_deterministic_per_seed_and_independent():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=seeded())
+    augment = BatchedTwoViewAugment.from_preset("mocov2", 32, MEAN, STD)
+    first, second = augment(images, seeded(5))
+    again_first, again_second = augment(images, seeded(5))
+    assert torch.equal(first, again_first) and torch.equal(second, again_second)
+    other_first, _ = augment(images, seeded(6))
+    assert not torch.equal(first, other_first)
+    # Two views of one image differ (independent boxes, flips, colours).
+    assert ((first - second).flatten(1).abs().amax(1) > 0.1).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_two_views_are_normalised_float32_of_the_requested_size_and_layout(channels_last):
+    images = torch.randint(0, 256, (10, 3, 40, 36), dtype=torch.uint8, generator=seeded())
+    augment = BatchedTwoViewAugment.from_preset("cifar", 24, MEAN, STD, channels_last=channels_last)
+    for view in augment(images, seeded(2)):
+        assert view.shape == (10, 3, 24, 24) and view.dtype == torch.float32
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        assert view.is_contiguous(memory_format=memory_format)
+        unnormalised = view * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+        assert unnormalised.min() >= -1e-5 and unnormalised.max() <= 1 + 1e-5
+
+
+def test_two_views_equal_apply_view_on_the_sampled_parameters():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=seeded())
+    augment = BatchedTwoViewAugment.from_preset("mocov2", 32, MEAN, STD)
+    first, second = augment(images, seeded(3))
+    params = augment.sample_params(6, 32, 32, generator=seeded(3))
+    config = augment.first
+    for view, rows in ((first, slice(0, 6)), (second, slice(6, 12))):
+        one_view = ViewParams(**{name: value[rows] for name, value in params.__dict__.items()})
+        expected = normalize(apply_view(images, one_view, config), MEAN, STD)
+        torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+
+
+def test_asymmetric_views_draw_each_views_probabilities():
+    # BYOL (Grill et al. 2020, Table 6): blur always in view 1, solarize only in view 2.
+    first = ViewConfig(image_size=32, blur_p=1.0, solarize_p=0.0)
+    second = ViewConfig(image_size=32, blur_p=0.1, solarize_p=0.2)
+    augment = BatchedTwoViewAugment(first, second, mean=MEAN, std=STD)
+    params = augment.sample_params(4000, 32, 32, generator=seeded())
+    assert params.blur_apply[:4000].all() and not params.solarize_apply[:4000].any()
+    assert abs(params.blur_apply[4000:].double().mean() - 0.1) < 0.03
+    assert abs(params.solarize_apply[4000:].double().mean() - 0.2) < 0.03
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=seeded())
+    view_1, view_2 = augment(images, seeded())
+    assert view_1.shape == view_2.shape == (4, 3, 32, 32)
+
+
+def test_user_errors_are_short_sentences():
+    with pytest.raises(ValueError, match="Unknown augmentation preset"):
+        BatchedTwoViewAugment.from_preset("simclr", 32, MEAN, STD)
+    with pytest.raises(ValueError, match="share image_size"):
+        BatchedTwoViewAugment(ViewConfig(32), ViewConfig(64), mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="RGB images"):
+        BatchedTwoViewAugment(ViewConfig(32), mean=MEAN, std=STD)(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        gaussian_blur(random_images(), torch.ones(8), 4)
