@@ -65,18 +65,19 @@ def test_real_pretrain_writes_a_complete_run_folder_and_resumes(tmp_path, cifar1
     assert steps == list(range(1, 13))
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, cifar10_tarball):
-    """Stopping at step 3 (mid-epoch) and resuming gives the weights of a straight run."""
-    straight = tiny_config(tmp_path / "a", cifar10_tarball, "train.epochs=2", "monitor.knn=false",
-                           "monitor.online_probe=false", "eval.knn=false", "eval.linear=false")
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, cifar10_tarball, pipeline):
+    """Stopping at step 3 (mid-epoch) and resuming gives the weights of a straight run,
+    with views made by DataLoader workers (cpu) or on the device (device)."""
+    quiet = ("monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
+             "eval.linear=false", f"data.pipeline={pipeline}")
+    straight = tiny_config(tmp_path / "a", cifar10_tarball, "train.epochs=2", *quiet)
     pretrain(straight)
     first = tiny_config(tmp_path / "b", cifar10_tarball, "train.epochs=2", "train.max_steps=3",
-                        "monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
-                        "eval.linear=false")
+                        *quiet)
     pretrain(first)
     second = tiny_config(tmp_path / "b", cifar10_tarball, "train.epochs=2", "resume=auto",
-                         "monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
-                         "eval.linear=false")
+                         *quiet)
     assert pretrain(second)["steps"] == 8
     weights_a = torch.load(tmp_path / "a/run/checkpoints/last.ckpt", weights_only=False)["method"]
     weights_b = torch.load(tmp_path / "b/run/checkpoints/last.ckpt", weights_only=False)["method"]

@@ -43,6 +43,10 @@ class DataConfig:
     eval_test_subset: int = 0
     image_size: int = 32
     augmentation: Literal["cifar", "mocov2"] = "cifar"
+    # cpu: PIL decode + torchvision augmentation in DataLoader workers (any dataset).
+    # device: the dataset held on the training device as uint8, both views augmented there
+    # in one batched call (in-memory datasets: CIFAR, ImageFolder images up to 96 px).
+    pipeline: Literal["cpu", "device"] = "cpu"
     num_workers: int = 2
 
 

@@ -34,6 +34,7 @@ from mixmask.data import (
     load_image_set,
     two_view_transform,
 )
+from mixmask.data.device_views import DeviceTwoViews
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
@@ -304,16 +305,24 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     if len(train_set) < config.train.batch_size:
         raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
                           f"(train.batch_size={config.train.batch_size}).")
-    views = TwoViewDataset(train_set, two_view_transform(
-        config.data.augmentation, config.data.image_size, train_set.mean, train_set.std))
     sampler = EpochBatchSampler(len(train_set), config.train.batch_size,
                                 seed=config.train.seed, rank=fabric.global_rank,
                                 world_size=fabric.world_size)
-    loader = DataLoader(SeededViews(views, config.train.seed), batch_sampler=sampler,
-                        num_workers=config.data.num_workers,
-                        pin_memory=accelerator == "cuda",
-                        persistent_workers=config.data.num_workers > 0)
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    if config.data.pipeline == "device":
+        if train_set.images is None:
+            raise ConfigError("data.pipeline=device needs a dataset decoded into memory (CIFAR, "
+                              "or ImageFolder images up to 96 px); use data.pipeline=cpu.")
+        loader = DeviceTwoViews(train_set, sampler, preset=config.data.augmentation,
+                                image_size=config.data.image_size, device=fabric.device,
+                                seed=config.train.seed, rank=fabric.global_rank)
+    else:
+        views = TwoViewDataset(train_set, two_view_transform(
+            config.data.augmentation, config.data.image_size, train_set.mean, train_set.std))
+        loader = DataLoader(SeededViews(views, config.train.seed), batch_sampler=sampler,
+                            num_workers=config.data.num_workers,
+                            pin_memory=accelerator == "cuda",
+                            persistent_workers=config.data.num_workers > 0)
+        loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     steps_per_epoch = len(train_set) // config.train.batch_size
 
     eval_data, no_eval_reason = (None, "monitors are off")
