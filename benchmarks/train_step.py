@@ -1,0 +1,618 @@
+"""One training step, MoCo v2 and MoCo v2 + MixMask: ours vs lightly's equivalent.
+
+Measures images/s and peak memory of ONE pretraining step (forward, loss, backward,
+optimizer step, EMA and queue / memory-bank update) on pre-made device tensors: no data
+loading, no augmentation. Rows:
+
+* ``ours mocov2``: ``build_method`` with ``method.name=mocov2 method.masking=none``, the
+  engine's step (``method(view1, view2, generator, progress)`` -> loss; zero_grad;
+  backward; ``build_optimizer("sgd", ...)`` step; ``method.finish_step``).
+* ``ours mixmask``: the same with ``method.masking=mixmask`` (grid 8, ratio 0.5, block
+  mask, one mask per batch, partner = the reversed batch).
+* ``lightly mocov2``: lightly's MoCo example (examples/pytorch/moco.py) on lightly's parts:
+  ``MoCoProjectionHead``, ``NTXentLoss(memory_bank_size=(queue, dim))``,
+  ``deactivate_requires_grad`` and ``update_momentum`` (momentum update, then query and key
+  forward, loss, backward, ``optimizer.step()``, ``optimizer.zero_grad()``), with
+  ``torch.optim.SGD(model.parameters(), ...)`` as that example builds it.
+* ``lightly mixmask``: the same plus a MixMask branch on lightly's parts: the query view is
+  mixed with the reversed batch by ``mixmask.masking.sample_mixmask``, one extra online
+  forward gives q_mix, and ``loss = L(q, k) + lam L(q_mix, k) + (1 - lam) L(flip(q_mix), k)``
+  with lightly's NTXentLoss as L (one mask per batch, so lam is one number).
+
+  lightly's NTXentLoss enqueues its keys into the memory bank on every call whose query
+  requires grad (``memory_bank.forward(out1, update=out0.requires_grad)``), so three calls
+  would put k into the bank three times, and the later calls would see k among their own
+  negatives. Here the two mix terms go through a second NTXentLoss whose ``memory_bank`` is a
+  read-only view of the first one's bank (same tensor, update forced off) and are evaluated
+  first; the clean term L(q, k), called last through the original loss, is the only call
+  that enqueues. So every term sees the same pre-step negatives and each key enters the bank
+  once per step, as in ours (``MoCoV2.after_step`` enqueues once). With the same seed, both
+  libraries start from the same weights and queue, and their losses agree step by step
+  (tests/test_benchmarks_train_step.py).
+
+Both libraries run the SAME backbone, built by ``mixmask.models.build_resnet``: torchvision's
+ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), width ``--width``; the same
+projector (Linear 512->2048, ReLU, Linear 2048->128, with biases; mixmask's defaults and
+lightly's ``MoCoProjectionHead(512, 2048, 128)``), queue / memory bank 4096 x 128,
+temperature 0.1, EMA momentum 0.99, SGD (lr 0.06, momentum 0.9, weight decay 5e-4), the same
+input tensors, batch and precision (fp32 on CPU, bf16 autocast around the forward and loss
+on CUDA), and the same memory format (``--channels-last`` converts models and inputs of
+every row). Asymmetric loss by default, as lightly's example (one query view, one key
+view); ``--symmetric`` makes both sides symmetric (ours: ``method.mocov2.symmetric=true``;
+lightly: both directions, the loss averaged over them; the two clean terms go through one
+NTXentLoss call on the concatenated queries and keys, so both keys enter the bank once and
+neither direction sees the other's keys as negatives, as in ours; lightly's CIFAR-10
+benchmark instead calls the loss once per direction, and its second call then sees the
+first one's keys in the bank).
+
+What differs is each library's own code: ours uses a foreach SGD, a float32 loss on a ring
+buffer queue with no host read, and copies BN buffers in the EMA; lightly's example keeps
+torch's default SGD implementation, computes the loss in the autocast dtype, and its bank
+update reads the pointer on the host once per enqueue.
+
+Timing: every row is built and warmed up (``--warmup`` steps), then the rows' timed steps
+are interleaved (step i of every row, then step i + 1, ...), so background load drifts hit
+every row alike. Each step is timed alone (synchronised on CUDA); images/s is
+batch / median step time. ``--burst`` adds, per row, ``--steps`` consecutive steps timed with
+one synchronisation at the end (``burst images/s``): on a GPU this lets the host run ahead
+of the device across steps, as in training, so a step without host-device syncs gains
+there (ours has none; lightly's bank update reads its pointer on the host).
+
+Peak memory = the row's resident state between steps (bytes of its parameters, gradients
+kept between steps, buffers such as BN statistics and the queue, and optimizer state,
+counted tensor by tensor after warm-up) + the increase within one step, measured on an
+extra untimed step per row after the timed ones: on CUDA ``torch.cuda.max_memory_allocated``
+above the memory allocated when the step starts; on CPU the process's peak resident set
+size (``VmHWM``, reset through ``/proc/self/clear_refs`` before the step) above its
+``VmRSS`` then, after returning freed heap memory to the OS: an approximation, n/a where
+/proc does not allow it.
+
+MixMask's cost over MoCo v2 (step-time ratio of the same library) is compared with the
+theoretical 7/4 = 1.75: counting a forward as 1 unit and a backward as 2, MoCo v2 is one
+online pass (3) plus one target pass (1) = 4 units, MixMask adds a second online pass on the
+mixed batch (3) = 7 units. Loss terms, mask sampling and mixing add a little; the
+optimizer step and EMA update cost the same in both and pull the measured ratio below 1.75.
+
+CPU scale (default: batch 64, 5 warm-up and 10 timed steps per row; a few minutes on a
+2-core CPU)::
+
+    python benchmarks/train_step.py --channels-last
+
+GPU scale (batch 512, 10 warm-up and 50 timed steps, bf16 autocast)::
+
+    python benchmarks/train_step.py --gpu --channels-last
+
+lightly is no dependency of mixmask: ``pip install lightly`` in the benchmark environment to
+get its rows (they are skipped with a note otherwise). Prints a table and writes
+``OUT/results.json`` with the machine, versions and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+
+import mixmask
+from mixmask.config import Config, load_config
+from mixmask.masking import sample_mixmask
+from mixmask.methods import build_method
+from mixmask.models import build_resnet
+from mixmask.optim import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from augment import machine_info, resolve_device, synchronize  # noqa: E402
+
+LIBRARIES = ("ours", "lightly")
+MASKINGS = ("none", "mixmask")
+ROW_NAMES = {"none": "mocov2", "mixmask": "mixmask"}
+THEORY_MIX_COST = 7 / 4
+MIB = 2**20
+
+
+def import_lightly():
+    try:
+        import lightly
+        import lightly.loss
+        import lightly.models.modules
+        import lightly.models.utils  # noqa: F401
+    except ImportError:
+        return None
+    return lightly
+
+
+def ours_config(masking: str, args: argparse.Namespace) -> Config:
+    """mixmask's config of a row: the defaults (MoCo v2 CIFAR recipe) with these settings."""
+    return load_config(None, [
+        "method.name=mocov2", f"method.masking={masking}",
+        "model.backbone=resnet18", "model.stem=cifar", f"model.width={args.width}",
+        f"data.image_size={args.image_size}", f"method.mocov2.queue_size={args.queue}",
+        "method.mocov2.proj_hidden_dim=2048", "method.mocov2.proj_output_dim=128",
+        f"method.mocov2.symmetric={str(args.symmetric).lower()}",
+        "method.mocov2.momentum_schedule=constant", "train.optimizer=sgd",
+        "train.momentum=0.9", f"train.batch_size={args.batch}",
+    ])
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_cpu_memory() -> None:
+    gc.collect()
+    try:  # return freed heap pages to the OS, so RSS deltas see new allocations
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryMeter:
+    """Resident bytes now, and the peak increase over a call (CUDA allocator or CPU RSS)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.available = device.type == "cuda" or self._can_reset_rss_peak()
+        step = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                "CPU peak RSS (VmHWM after /proc/self/clear_refs), approximate"
+                if self.available else "n/a on this CPU")
+        self.method = f"state: tensor bytes; step increase: {step}"
+
+    @staticmethod
+    def _can_reset_rss_peak() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        except OSError:
+            return False
+        return _proc_status_kib("VmHWM") is not None and _proc_status_kib("VmRSS") is not None
+
+    def peak_increase(self, fn: Callable[[], object]) -> int | None:
+        """Peak bytes above the memory held when fn started, over one call (untimed: on CPU
+        freed heap memory is first returned to the OS, which the call then faults back)."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+        if not self.available:
+            fn()
+            return None
+        _release_cpu_memory()
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # VmHWM := VmRSS
+        before = _proc_status_kib("VmRSS")
+        fn()
+        return max(0, _proc_status_kib("VmHWM") - before) * 1024
+
+
+def time_step(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# -- rows -----------------------------------------------------------------------------------
+
+
+class Row:
+    """One benchmark row: its step, what it holds, and its measurements."""
+
+    def __init__(self, library: str, masking: str, step: Callable[[], Tensor],
+                 description: str, modules: dict[str, nn.Module],
+                 optimizer: torch.optim.Optimizer):
+        self.library, self.masking, self.description = library, masking, description
+        self.step = step  # one training step; returns the loss, detached
+        self.modules, self.optimizer = modules, optimizer
+        self.step_seconds: list[float] = []
+        self.step_peak: int | None = None
+        self.state_bytes: int | None = None
+        self.burst_seconds: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.library} {ROW_NAMES[self.masking]}"
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
+def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
+               args: argparse.Namespace) -> Row:
+    config = ours_config(masking, args)
+    torch.manual_seed(args.seed)
+    method = build_method(config).to(device)
+    if args.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    train = config.train
+    optimizer = build_optimizer(train.optimizer, method.named_parameters(), lr=train.lr,
+                                momentum=train.momentum, weight_decay=train.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    forward = torch.compile(method) if args.compile else method
+    view1, view2 = views
+
+    def step() -> Tensor:  # engine._Run._train_epoch, without data loading, probe and logging
+        with autocast(device, args.precision):
+            output = forward(view1, view2, generator, 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        optimizer.step()
+        method.finish_step(0.0)
+        return output.loss.detach()
+
+    return Row("ours", masking, step, f"mixmask MoCoV2 (masking={masking})",
+               modules={"method": method}, optimizer=optimizer)
+
+
+class LightlyMoCo(nn.Module):
+    """lightly's MoCo example model (examples/pytorch/moco.py) on a given backbone."""
+
+    def __init__(self, lightly, backbone: nn.Module, feature_dim: int, hidden_dim: int,
+                 output_dim: int):
+        super().__init__()
+        utils = lightly.models.utils
+        self.backbone = backbone
+        self.projection_head = lightly.models.modules.MoCoProjectionHead(
+            feature_dim, hidden_dim, output_dim)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        utils.deactivate_requires_grad(self.backbone_momentum)
+        utils.deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        query = self.backbone(x).flatten(start_dim=1)
+        return self.projection_head(query)
+
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        key = self.backbone_momentum(x).flatten(start_dim=1)
+        return self.projection_head_momentum(key).detach()
+
+
+class ReadOnlyMemoryBank(nn.Module):
+    """Another NTXentLoss's memory bank, with lightly's ``update`` argument forced off: the
+    extra MixMask loss terms read the same negatives without enqueueing their keys again."""
+
+    def __init__(self, bank: nn.Module):
+        super().__init__()
+        self.bank = bank
+
+    def forward(self, output: Tensor, labels: Tensor | None = None, update: bool = False):
+        return self.bank(output, labels, update=False)
+
+
+def build_lightly(lightly, masking: str, views: tuple[Tensor, Tensor], device: torch.device,
+                  args: argparse.Namespace) -> Row:
+    config = ours_config(masking, args)  # the same hyper-parameters as ours' row
+    moco, mask, train = config.method.mocov2, config.method.mask, config.train
+    torch.manual_seed(args.seed)
+    backbone, feature_dim = build_resnet("resnet18", stem="cifar", width=args.width)
+    model = LightlyMoCo(lightly, backbone, feature_dim, moco.proj_hidden_dim,
+                        moco.proj_output_dim)
+    criterion = lightly.loss.NTXentLoss(temperature=moco.temperature,
+                                        memory_bank_size=(args.queue, moco.proj_output_dim))
+    mix_criterion = lightly.loss.NTXentLoss(temperature=moco.temperature)
+    mix_criterion.memory_bank = ReadOnlyMemoryBank(criterion.memory_bank)
+    model, criterion = model.to(device), criterion.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    update_momentum = lightly.models.utils.update_momentum
+    directions = ((0, 1), (1, 0)) if args.symmetric else ((0, 1),)
+
+    def forward_loss(x0: Tensor, x1: Tensor) -> Tensor:
+        views = (x0, x1)
+        loss = x0.new_zeros(())
+        queries, keys = [], []
+        for query_index, key_index in directions:
+            x_query, x_key = views[query_index], views[key_index]
+            query = model(x_query)
+            key = model.forward_momentum(x_key)
+            if masking == "mixmask":
+                mix = sample_mixmask(x_query, grid_size=mask.grid_size,
+                                     mask_ratio=mask.mask_ratio, mode=mask.mode,
+                                     per_sample=False, generator=generator)
+                query_mix = model(mix.mixed_images)
+                lam = mix.lam[0]  # one mask for the batch: one lambda
+                # Read-only bank first; the clean term below enqueues the keys, once.
+                loss = loss + lam * mix_criterion(query_mix, key)
+                loss = loss + (1 - lam) * mix_criterion(query_mix.flip(0), key)
+            queries.append(query)
+            keys.append(key)
+        # The clean term(s) last and in one call: the only call that enqueues, each key once
+        # (one direction: lightly's example, criterion(query, key)).
+        if len(directions) == 1:
+            clean = criterion(queries[0], keys[0])
+        else:
+            clean = criterion(torch.cat(queries), torch.cat(keys))
+        return (loss + len(directions) * clean) / len(directions)
+
+    compute_loss = torch.compile(forward_loss) if args.compile else forward_loss
+    x0, x1 = views
+
+    def step() -> Tensor:  # lightly's example loop, on pre-made device tensors
+        update_momentum(model.backbone, model.backbone_momentum, m=moco.momentum)
+        update_momentum(model.projection_head, model.projection_head_momentum, m=moco.momentum)
+        with autocast(device, args.precision):
+            loss = compute_loss(x0, x1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    description = "lightly MoCo example" + (" + MixMask branch" if masking == "mixmask" else "")
+    return Row("lightly", masking, step, description,
+               modules={"model": model, "criterion": criterion}, optimizer=optimizer)
+
+
+def state_bytes(row: Row) -> int:
+    """Bytes held between steps: parameters, their gradients, buffers, optimizer state."""
+    tensors: dict[tuple[int, int], int] = {}
+
+    def add(tensor) -> None:
+        if isinstance(tensor, Tensor) and tensor.numel():
+            storage = tensor.untyped_storage()
+            tensors[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+
+    for module in row.modules.values():
+        for param in module.parameters():
+            add(param)
+            add(param.grad)
+        for buffer in module.buffers():
+            add(buffer)
+    for state in row.optimizer.state.values():
+        for value in state.values():
+            add(value)
+    return sum(tensors.values())
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def make_views(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    views = []
+    for _ in range(2):  # normalised-image-like values, made once, kept on the device
+        view = torch.randn(shape, generator=generator).to(device)
+        if args.channels_last:
+            view = view.contiguous(memory_format=torch.channels_last)
+        views.append(view)
+    return views[0], views[1]
+
+
+def versions(lightly) -> dict:
+    return {"mixmask": mixmask.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda,
+            "lightly": getattr(lightly, "__version__", None) if lightly else None}
+
+
+def summarise(row: Row, batch: int) -> dict:
+    median = statistics.median(row.step_seconds)
+    step_peak = row.step_peak
+    peak = (row.state_bytes + step_peak
+            if step_peak is not None and row.state_bytes is not None else None)
+    return {"row": row.name, "library": row.library, "masking": row.masking,
+            "description": row.description, "batch": batch,
+            "median_step_s": median, "images_per_s": batch / median,
+            "step_seconds": row.step_seconds,
+            "state_mib": row.state_bytes / MIB if row.state_bytes is not None else None,
+            "step_peak_mib": step_peak / MIB if step_peak is not None else None,
+            "peak_mib": peak / MIB if peak is not None else None,
+            "burst_images_per_s": (len(row.step_seconds) * batch / row.burst_seconds
+                                   if row.burst_seconds else None)}
+
+
+def add_ratios(results: list[dict]) -> None:
+    by_key = {(r["library"], r["masking"]): r for r in results}
+    for result in results:
+        base = by_key.get((result["library"], "none"))
+        result["mix_cost_vs_mocov2"] = (
+            result["median_step_s"] / base["median_step_s"]
+            if result["masking"] == "mixmask" and base else None)
+        peer = by_key.get(("lightly", result["masking"]))
+        result["ours_vs_lightly"] = (
+            result["images_per_s"] / peer["images_per_s"]
+            if result["library"] == "ours" and peer else None)
+        result["ours_vs_lightly_burst"] = (
+            result["burst_images_per_s"] / peer["burst_images_per_s"]
+            if result["library"] == "ours" and peer and result["burst_images_per_s"]
+            else None)
+
+
+def print_table(results: list[dict], memory_method: str) -> None:
+    print(f"\n{'row':<16} {'batch':>5} {'images/s':>10} {'ms/step':>9} {'state MiB':>10} "
+          f"{'peak MiB':>9} {'MixMask cost':>13} {'ours/lightly':>13}"
+          + (f" {'burst im/s':>10}" if any(r["burst_images_per_s"] for r in results) else ""))
+    for r in results:
+        peak = f"{r['peak_mib']:9,.0f}" if r["peak_mib"] is not None else f"{'n/a':>9}"
+        cost = r["mix_cost_vs_mocov2"]
+        cost_cell = f"{cost:12.2f}x" if cost is not None else f"{'-':>13}"
+        ratio = r["ours_vs_lightly"]
+        ratio_cell = f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13}"
+        print(f"{r['row']:<16} {r['batch']:>5} {r['images_per_s']:10,.1f} "
+              f"{1000 * r['median_step_s']:9.1f} {r['state_mib']:10,.0f} {peak} {cost_cell} "
+              f"{ratio_cell}" + (f" {r['burst_images_per_s']:10,.1f}"
+                                  if r["burst_images_per_s"] else ""))
+    print(f"images/s: batch / median step time. MixMask cost: step-time ratio over MoCo v2 of "
+          f"the same library (theory {THEORY_MIX_COST:.2f}x).\nstate MiB: parameters, "
+          f"gradients, buffers, optimizer state held between steps; peak MiB: state + the "
+          f"increase within one step ({memory_method}).")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--gpu", action="store_true",
+                        help="GPU-scale defaults: batch 512, 10 warm-up and 50 timed steps")
+    parser.add_argument("--batch", type=int, default=None, help="default 64 (--gpu: 512)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per row (default 10; --gpu: 50)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps per row first (default 5; --gpu: 10)")
+    parser.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last models and inputs (every row)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the forward + loss of every row's step (ours: the "
+                             "method; lightly: the loss function); rows that fail are skipped")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="symmetric MoCo loss on both sides (default: asymmetric, as "
+                             "lightly's MoCo example)")
+    parser.add_argument("--burst", action="store_true",
+                        help="also time --steps consecutive steps per row, synchronised only "
+                             "at the end (no per-step sync)")
+    parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--queue", type=int, default=4096, help="queue / memory bank size")
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    parser.add_argument("--masking", nargs="+", choices=MASKINGS, default=list(MASKINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/benchmarks/train_step")
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (512 if args.gpu else 64)
+    args.steps = args.steps or (50 if args.gpu else 10)
+    args.warmup = args.warmup if args.warmup is not None else (10 if args.gpu else 5)
+    if args.batch < 2 or args.batch % 2 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch even and >= 2 (MixMask pairs the reversed batch), --steps >= 1, "
+                     "--warmup >= 0")
+    if args.precision == "auto":
+        args.precision = "bf16" if resolve_device(args.device).type == "cuda" else "32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    notes = []
+    lightly = import_lightly() if "lightly" in args.libraries else None
+    if "lightly" in args.libraries and lightly is None:
+        note = ("lightly is not installed: its rows are skipped (it is no mixmask dependency; "
+                "`pip install lightly` in the benchmark environment to compare).")
+        print(f"note: {note}")
+        notes.append(note)
+    machine = machine_info(device)
+    meter = MemoryMeter(device)
+    print(f"device: {machine['gpu'] or device} ({machine['cpu_model']}, "
+          f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads); "
+          f"batch {args.batch}, {args.image_size} px, ResNet-18 width {args.width}, "
+          f"precision {args.precision}, channels_last {args.channels_last}, "
+          f"compile {args.compile}, symmetric {args.symmetric}")
+
+    views = make_views(args, device)
+    rows: list[Row] = []
+    for library in args.libraries:
+        if library == "lightly" and lightly is None:
+            continue
+        for masking in args.masking:
+            if library == "ours":
+                row = build_ours(masking, views, device, args)
+            else:
+                row = build_lightly(lightly, masking, views, device, args)
+            try:
+                for _ in range(args.warmup):
+                    row.step()
+                if args.warmup == 0 and args.compile:
+                    row.step()  # compile outside the timed steps
+            except Exception as error:  # torch.compile fails in many ways
+                if not args.compile:
+                    raise
+                note = f"{row.name}: torch.compile failed, row skipped ({type(error).__name__}: "
+                note += f"{str(error).splitlines()[0] if str(error) else ''})"
+                print(f"note: {note}")
+                notes.append(note)
+                continue
+            row.state_bytes = state_bytes(row)
+            rows.append(row)
+            print(f"  built {row.name} ({row.description}); warm-up done", flush=True)
+
+    for _ in range(args.steps):  # interleaved: step i of every row, then step i + 1
+        for row in rows:
+            row.step_seconds.append(time_step(row.step, device))
+
+    if args.burst:
+        for row in rows:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                row.step()
+            synchronize(device)
+            row.burst_seconds = time.perf_counter() - start
+    for row in rows:  # one more, untimed step per row for its memory
+        row.step_peak = meter.peak_increase(row.step)
+
+    results = [summarise(row, args.batch) for row in rows]
+    add_ratios(results)
+    for r in results:
+        print(f"  {r['row']:<16} {r['images_per_s']:9,.1f} img/s  median {r['median_step_s']:.4f}"
+              f" s/step over {len(r['step_seconds'])} steps", flush=True)
+    print_table(results, meter.method)
+    for r in results:
+        if r["mix_cost_vs_mocov2"] is not None:
+            print(f"{r['library']}: MixMask step / MoCo v2 step = {r['mix_cost_vs_mocov2']:.2f}x "
+                  f"(theory {THEORY_MIX_COST:.2f}x)")
+        if r["ours_vs_lightly"] is not None:
+            burst = r["ours_vs_lightly_burst"]
+            print(f"{ROW_NAMES[r['masking']]}: ours / lightly images/s = "
+                  f"{r['ours_vs_lightly']:.2f}x"
+                  + (f" (burst: {burst:.2f}x)" if burst is not None else ""))
+
+    result = {
+        "benchmark": "train_step",
+        "unit": "images/s = batch / median step time (forward, loss, backward, optimizer "
+                "step, EMA and queue update)",
+        "theory_mix_cost": THEORY_MIX_COST,
+        "theory": "forward = 1 unit, backward = 2: MoCo v2 = online 3 + target 1 = 4; "
+                  "MixMask adds one online pass (3) = 7; 7/4",
+        "memory_method": meter.method,
+        "model": {"backbone": "torchvision ResNet-18, CIFAR stem (mixmask build_resnet)",
+                  "width": args.width, "projector": "512*width -> 2048 -> 128 (biases, ReLU)",
+                  "queue": args.queue, "temperature": 0.1, "ema_momentum": 0.99,
+                  "optimizer": "SGD lr 0.06, momentum 0.9, weight decay 5e-4",
+                  "mask": "grid 8, ratio 0.5, block, one mask per batch, reversed partner"},
+        "machine": machine, "versions": versions(lightly),
+        "settings": {**vars(args), "command": sys.argv if argv is None else argv},
+        "notes": notes, "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'results.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
