@@ -50,6 +50,8 @@ def test_real_pretrain_writes_a_complete_run_folder_and_resumes(tmp_path, cifar1
     losses = [float(row["loss"]) for row in rows if row.get("loss")]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert any(row.get("knn_top1") for row in rows)
+    epoch_walls = [float(row["wall_time_s"]) for row in rows if row.get("wall_time_s")]
+    assert len(epoch_walls) == 2 and 0 < epoch_walls[0] < epoch_walls[1]
 
     # Offline evaluation of the finished run from the command line.
     assert main(["knn", str(run)]) == 0

@@ -514,6 +514,8 @@ class _Run:
                 row["probe_top1"] = 100.0 * (predicted == test_labels).float().mean().item()
         if self.train_seconds > 0:
             row["images_per_s"] = self.train_images / self.train_seconds
+        # Wall time since the run started (data loading, training, monitors): time-to-accuracy.
+        row["wall_time_s"] = self.elapsed_before + time.perf_counter() - self.started
         self.last_epoch_metrics = {k: v for k, v in row.items() if k not in ("step", "epoch")}
         self.metrics.log(row)
         shown = ", ".join(f"{key} {value:.1f}" for key, value in row.items()
