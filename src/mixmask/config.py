@@ -186,6 +186,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     devices: int = 1  # processes (GPUs) under DDP
     precision: Literal["32", "bf16", "16"] = "32"
+    # NHWC activations: faster convolutions on tensor-core GPUs (same math).
+    channels_last: bool = False
     seed: int = 0
     # lars: SGD with layer-wise trust ratios (BYOL, Barlow Twins, VICReg recipes); biases
     # and norm parameters are excluded from adaptation and weight decay.

@@ -314,7 +314,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                               "or ImageFolder images up to 96 px); use data.pipeline=cpu.")
         loader = DeviceTwoViews(train_set, sampler, preset=config.data.augmentation,
                                 image_size=config.data.image_size, device=fabric.device,
-                                seed=config.train.seed, rank=fabric.global_rank)
+                                seed=config.train.seed, rank=fabric.global_rank,
+                                channels_last=config.train.channels_last)
     else:
         views = TwoViewDataset(train_set, two_view_transform(
             config.data.augmentation, config.data.image_size, train_set.mean, train_set.std))
@@ -335,6 +336,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     torch.manual_seed(config.train.seed)  # the same initial weights as the random-init baseline
     method = build_method(config)
     method.pixel_mean, method.pixel_std = train_set.mean, train_set.std  # erase fill="zero"
+    if config.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
         config.train.optimizer, method.named_parameters(), lr=config.train.lr,
         momentum=config.train.momentum, weight_decay=config.train.weight_decay,
@@ -456,6 +459,9 @@ class _Run:
             lr = learning_rate(config, step, self.steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if config.train.channels_last:
+                view1 = view1.contiguous(memory_format=torch.channels_last)
+                view2 = view2.contiguous(memory_format=torch.channels_last)
             output = method(view1, view2, self.generator, step / self.total_steps)
             self.optimizer.zero_grad(set_to_none=True)
             fabric.backward(output.loss)
