@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mixmask.config import MethodConfig
 from mixmask.losses import barlow_twins_loss
-from mixmask.methods.base import Embedding, SiameseMethod
+from mixmask.methods.base import SiameseMethod
 from mixmask.models.heads import MLPHead
 
 
@@ -27,14 +27,6 @@ class BarlowTwins(SiameseMethod):
         self.lambda_offdiag, self.scale_loss = params.lambda_offdiag, params.scale_loss
         self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
                                  batch_norm=True, num_layers=3)
-
-    def embed(self, images: Tensor) -> Embedding:
-        features = self.backbone(images)
-        projection = self.projector(features)
-        return Embedding(features, projection, projection)
-
-    def target_from_online(self, embedding: Embedding) -> Tensor:
-        return embedding.projection  # gradients flow through both views
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         return barlow_twins_loss(online, target, lambda_offdiag=self.lambda_offdiag,

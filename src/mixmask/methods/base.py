@@ -89,8 +89,9 @@ def cosine_momentum(start: float, end: float, progress: float) -> float:
 class SiameseMethod(nn.Module):
     """Base of the Siamese methods.
 
-    A subclass sets the class attributes and implements :meth:`embed` and :meth:`pair_loss`,
-    and :meth:`target_embedding` (a separate target network: MoCo, BYOL) or
+    A subclass sets the class attributes, builds ``self.projector`` (and ``self.predictor``
+    where the method has one), implements :meth:`pair_loss`, and either
+    :meth:`target_embedding` (a separate target network: MoCo, BYOL) or relies on
     :meth:`target_from_online` (the online network itself: SimSiam, Barlow Twins, VICReg).
     """
 
@@ -114,19 +115,25 @@ class SiameseMethod(nn.Module):
         self.pixel_mean: tuple[float, ...] | None = None
         self.pixel_std: tuple[float, ...] | None = None
         self._last_targets: list[Tensor] = []
+        self.projector: nn.Module  # built by the subclass
+        self.predictor: nn.Module | None = None  # BYOL, SimSiam: replaced by the subclass
 
     # -- the base's ingredients ----------------------------------------------------------
     def embed(self, images: Tensor) -> Embedding:
-        """The online network on a batch."""
-        raise NotImplementedError
+        """The online network on a batch: backbone -> projector [-> predictor]."""
+        features = self.backbone(images)
+        projection = self.projector(features)
+        output = projection if self.predictor is None else self.predictor(projection)
+        return Embedding(features, projection, output)
 
     def target_embedding(self, images: Tensor) -> Tensor:
         """Target of a view from the separate target network (called under no_grad)."""
         raise NotImplementedError
 
     def target_from_online(self, embedding: Embedding) -> Tensor:
-        """Target of a view from its online pass (detach it where the method stops grads)."""
-        raise NotImplementedError
+        """Target of a view from its online pass: its projection, with gradient (Barlow
+        Twins, VICReg); a method with a stop-gradient (SimSiam) detaches it."""
+        return embedding.projection
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         """Loss between online outputs and targets of the same images: per sample [B], or

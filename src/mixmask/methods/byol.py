@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mixmask.config import MethodConfig
 from mixmask.losses import byol_loss
-from mixmask.methods.base import Embedding, SiameseMethod, cosine_momentum, ema_update
+from mixmask.methods.base import SiameseMethod, cosine_momentum, ema_update
 from mixmask.models.heads import MLPHead
 
 
@@ -32,11 +32,6 @@ class BYOL(SiameseMethod):
                                  params.proj_output_dim, batch_norm=True)
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-
-    def embed(self, images: Tensor) -> Embedding:
-        features = self.backbone(images)
-        projection = self.projector(features)
-        return Embedding(features, projection, self.predictor(projection))
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mixmask.config import MethodConfig
 from mixmask.distributed import gather_all, shuffled_forward
 from mixmask.losses import info_nce
-from mixmask.methods.base import Embedding, SiameseMethod, cosine_momentum, ema_update
+from mixmask.methods.base import SiameseMethod, cosine_momentum, ema_update
 from mixmask.models.heads import MLPHead
 
 
@@ -35,11 +35,6 @@ class MoCoV2(SiameseMethod):
         queue = F.normalize(torch.randn(params.queue_size, params.proj_output_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
-
-    def embed(self, images: Tensor) -> Embedding:
-        features = self.backbone(images)
-        projection = self.projector(features)
-        return Embedding(features, projection, projection)
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

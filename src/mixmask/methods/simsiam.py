@@ -28,11 +28,6 @@ class SimSiam(SiameseMethod):
         self.predictor = MLPHead(params.proj_output_dim, params.pred_hidden_dim,
                                  params.proj_output_dim, batch_norm=True)
 
-    def embed(self, images: Tensor) -> Embedding:
-        features = self.backbone(images)
-        projection = self.projector(features)
-        return Embedding(features, projection, self.predictor(projection))
-
     def target_from_online(self, embedding: Embedding) -> Tensor:
         return embedding.projection.detach()  # the stop-gradient that prevents collapse
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mixmask.config import MethodConfig
 from mixmask.losses import vicreg_loss
-from mixmask.methods.base import Embedding, SiameseMethod
+from mixmask.methods.base import SiameseMethod
 from mixmask.models.heads import MLPHead
 
 
@@ -29,14 +29,6 @@ class VICReg(SiameseMethod):
                             cov_weight=params.cov_weight)
         self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
                                  batch_norm=True, num_layers=3)
-
-    def embed(self, images: Tensor) -> Embedding:
-        features = self.backbone(images)
-        projection = self.projector(features)
-        return Embedding(features, projection, projection)
-
-    def target_from_online(self, embedding: Embedding) -> Tensor:
-        return embedding.projection  # gradients flow through both views
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         total, _terms = vicreg_loss(online, target, **self.weights)
