@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as F2
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_sync import HostSyncRecorder
 from torchvision import transforms as T
 
 from mixmask.data.gpu_augment import (
@@ -47,31 +47,6 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # Float rounding only: our ops reorder a few float32 operations relative to torchvision's
 # (fused blends, separable blur, matmul crop, closed-form hue), nothing else.
 ATOL = 2e-6
-
-
-class HostSyncRecorder(TorchDispatchMode):
-    """Records the ops that read a tensor value back to the host, which would stall a CUDA
-    step: .item()/bool()/int() (aten::_local_scalar_dense), nonzero, masked_select and
-    indexing with a boolean mask (its output size depends on the data)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncing_ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name()
-        indices = args[1] if name.startswith(("aten::index", "aten::_index_put")) else ()
-        bool_index = any(
-            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices
-        )
-        if bool_index or name in {
-            "aten::_local_scalar_dense",
-            "aten::nonzero",
-            "aten::masked_select",
-            "aten::repeat_interleave.Tensor",
-        }:
-            self.syncing_ops.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def seeded(seed: int = 0) -> torch.Generator:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from host_sync import HostSyncRecorder
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixmask.losses import (
     barlow_twins_loss,
@@ -102,28 +102,14 @@ def test_info_nce_rejects_nonpositive_temperature():
         info_nce(query, positive_key, negative_keys, 0.0)
 
 
-class HostReadRecorder(TorchDispatchMode):
-    """Records .item()/bool() reads (aten::_local_scalar_dense) and nonzero, which would
-    stall a CUDA step. (tests/test_masking.py has a fuller recorder for indexing.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.syncing_ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.name() in {"aten::_local_scalar_dense", "aten::nonzero"}:
-            self.syncing_ops.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 def test_losses_never_read_values_back_to_the_host():
     query, positive_key, negative_keys = tiny_example()
     query.requires_grad_(True)
-    with HostReadRecorder() as recorder:
+    with HostSyncRecorder() as recorder:
         per_sample = info_nce(query, positive_key, negative_keys, 0.2)
         weighted_mix_loss(per_sample, per_sample, per_sample, torch.tensor([0.3, 0.6])).backward()
     assert recorder.syncing_ops == []
-    with HostReadRecorder() as recorder:
+    with HostSyncRecorder() as recorder:
         per_sample.sum().item()
     assert recorder.syncing_ops == ["aten::_local_scalar_dense"]
 
@@ -464,7 +450,7 @@ def test_new_losses_are_float32_under_bf16_autocast_and_inputs():
 def test_new_losses_never_read_values_back_to_the_host():
     online, target = random_pair()
     online.requires_grad_(True)
-    with HostReadRecorder() as recorder:
+    with HostSyncRecorder() as recorder:
         total = byol_loss(online, target).mean() + simsiam_loss(online, target).mean()
         clean = barlow_twins_loss(online, target)
         switched = barlow_twins_loss(online.flip(0), target)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from host_sync import HostSyncRecorder
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixmask.optim import LARS, build_optimizer, param_groups_for_lars
 
@@ -190,24 +190,11 @@ def test_lars_state_dict_round_trip():
         assert torch.equal(param, restored_param)
 
 
-class HostReadRecorder(TorchDispatchMode):
-    """Records .item()/bool() reads (aten::_local_scalar_dense) and nonzero."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncing_ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.name() in {"aten::_local_scalar_dense", "aten::nonzero"}:
-            self.syncing_ops.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 def test_lars_step_never_reads_values_back_to_the_host():
     model = tiny_model()
     optimizer = LARS(param_groups_for_lars(model.named_parameters()), lr=0.1,
                      weight_decay=1e-4, clip_lr=True)
     model(torch.randn(8, 3)).square().mean().backward()
-    with HostReadRecorder() as recorder:
+    with HostSyncRecorder() as recorder:
         optimizer.step()
     assert recorder.syncing_ops == []
