@@ -25,6 +25,12 @@ Methods:
   sample by sample; "resample" warps the whole batch). Skipped, with a note, when kornia is
   not installed: it is no dependency of mixmask (``pip install kornia`` to compare).
 
+Allocator (CPU): by default (``--malloc keep``) the process keeps freed memory for reuse,
+as the engine does on the CPU (``train.keep_cpu_memory``, :mod:`mixmask.runtime`); the
+DataLoader workers of the PIL rows inherit it. ``--malloc system`` keeps glibc's defaults,
+under which every image-sized buffer is faulted in from the OS page by page (at 224 px
+that was a quarter to a half of ours' time on a 2-core CPU).
+
 CPU scale (default; one to two minutes on a 2-core CPU)::
 
     python benchmarks/augment.py
@@ -59,6 +65,7 @@ from torch.utils.data import DataLoader, Subset
 import mixmask
 from mixmask.data import DATASET_STATS, ImageSet, TwoViewDataset, load_image_set, two_view_transform
 from mixmask.data.gpu_augment import BatchedTwoViewAugment, view_config
+from mixmask.runtime import keep_freed_cpu_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MIXMASK_DATA", ROOT.parent / "shared" / "data"))
@@ -316,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="source images: real CIFAR-10 when present (auto), or random")
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 matmuls on CUDA (ours' crop is two matmuls)")
+    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                        help="CPU: keep freed memory for reuse, as the engine does "
+                             "(train.keep_cpu_memory), or glibc's defaults")
     parser.add_argument("--out", default="runs/benchmarks/augment")
     args = parser.parse_args(argv)
     if args.workers < 0 or args.pil_rounds < 1 or args.seconds <= 0 or args.warmup < 0:
@@ -325,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
     notes = []
+    if device.type == "cpu" and args.malloc == "keep" and not keep_freed_cpu_memory():
+        notes.append("--malloc keep had no effect (not glibc): the system allocator was used")
     kornia = import_kornia() if "kornia" in args.methods else None
     if "kornia" in args.methods and kornia is None:
         note = ("kornia is not installed: its rows are skipped (it is no mixmask dependency; "

@@ -5,8 +5,10 @@ optimizer step, EMA and queue / memory-bank update) on pre-made device tensors: 
 loading, no augmentation. Rows:
 
 * ``ours mocov2``: ``build_method`` with ``method.name=mocov2 method.masking=none``, the
-  engine's step (``method(view1, view2, generator, progress)`` -> loss; zero_grad;
-  backward; ``build_optimizer("sgd", ...)`` step; ``method.finish_step``).
+  engine's step (``method(view1, view2, generator, progress)`` -> loss; backward;
+  ``build_optimizer("sgd", ..., fused=True)`` step; zero_grad; ``method.finish_step``).
+  ``--online-forward joint`` and ``--foreach`` select ``method.online_forward=joint`` and
+  the foreach SGD update; ``--compile`` is ``train.compile=true`` (inductor).
 * ``ours mixmask``: the same with ``method.masking=mixmask`` (grid 8, ratio 0.5, block
   mask, one mask per batch, partner = the reversed batch).
 * ``lightly mocov2``: lightly's MoCo example (examples/pytorch/moco.py) on lightly's parts:
@@ -45,10 +47,16 @@ neither direction sees the other's keys as negatives, as in ours; lightly's CIFA
 benchmark instead calls the loss once per direction, and its second call then sees the
 first one's keys in the bank).
 
-What differs is each library's own code: ours uses a foreach SGD, a float32 loss on a ring
+What differs is each library's own code: ours uses a fused SGD, a float32 loss on a ring
 buffer queue with no host read, and copies BN buffers in the EMA; lightly's example keeps
 torch's default SGD implementation, computes the loss in the autocast dtype, and its bank
 update reads the pointer on the host once per enqueue.
+
+Allocator (CPU): by default (``--malloc keep``) the whole process keeps freed memory for
+the next step, as the engine does on the CPU (``train.keep_cpu_memory``,
+:mod:`mixmask.runtime`); every row, lightly's included, runs under it. ``--malloc system``
+keeps glibc's defaults, under which each step faults its activation memory back in from
+the OS: the ``faults/step`` column counts the process's minor page faults per timed step.
 
 Timing: every row is built and warmed up (``--warmup`` steps), then the rows' timed steps
 are interleaved (step i of every row, then step i + 1, ...), so background load drifts hit
@@ -94,6 +102,7 @@ import copy
 import gc
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -107,10 +116,12 @@ from torch import Tensor, nn
 
 import mixmask
 from mixmask.config import Config, load_config
+from mixmask.engine import compile_networks
 from mixmask.masking import sample_mixmask
 from mixmask.methods import build_method
 from mixmask.models import build_resnet
 from mixmask.optim import build_optimizer
+from mixmask.runtime import keep_freed_cpu_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, synchronize  # noqa: E402
@@ -141,7 +152,9 @@ def ours_config(masking: str, args: argparse.Namespace) -> Config:
         f"data.image_size={args.image_size}", f"method.mocov2.queue_size={args.queue}",
         "method.mocov2.proj_hidden_dim=2048", "method.mocov2.proj_output_dim=128",
         f"method.mocov2.symmetric={str(args.symmetric).lower()}",
+        f"method.online_forward={args.online_forward}",
         "method.mocov2.momentum_schedule=constant", "train.optimizer=sgd",
+        f"train.compile={str(args.compile).lower()}",
         "train.momentum=0.9", f"train.batch_size={args.batch}",
     ])
 
@@ -211,12 +224,18 @@ class MemoryMeter:
         return max(0, _proc_status_kib("VmHWM") - before) * 1024
 
 
-def time_step(fn: Callable[[], object], device: torch.device) -> float:
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_step(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """Seconds of one step, and the minor page faults the process took during it."""
     synchronize(device)
+    faults = minor_faults()
     start = time.perf_counter()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, minor_faults() - faults
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -232,6 +251,7 @@ class Row:
         self.step = step  # one training step; returns the loss, detached
         self.modules, self.optimizer = modules, optimizer
         self.step_seconds: list[float] = []
+        self.step_faults: list[int] = []
         self.step_peak: int | None = None
         self.state_bytes: int | None = None
         self.burst_seconds: float | None = None
@@ -253,19 +273,21 @@ def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
     method = build_method(config).to(device)
     if args.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_networks(method, config)  # as the engine: the networks, in place
     train = config.train
     optimizer = build_optimizer(train.optimizer, method.named_parameters(), lr=train.lr,
-                                momentum=train.momentum, weight_decay=train.weight_decay)
+                                momentum=train.momentum, weight_decay=train.weight_decay,
+                                fused=train.fused_optimizer and not args.foreach)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    forward = torch.compile(method) if args.compile else method
     view1, view2 = views
 
     def step() -> Tensor:  # engine._Run._train_epoch, without data loading, probe and logging
         with autocast(device, args.precision):
-            output = forward(view1, view2, generator, 0.0)
-        optimizer.zero_grad(set_to_none=True)
+            output = method(view1, view2, generator, 0.0)
         output.loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         method.finish_step(0.0)
         return output.loss.detach()
 
@@ -427,6 +449,7 @@ def summarise(row: Row, batch: int) -> dict:
             "description": row.description, "batch": batch,
             "median_step_s": median, "images_per_s": batch / median,
             "step_seconds": row.step_seconds,
+            "page_faults_per_step": statistics.median(row.step_faults),
             "state_mib": row.state_bytes / MIB if row.state_bytes is not None else None,
             "step_peak_mib": step_peak / MIB if step_peak is not None else None,
             "peak_mib": peak / MIB if peak is not None else None,
@@ -453,7 +476,7 @@ def add_ratios(results: list[dict]) -> None:
 
 def print_table(results: list[dict], memory_method: str) -> None:
     print(f"\n{'row':<16} {'batch':>5} {'images/s':>10} {'ms/step':>9} {'state MiB':>10} "
-          f"{'peak MiB':>9} {'MixMask cost':>13} {'ours/lightly':>13}"
+          f"{'peak MiB':>9} {'faults/step':>11} {'MixMask cost':>13} {'ours/lightly':>13}"
           + (f" {'burst im/s':>10}" if any(r["burst_images_per_s"] for r in results) else ""))
     for r in results:
         peak = f"{r['peak_mib']:9,.0f}" if r["peak_mib"] is not None else f"{'n/a':>9}"
@@ -462,13 +485,15 @@ def print_table(results: list[dict], memory_method: str) -> None:
         ratio = r["ours_vs_lightly"]
         ratio_cell = f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13}"
         print(f"{r['row']:<16} {r['batch']:>5} {r['images_per_s']:10,.1f} "
-              f"{1000 * r['median_step_s']:9.1f} {r['state_mib']:10,.0f} {peak} {cost_cell} "
+              f"{1000 * r['median_step_s']:9.1f} {r['state_mib']:10,.0f} {peak} "
+              f"{r['page_faults_per_step']:11,.0f} {cost_cell} "
               f"{ratio_cell}" + (f" {r['burst_images_per_s']:10,.1f}"
                                   if r["burst_images_per_s"] else ""))
     print(f"images/s: batch / median step time. MixMask cost: step-time ratio over MoCo v2 of "
           f"the same library (theory {THEORY_MIX_COST:.2f}x).\nstate MiB: parameters, "
           f"gradients, buffers, optimizer state held between steps; peak MiB: state + the "
-          f"increase within one step ({memory_method}).")
+          f"increase within one step ({memory_method}).\nfaults/step: the process's minor "
+          f"page faults per timed step (median): memory the OS maps in afresh.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -487,8 +512,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true",
                         help="channels_last models and inputs (every row)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the forward + loss of every row's step (ours: the "
-                             "method; lightly: the loss function); rows that fail are skipped")
+                        help="torch.compile (inductor) ours: the networks, as train.compile=true; "
+                             "lightly: its forward + loss function; rows that fail are skipped")
+    parser.add_argument("--online-forward", choices=["separate", "joint"], default="separate",
+                        help="ours: method.online_forward (joint: the clean and mixed queries "
+                             "in one forward, BN statistics pooled)")
+    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                        help="CPU only, the whole process (every row): keep freed memory for "
+                             "the next step, as the engine does (train.keep_cpu_memory), or "
+                             "glibc's defaults")
+    parser.add_argument("--foreach", action="store_true",
+                        help="ours: the foreach SGD update instead of the fused one "
+                             "(train.fused_optimizer=false)")
     parser.add_argument("--symmetric", action="store_true",
                         help="symmetric MoCo loss on both sides (default: asymmetric, as "
                              "lightly's MoCo example)")
@@ -525,6 +560,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: {note}")
         notes.append(note)
     machine = machine_info(device)
+    if device.type == "cpu" and args.malloc == "keep" and not keep_freed_cpu_memory():
+        notes.append("--malloc keep had no effect (not glibc): the system allocator was used")
     meter = MemoryMeter(device)
     print(f"device: {machine['gpu'] or device} ({machine['cpu_model']}, "
           f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads); "
@@ -561,7 +598,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     for _ in range(args.steps):  # interleaved: step i of every row, then step i + 1
         for row in rows:
-            row.step_seconds.append(time_step(row.step, device))
+            seconds, faults = time_step(row.step, device)
+            row.step_seconds.append(seconds)
+            row.step_faults.append(faults)
 
     if args.burst:
         for row in rows:

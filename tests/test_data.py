@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import mixmask.data.datasets as datasets_module
 from mixmask.data import (
@@ -443,6 +444,65 @@ def test_two_view_presets_match_the_recipes():
     assert "GaussianBlur" not in cifar and "RandomHorizontalFlip" in cifar
     with pytest.raises(ValueError, match="mocov2, cifar"):
         two_view_transform("simclr", 32, (0.5,) * 3, (0.5,) * 3)
+
+
+def steps_of(compose) -> dict[str, object]:
+    """Each op of a view pipeline by class name; RandomApply as (p, op) under the op's."""
+    steps = {}
+    for step in compose.transforms:
+        if isinstance(step, T.RandomApply):
+            (inner,) = step.transforms
+            steps[type(inner).__name__] = (step.p, inner)
+        else:
+            steps[type(step).__name__] = step
+    return steps
+
+
+@pytest.mark.parametrize("preset, size, blur_p", [("byol", 224, (1.0, 0.1)),
+                                                  ("byol_cifar", 32, None)])
+def test_byol_presets_are_table_6_of_the_paper(preset, size, blur_p):
+    """BYOL (Grill et al. 2020, Table 6): both views crop (0.08, 1), jitter (0.4, 0.4, 0.2,
+    0.1) with p 0.8, grayscale 0.2, flip 0.5; blur 1.0 / 0.1 (none for CIFAR), solarize
+    0.0 / 0.2 at 128; in solo-learn's order."""
+    transform = two_view_transform(preset, size, (0.5,) * 3, (0.5,) * 3)
+    views = [steps_of(transform.first), steps_of(transform.second)]
+    for index, steps in enumerate(views):
+        order = ["RandomResizedCrop", "ColorJitter", "RandomGrayscale", "GaussianBlur",
+                 "RandomSolarize", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+        assert list(steps) == [name for name in order if name in steps]
+        assert steps["RandomResizedCrop"].scale == (0.08, 1.0)
+        assert steps["RandomResizedCrop"].size == (size, size)
+        jitter_p, jitter = steps["ColorJitter"]
+        assert jitter_p == 0.8
+        expected_ranges = [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]
+        ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+        assert ranges == [pytest.approx(r) for r in expected_ranges]
+        assert steps["RandomGrayscale"].p == 0.2
+        assert steps["RandomHorizontalFlip"].p == 0.5
+        if blur_p is None:
+            assert "GaussianBlur" not in steps
+        else:
+            p, blur = steps["GaussianBlur"]
+            assert p == blur_p[index]
+            assert blur.kernel_size == (23, 23) and blur.sigma == (0.1, 2.0)
+    assert "RandomSolarize" not in views[0]
+    solarize = views[1]["RandomSolarize"]
+    assert (solarize.p, solarize.threshold) == (0.2, 128)
+
+
+def test_byol_solarizes_only_view_2_about_a_fifth_of_the_time():
+    # A white image stays at a grey level >= 0.6 * 255 through every op but solarization,
+    # which takes it to <= 0.4 * 255.
+    torch.manual_seed(0)
+    transform = two_view_transform("byol_cifar", 8, (0.0,) * 3, (1.0,) * 3)
+    white = Image.new("RGB", (8, 8), (255, 255, 255))
+    draws = 1000
+    levels = torch.stack([torch.stack(transform(white)).mean(dim=(1, 2, 3))
+                          for _ in range(draws)])
+    assert ((levels < 0.41) | (levels > 0.59)).all()
+    solarized = (levels < 0.5).double().mean(0)
+    assert solarized[0] == 0
+    assert abs(solarized[1] - 0.2) < 5 * (0.2 * 0.8 / draws) ** 0.5
 
 
 def test_normalisation_of_a_constant_grey_image():

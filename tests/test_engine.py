@@ -67,19 +67,37 @@ def test_real_pretrain_writes_a_complete_run_folder_and_resumes(tmp_path, cifar1
     assert steps == list(range(1, 13))
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def large_image_folder(folder: Path, tarball: Path, count: int = 128) -> Path:
+    """The first `count` CIFAR-10 train images upscaled to 100 px PNGs in train/<class>/:
+    above load_image_set's in-memory limit (96 px), so they are read as files on disk."""
+    from PIL import Image
+
+    from mixmask.data import load_image_set
+
+    image_set = load_image_set("imagefolder", str(tarball), "train", subset=count)
+    for index, (image, label) in enumerate(zip(image_set.images, image_set.labels, strict=True)):
+        path = folder / "train" / image_set.classes[label] / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).resize((100, 100)).save(path)
+    assert load_image_set("imagefolder", str(folder), "train").paths is not None
+    return folder
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device", "device-files"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, cifar10_tarball, pipeline):
     """Stopping at step 3 (mid-epoch) and resuming gives the weights of a straight run,
-    with views made by DataLoader workers (cpu) or on the device (device)."""
+    with views made by DataLoader workers (cpu), on the device (device), or cropped from
+    files by workers and finished on the device (device-files)."""
+    root = cifar10_tarball
+    if pipeline == "device-files":
+        root, pipeline = large_image_folder(tmp_path / "files", cifar10_tarball), "device"
     quiet = ("monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
              "eval.linear=false", f"data.pipeline={pipeline}")
-    straight = tiny_config(tmp_path / "a", cifar10_tarball, "train.epochs=2", *quiet)
+    straight = tiny_config(tmp_path / "a", root, "train.epochs=2", *quiet)
     pretrain(straight)
-    first = tiny_config(tmp_path / "b", cifar10_tarball, "train.epochs=2", "train.max_steps=3",
-                        *quiet)
+    first = tiny_config(tmp_path / "b", root, "train.epochs=2", "train.max_steps=3", *quiet)
     pretrain(first)
-    second = tiny_config(tmp_path / "b", cifar10_tarball, "train.epochs=2", "resume=auto",
-                         *quiet)
+    second = tiny_config(tmp_path / "b", root, "train.epochs=2", "resume=auto", *quiet)
     assert pretrain(second)["steps"] == 8
     weights_a = torch.load(tmp_path / "a/run/checkpoints/last.ckpt", weights_only=False)["method"]
     weights_b = torch.load(tmp_path / "b/run/checkpoints/last.ckpt", weights_only=False)["method"]
@@ -264,3 +282,40 @@ def test_channels_last_trains_the_same_model(tmp_path, pipeline):
     resumed = pretrain(load_config(None, [*common, "train.channels_last=true", "train.epochs=2",
                                           "resume=auto", f"out_dir={tmp_path / 'true'}"]))
     assert resumed["steps"] == 8
+
+
+@pytest.mark.parametrize("setting", [
+    ("train.compile=true", "train.compile_backend=aot_eager"),
+    ("train.fused_optimizer=false",),
+    ("train.optimizer=lars", "train.compile=true", "train.compile_backend=aot_eager"),
+])
+def test_compiled_networks_and_optimizer_implementations_train_the_same_model(tmp_path,
+                                                                              setting):
+    """torch.compile (traced through dynamo and AOTAutograd; the aot_eager backend keeps
+    this test fast, inductor only changes the kernels) and the foreach vs fused SGD update
+    change how a step runs, not what it computes: after two steps every weight, buffer and
+    queue entry matches the default run's, and checkpoints keep their keys."""
+    common = ["data.dataset=synthetic", "data.subset=32", "data.num_workers=0",
+              "model.width=0.125", "method.mocov2.proj_hidden_dim=32",
+              "method.mocov2.queue_size=64", "train.batch_size=16", "train.epochs=1",
+              "method.masking=mixmask", "train.progress_bar=false", "monitor.knn=false",
+              "monitor.online_probe=false", "eval.knn=false", "eval.linear=false"]
+    if "train.optimizer=lars" in setting:
+        common.append("train.optimizer=lars")
+    weights = {}
+    for name, extra in (("default", ()), ("setting", setting)):
+        pretrain(load_config(None, [*common, *extra, f"out_dir={tmp_path / name}"]))
+        checkpoint = tmp_path / name / "checkpoints" / "last.ckpt"
+        weights[name] = torch.load(checkpoint, weights_only=False)["method"]
+    assert weights["setting"].keys() == weights["default"].keys()
+    for name, value in weights["default"].items():
+        torch.testing.assert_close(weights["setting"][name], value, atol=1e-4, rtol=1e-4,
+                                   msg=name)
+
+
+def test_an_unknown_compile_backend_is_a_clear_error(tmp_path):
+    config = load_config(None, [*TINY, "data.dataset=synthetic", "data.subset=64",
+                                "train.compile=true", "train.compile_backend=inductr",
+                                f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="compile_backend='inductr'.*inductor"):
+        pretrain(config)

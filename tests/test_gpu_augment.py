@@ -41,6 +41,7 @@ from mixmask.data.gpu_augment import (
     solarize,
     view_config,
 )
+from mixmask.data.transforms import two_view_transform
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -277,7 +278,29 @@ def test_resized_crop_ignores_a_callers_bf16_autocast():
     torch.testing.assert_close(ours, resized_crop(images, BOXES, 16), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["cifar", "mocov2"])
+def torchvision_view(image, params, index, config, *, crop=True):
+    """One sample of apply_view by torchvision's functional ops: crop -> jitter (its own
+    order) -> grayscale -> blur -> solarize -> flip, with that sample's parameters."""
+    view = image
+    if crop:
+        box = params.boxes[index].tolist()
+        view = F2.resized_crop(image, *box, [config.image_size] * 2, antialias=True)
+    view = reference_jitter(
+        view, params.jitter_factors[index], params.jitter_order[index], params.jitter_apply[index]
+    )
+    if params.grayscale_apply[index]:
+        view = F2.rgb_to_grayscale(view, num_output_channels=3)
+    if config.blur_p > 0 and params.blur_apply[index]:
+        sigma = float(params.blur_sigma[index])
+        view = F2.gaussian_blur(view, [config.kernel_size] * 2, [sigma, sigma])
+    if params.solarize_apply[index]:
+        view = F2.solarize(view, 0.5)
+    if params.flip[index]:
+        view = F2.horizontal_flip(view)
+    return view
+
+
+@pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol"])
 def test_a_whole_view_matches_torchvisions_functional_pipeline_per_sample(preset):
     """crop -> jitter (random order) -> grayscale -> blur -> solarize -> flip, with each
     sample's drawn parameters fed to torchvision's functional ops one image at a time."""
@@ -285,28 +308,24 @@ def test_a_whole_view_matches_torchvisions_functional_pipeline_per_sample(preset
     images = torch.randint(0, 256, (12, 3, 24, 20), dtype=torch.uint8, generator=seeded())
     params = sample_view_params(12, 24, 20, config, generator=seeded(7))
     ours = apply_view(images, params, config)
-
-    expected = []
-    for index, image in enumerate(images / 255.0):
-        box = params.boxes[index].tolist()
-        view = F2.resized_crop(image, *box, [16, 16], antialias=True)
-        view = reference_jitter(
-            view,
-            params.jitter_factors[index],
-            params.jitter_order[index],
-            params.jitter_apply[index],
-        )
-        if params.grayscale_apply[index]:
-            view = F2.rgb_to_grayscale(view, num_output_channels=3)
-        if config.blur_p > 0 and params.blur_apply[index]:
-            sigma = float(params.blur_sigma[index])
-            view = F2.gaussian_blur(view, [config.kernel_size] * 2, [sigma, sigma])
-        if params.solarize_apply[index]:
-            view = F2.solarize(view, 0.5)
-        if params.flip[index]:
-            view = F2.horizontal_flip(view)
-        expected.append(view)
+    expected = [torchvision_view(image, params, index, config)
+                for index, image in enumerate(images / 255.0)]
     torch.testing.assert_close(ours, torch.stack(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_a_view_of_images_cropped_elsewhere_matches_torchvision_without_the_crop(dtype):
+    config = dataclasses.replace(view_config("byol", 16, 2), blur_p=0.5, solarize_p=0.5)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=seeded(1))
+    params = sample_view_params(12, 16, 16, config, generator=seeded(9))
+    source = images if dtype == torch.uint8 else images / 255.0
+    ours = apply_view(source, params, config, crop=False)
+    expected = [torchvision_view(image, params, index, config, crop=False)
+                for index, image in enumerate(images / 255.0)]
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, torch.stack(expected), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="crop=False needs one 16x16 image per row"):
+        apply_view(images[:, :, :12], params, config, crop=False)
 
 
 # -- sampled parameters vs torchvision's samplers -----------------------------------------
@@ -426,7 +445,7 @@ def test_apply_probabilities_are_the_presets(preset):
 # -- the two-view call --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["cifar", "mocov2"])
+@pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol"])
 def test_two_views_never_read_values_back_to_the_host(preset):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=seeded())
     augment = BatchedTwoViewAugment.from_preset(preset, 32, MEAN, STD, channels_last=True)
@@ -472,6 +491,24 @@ def test_two_views_equal_apply_view_on_the_sampled_parameters():
         torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
 
 
+def test_augment_crops_is_apply_view_without_the_crop_and_never_syncs():
+    first = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=seeded(1))
+    second = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=seeded(2))
+    augment = BatchedTwoViewAugment.from_preset("byol", 16, MEAN, STD)
+    view_1, view_2 = augment.augment_crops(first, second, seeded(3))
+    params = augment.sample_params(6, 16, 16, generator=seeded(3))
+    for view, crops, rows, config in ((view_1, first, slice(0, 6), augment.first),
+                                      (view_2, second, slice(6, 12), augment.second)):
+        one_view = ViewParams(**{name: value[rows] for name, value in params.__dict__.items()})
+        expected = [torchvision_view(image, one_view, index, config, crop=False)
+                    for index, image in enumerate(crops / 255.0)]
+        expected = normalize(torch.stack(expected), MEAN, STD)
+        torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+    with HostSyncRecorder() as recorder:
+        augment.augment_crops(first, second, seeded(3))
+    assert recorder.syncing_ops == []
+
+
 def test_asymmetric_views_draw_each_views_probabilities():
     # BYOL (Grill et al. 2020, Table 6): blur always in view 1, solarize only in view 2.
     first = ViewConfig(image_size=32, blur_p=1.0, solarize_p=0.0)
@@ -486,6 +523,93 @@ def test_asymmetric_views_draw_each_views_probabilities():
     assert view_1.shape == view_2.shape == (4, 3, 32, 32)
 
 
+# -- presets vs the PIL pipelines ---------------------------------------------------------
+
+
+def torchvision_view_config(compose: T.Compose) -> ViewConfig:
+    """The ViewConfig that a PIL view pipeline of mixmask.data.transforms describes, read
+    off its torchvision transforms; ops it lacks get p = 0. Checks that the ops come in the
+    order apply_view runs them (the flip commutes with all of them, see apply_view)."""
+    order = [T.RandomResizedCrop, T.ColorJitter, T.RandomGrayscale, T.GaussianBlur,
+             T.RandomSolarize, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    fields, seen = {"jitter_p": 0.0, "grayscale_p": 0.0, "flip_p": 0.0}, []
+    for step in compose.transforms:
+        p = 1.0
+        if isinstance(step, T.RandomApply):
+            (step,), p = step.transforms, step.p
+        seen.append(type(step))
+        if isinstance(step, T.RandomResizedCrop):
+            assert step.size[0] == step.size[1]
+            assert step.interpolation == T.InterpolationMode.BILINEAR
+            fields.update(image_size=step.size[0], scale=tuple(step.scale),
+                          ratio=tuple(step.ratio), antialias=step.antialias)
+        elif isinstance(step, T.ColorJitter):
+            # ColorJitter(b) stores (1 - b, 1 + b); round off 1 + b - 1's float error.
+            fields.update(jitter_p=p, brightness=round(step.brightness[1] - 1, 9),
+                          contrast=round(step.contrast[1] - 1, 9),
+                          saturation=round(step.saturation[1] - 1, 9), hue=step.hue[1])
+            assert step.brightness[0] == pytest.approx(1 - fields["brightness"])
+        elif isinstance(step, T.RandomGrayscale):
+            fields["grayscale_p"] = step.p
+        elif isinstance(step, T.GaussianBlur):
+            assert step.kernel_size[0] == step.kernel_size[1]
+            fields.update(blur_p=p, blur_kernel_size=step.kernel_size[0],
+                          blur_sigma=tuple(step.sigma))
+        elif isinstance(step, T.RandomSolarize):
+            # PIL solarizes uint8 pixels >= threshold; on [0, 1] floats that is any
+            # threshold in ((threshold - 1) / 255, threshold / 255]. Keep the upper end.
+            fields.update(solarize_p=step.p, solarize_threshold=step.threshold / 255)
+        elif isinstance(step, T.RandomHorizontalFlip):
+            fields["flip_p"] = step.p
+    assert seen == [kind for kind in order if kind in seen], seen
+    return ViewConfig(**fields)
+
+
+@pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol", "byol_cifar"])
+@pytest.mark.parametrize("size", [32, 224])
+def test_tensor_presets_match_the_pil_presets_view_by_view(preset, size):
+    pil = two_view_transform(preset, size, MEAN, STD)
+    augment = BatchedTwoViewAugment.from_preset(preset, size, MEAN, STD)
+    for view, compose, batched in ((1, pil.first, augment.first), (2, pil.second, augment.second)):
+        expected = torchvision_view_config(compose)
+        ours = view_config(preset, size, view)
+        assert batched == ours
+        if expected.blur_p > 0:
+            assert ours.kernel_size == expected.kernel_size
+        assert 127 / 255 < ours.solarize_threshold <= expected.solarize_threshold
+        ignore = {"blur_kernel_size": None, "solarize_threshold": 0.5}
+        assert dataclasses.replace(ours, **ignore) == dataclasses.replace(expected, **ignore)
+
+
+@pytest.mark.parametrize("preset", ["byol", "byol_cifar"])
+def test_byol_solarizes_a_fifth_of_view_2_and_none_of_view_1(preset):
+    # White images: crop, blur and every colour op leave a grey level of at least 0.6
+    # (brightness >= 0.6; contrast, saturation and hue keep a flat grey), and solarizing
+    # turns it into at most 0.4, so the mean of a view tells whether it was solarized.
+    images = torch.full((DRAWS // 4, 3, 10, 10), 255, dtype=torch.uint8)
+    augment = BatchedTwoViewAugment.from_preset(preset, 8, MEAN, STD)
+    first, second = augment(images, seeded(14))
+    for view, p in ((first, 0.0), (second, 0.2)):
+        level = (view * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1))
+        level = level.mean(dim=(1, 2, 3))
+        assert ((level <= 0.4 + 1e-5) | (level >= 0.6 - 1e-5)).all()
+        solarized = (level < 0.5).double().mean()
+        assert abs(solarized - p) < 5 * math.sqrt(p * (1 - p) / len(images)) + 1e-12, solarized
+
+
+def test_ops_that_work_in_place_internally_leave_their_inputs_alone():
+    images = random_images(batch=6, height=16, width=16)
+    before = images.clone()
+    factors, order = sample_color_jitter(6, generator=seeded(1))
+    color_jitter(images, factors, order, torch.ones(6, dtype=torch.bool))
+    gaussian_blur(images, torch.full((6,), 1.0), 5, torch.ones(6, dtype=torch.bool))
+    config = dataclasses.replace(view_config("byol", 16, 2), blur_p=0.5, solarize_p=0.5)
+    params = sample_view_params(6, 16, 16, config, generator=seeded(2))
+    apply_view(images, params, config, crop=False)
+    apply_view(images, params, config)
+    assert torch.equal(images, before)
+
+
 def test_user_errors_are_short_sentences():
     with pytest.raises(ValueError, match="Unknown augmentation preset"):
         BatchedTwoViewAugment.from_preset("simclr", 32, MEAN, STD)
@@ -495,3 +619,5 @@ def test_user_errors_are_short_sentences():
         BatchedTwoViewAugment(ViewConfig(32), mean=MEAN, std=STD)(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         gaussian_blur(random_images(), torch.ones(8), 4)
+    with pytest.raises(ValueError, match="too large for 20x24 images"):
+        gaussian_blur(random_images(), torch.ones(8), 41)

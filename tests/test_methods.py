@@ -285,3 +285,39 @@ def test_a_few_steps_on_real_images_do_not_collapse(base, cifar10_tarball):
     std = torch.nn.functional.normalize(projection, dim=1).std(dim=0).mean().item()
     print(f"{base}: std x sqrt(D) = {std * dims ** 0.5:.3f}")
     assert std > 0.08 / dims ** 0.5, f"{base}: projection std {std:.4f} (collapse)"
+
+
+@pytest.mark.parametrize(("base", "masking"), [("mocov2", "mixmask"), ("byol", "both"),
+                                               ("simsiam", "unmix"), ("vicreg", "mixmask")])
+def test_joint_online_forward_equals_separate_forwards_without_batch_statistics(base, masking):
+    """With BN using running statistics (eval mode), one forward of the concatenated clean and
+    mixed batches is the same function as one forward per batch: same loss, same gradients.
+    The same draws are used (masks are drawn before any forward)."""
+    overrides = ["method.mask.per_sample=false"] if base == "vicreg" else []
+    results = []
+    for mode in ("separate", "joint"):
+        method = tiny_method(base, masking, f"method.online_forward={mode}", *overrides).eval()
+        output = method.training_step(*random_views(), torch.Generator().manual_seed(4))
+        output.loss.backward()
+        results.append((output.loss.detach(), [p.grad.clone() for p in method.parameters()
+                                               if p.grad is not None]))
+    (separate_loss, separate_grads), (joint_loss, joint_grads) = results
+    torch.testing.assert_close(joint_loss, separate_loss, rtol=1e-5, atol=1e-6)
+    assert len(joint_grads) == len(separate_grads) > 0
+    for joint_grad, separate_grad in zip(joint_grads, separate_grads, strict=True):
+        torch.testing.assert_close(joint_grad, separate_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_joint_online_forward_runs_the_backbone_once_on_the_concatenated_batches():
+    """In training mode the joint forward is one backbone call on clean + mixed images (BN
+    statistics pooled over 2B samples); separate mode makes one call of B per batch."""
+    calls = {}
+    for mode in ("separate", "joint"):
+        method = tiny_method("mocov2", "mixmask", f"method.online_forward={mode}",
+                             "method.mocov2.symmetric=false")
+        sizes = []
+        method.backbone.register_forward_hook(
+            lambda module, inputs, output, sizes=sizes: sizes.append(inputs[0].shape[0]))
+        method.training_step(*random_views(), torch.Generator().manual_seed(0))
+        calls[mode] = sizes
+    assert calls == {"separate": [8, 8], "joint": [16]}

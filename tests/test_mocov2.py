@@ -31,6 +31,19 @@ def test_ema_update_matches_formula():
         torch.testing.assert_close(value, expected[name])
 
 
+def test_ema_update_copies_batch_norm_buffers():
+    """BN running statistics (and the batch counter) are copied, not averaged, as in the
+    MoCo and BYOL references."""
+    online, target = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    online.train()(torch.randn(16, 4) * 3 + 1)
+    online(torch.randn(16, 4))
+    ema_update(target, online, 0.99)
+    torch.testing.assert_close(target.running_mean, online.running_mean)
+    torch.testing.assert_close(target.running_var, online.running_var)
+    assert int(target.num_batches_tracked) == 2
+    torch.testing.assert_close(target.weight, 0.99 * torch.ones(4) + 0.01 * online.weight)
+
+
 def test_no_gradient_reaches_the_key_encoder_and_ema_moves_it():
     method = tiny_method("method.masking=mixmask", "method.mocov2.symmetric=false")
     key_before = copy.deepcopy(method.target_backbone.state_dict())

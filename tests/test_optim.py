@@ -198,3 +198,32 @@ def test_lars_step_never_reads_values_back_to_the_host():
     with HostSyncRecorder() as recorder:
         optimizer.step()
     assert recorder.syncing_ops == []
+
+
+def test_lars_adapts_each_parameter_of_a_group_by_its_own_norms():
+    """The multi-tensor step gives every tensor its own trust ratio: compared with a
+    per-tensor loop written out here (weight decay, trust, clip, momentum, two steps)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (5,), (2, 2, 3)]
+    values = [torch.randn(shape, generator=generator) for shape in shapes]
+    values[1] = torch.zeros(5)  # ||p|| = 0: trust 1
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(2)]
+    lr, momentum, weight_decay, eta = 0.3, 0.9, 0.01, 0.02
+    params = [nn.Parameter(value.clone()) for value in values]
+    optimizer = LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                     clip_lr=True)
+    expected = [value.clone() for value in values]
+    buffers = [torch.zeros_like(value) for value in values]
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.clone()
+        optimizer.step()
+        for index, grad in enumerate(step_grads):
+            decayed = grad + weight_decay * expected[index]
+            p_norm, g_norm = expected[index].norm().item(), decayed.norm().item()
+            trust = eta * p_norm / g_norm if p_norm > 0 and g_norm > 0 else 1.0
+            trust = min(trust / lr, 1.0)
+            buffers[index] = momentum * buffers[index] + trust * decayed
+            expected[index] = expected[index] - lr * buffers[index]
+    for param, value in zip(params, expected, strict=True):
+        torch.testing.assert_close(param.detach(), value)

@@ -34,13 +34,14 @@ from mixmask.data import (
     load_image_set,
     two_view_transform,
 )
-from mixmask.data.device_views import DeviceTwoViews
+from mixmask.data.device_views import device_two_views
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
 from mixmask.eval.linear import linear_top1
 from mixmask.methods import build_method
 from mixmask.optim import build_optimizer
+from mixmask.runtime import keep_freed_cpu_memory
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -290,6 +291,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                     precision=PRECISIONS[config.train.precision],
                     strategy="ddp" if config.train.devices > 1 else "auto")
     fabric.launch()
+    if accelerator == "cpu" and config.train.keep_cpu_memory:
+        keep_freed_cpu_memory()
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     resume_path = resume_checkpoint(config)
@@ -308,14 +311,12 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     sampler = EpochBatchSampler(len(train_set), config.train.batch_size,
                                 seed=config.train.seed, rank=fabric.global_rank,
                                 world_size=fabric.world_size)
-    if config.data.pipeline == "device":
-        if train_set.images is None:
-            raise ConfigError("data.pipeline=device needs a dataset decoded into memory (CIFAR, "
-                              "or ImageFolder images up to 96 px); use data.pipeline=cpu.")
-        loader = DeviceTwoViews(train_set, sampler, preset=config.data.augmentation,
-                                image_size=config.data.image_size, device=fabric.device,
-                                seed=config.train.seed, rank=fabric.global_rank,
-                                channels_last=config.train.channels_last)
+    if config.data.pipeline == "device":  # in memory, or files decoded by workers
+        loader = device_two_views(train_set, sampler, preset=config.data.augmentation,
+                                  image_size=config.data.image_size, device=fabric.device,
+                                  seed=config.train.seed, rank=fabric.global_rank,
+                                  num_workers=config.data.num_workers,
+                                  channels_last=config.train.channels_last)
     else:
         views = TwoViewDataset(train_set, two_view_transform(
             config.data.augmentation, config.data.image_size, train_set.mean, train_set.std))
@@ -338,10 +339,13 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     method.pixel_mean, method.pixel_std = train_set.mean, train_set.std  # erase fill="zero"
     if config.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if config.train.compile:
+        compile_networks(method, config)
     optimizer = build_optimizer(
         config.train.optimizer, method.named_parameters(), lr=config.train.lr,
         momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-        eta=config.train.lars_eta, clip_lr=config.train.lars_clip_lr)
+        eta=config.train.lars_eta, clip_lr=config.train.lars_clip_lr,
+        fused=config.train.fused_optimizer)
     method, optimizer = fabric.setup(method, optimizer)
     probe, probe_optimizer = None, None
     if config.monitor.online_probe and eval_data is not None:
@@ -388,6 +392,24 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     return run.finish()
 
 
+def compile_networks(method: nn.Module, config: Config) -> None:
+    """torch.compile each network of the method (backbone, heads, EMA copies) in place, so
+    parameter names and checkpoints stay as without compilation. Masks, mixes and losses
+    stay eager: they are a few cheap elementwise ops with data-dependent shapes."""
+    import torch._dynamo
+
+    backend = config.train.compile_backend
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"train.compile_backend={backend!r} is not a torch.compile backend; "
+                          f"use one of: {', '.join(sorted(known))}.")
+    options = {"backend": backend}
+    if backend == "inductor":
+        options["mode"] = config.train.compile_mode
+    for network in method.children():
+        network.compile(**options)
+
+
 def _check_compatible(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
     saved = checkpoint.get("config", {})
     for section, key in (("method", "name"), ("model", "backbone"), ("model", "width"),
@@ -420,6 +442,7 @@ class _Run:
         self.train_images, self.train_seconds = 0, 0.0
         self.elapsed_before, self.started = 0.0, time.perf_counter()
         self.last_epoch_metrics: dict[str, float] = {}
+        self._pending_log = None  # (step, lr, names, values, ready event): see _log_step
 
     @property
     def total_steps(self) -> int:
@@ -463,22 +486,26 @@ class _Run:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
             output = method(view1, view2, self.generator, step / self.total_steps)
-            self.optimizer.zero_grad(set_to_none=True)
             fabric.backward(output.loss)
             self.optimizer.step()
+            # Gradients freed after the step, not before the next: no memory held between
+            # steps (the parameters' size again).
+            self.optimizer.zero_grad(set_to_none=True)
             method.finish_step(step / self.total_steps)
             logs = dict(output.logs)
             if self.probe is not None:  # only built for labelled data
                 probe_loss = F.cross_entropy(self.probe(output.features), labels)
-                self.probe_optimizer.zero_grad(set_to_none=True)
                 fabric.backward(probe_loss)
                 self.probe_optimizer.step()
+                self.probe_optimizer.zero_grad(set_to_none=True)
                 logs["probe_loss"] = probe_loss.detach()
             images_seen += view1.shape[0] * fabric.world_size
             self.state["step"] = step + 1
             progress.advance(task)
-            if (step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps:
+            if ((step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps
+                    or (step + 1) % self.steps_per_epoch == 0):
                 self._log_step(step + 1, lr, logs, progress, task)
+        self._flush_log(progress, task)  # before any checkpoint: a NaN loss is caught first
         if fabric.device.type == "cuda":
             torch.cuda.synchronize(fabric.device)
         self.train_seconds += time.perf_counter() - start
@@ -486,17 +513,37 @@ class _Run:
 
     def _log_step(self, step: int, lr: float, logs: dict[str, torch.Tensor], progress,
                   task) -> None:
+        """Queue a step's scalars: on CUDA they are copied to the host asynchronously and
+        read at the next logging step (or the epoch's end), so logging never stalls the
+        device; the previous queued row is written now."""
         names = list(logs)
-        values = torch.stack([logs[name].float() for name in names]).tolist()  # one sync
-        row = dict(zip(names, values, strict=True))
-        if not all(math.isfinite(value) for value in values):
+        values = torch.stack([logs[name].detach().float() for name in names])
+        ready = None
+        if values.device.type == "cuda":
+            values = values.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self._flush_log(progress, task)
+        self._pending_log = (step, lr, names, values, ready)
+
+    def _flush_log(self, progress=None, task=None) -> None:
+        """Write the queued row, if any; a non-finite loss stops the run here."""
+        if self._pending_log is None:
+            return
+        step, lr, names, values, ready = self._pending_log
+        self._pending_log = None
+        if ready is not None:
+            ready.synchronize()
+        row = dict(zip(names, values.tolist(), strict=True))
+        if not all(math.isfinite(value) for value in row.values()):
             raise TrainingDiverged(
-                f"the loss became {row.get('loss')} at step {step}. The last good checkpoint is "
+                f"the loss became {row.get('loss')} by step {step}. The last good checkpoint is "
                 f"kept in {self.checkpoint_dir}; lower train.lr, use train.precision=32, or "
                 "check the data, then continue with resume=auto.")
         epoch = round(step / self.steps_per_epoch, 3)  # fractional: where in the schedule
         self.metrics.log({"step": step, "epoch": epoch, "lr": lr, **row})
-        progress.update(task, status=f"loss {row['loss']:.3f}")
+        if progress is not None:
+            progress.update(task, status=f"loss {row['loss']:.3f}")
 
     def _end_of_epoch(self, epoch: int, progress, task) -> None:
         config = self.config

@@ -76,8 +76,12 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     online_params = list(online.parameters())
     torch._foreach_mul_(target_params, momentum)
     torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
-    for target_buffer, online_buffer in zip(target.buffers(), online.buffers(), strict=True):
-        target_buffer.copy_(online_buffer)
+    target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
+    if len(target_buffers) != len(online_buffers):
+        raise ValueError("the target and online networks differ in their buffers.")
+    if target_buffers:
+        # One multi-tensor copy, not one kernel per BN buffer (a ResNet-18 has ~60).
+        torch._foreach_copy_(target_buffers, online_buffers)
 
 
 def cosine_momentum(start: float, end: float, progress: float) -> float:
@@ -108,6 +112,7 @@ class SiameseMethod(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.masking = config.masking
+        self.online_forward = config.online_forward
         self.mask_config = config.mask
         self.erase_config = config.erase
         self.unmix_config = config.unmix
@@ -148,7 +153,31 @@ class SiameseMethod(nn.Module):
                       progress: float = 0.0) -> StepOutput:
         views = (view1, view2)
         online_views = (0, 1) if self.symmetric else (0,)
-        clean: dict[int, Embedding] = {}
+        # Masks are drawn first, in a fixed order (per online view: erase, then its mixes),
+        # so both forward modes draw the same ones.
+        online_inputs: dict[int, Tensor] = {}
+        mixes: dict[int, list[tuple[str, Mix]]] = {}
+        for online_index in online_views:
+            images = views[online_index]
+            if self.masking == "erase":
+                images = self._erase(images, generator)
+            online_inputs[online_index] = images
+            mixes[online_index] = self._mixes(images, generator)
+
+        # Every batch the online network sees this step, keyed (kind, view). A shared-weight
+        # base's target is the online pass of the target view, which then costs no extra
+        # forward where that view is also an online view.
+        online_kind = "erased" if self.masking == "erase" else "view"
+        batches: dict[tuple[str, int], Tensor] = {}
+        if not self.has_target_network:
+            for online_index in online_views:
+                batches[("view", 1 - online_index)] = views[1 - online_index]
+        for online_index in online_views:
+            batches[(online_kind, online_index)] = online_inputs[online_index]
+            for name, mix in mixes[online_index]:
+                batches[(name, online_index)] = mix.images
+        embeddings = self._embed_batches(batches)
+
         targets: dict[int, Tensor] = {}
         for online_index in online_views:
             target_index = 1 - online_index
@@ -156,33 +185,39 @@ class SiameseMethod(nn.Module):
                 with torch.no_grad():
                     targets[target_index] = self.target_embedding(views[target_index])
             else:
-                if target_index not in clean:
-                    clean[target_index] = self.embed(views[target_index])
-                targets[target_index] = self.target_from_online(clean[target_index])
+                targets[target_index] = self.target_from_online(embeddings[("view", target_index)])
 
         total = view1.new_zeros(())
         logs: dict[str, Tensor] = {}
         probe_features = None
         for online_index in online_views:
-            images, target = views[online_index], targets[1 - online_index]
-            if self.masking == "erase":
-                images = self._erase(images, generator)
-                online = self.embed(images)
-            else:
-                online = clean[online_index] if online_index in clean else self.embed(images)
+            online, target = embeddings[(online_kind, online_index)], targets[1 - online_index]
             if probe_features is None:
                 probe_features = online.features.detach()
             pair_total = self.pair_loss(online.output, target)
             logs["loss_clean" if self.masking != "erase" else "loss_erased"] = (
                 pair_total.detach().mean())
-            for name, mix in self._mixes(images, generator):
-                mixed_output = self.embed(mix.images).output  # BN sees the mixed batch alone
+            for name, mix in mixes[online_index]:
+                mixed_output = embeddings[(name, online_index)].output
                 pair_total = pair_total + self._mix_terms(mixed_output, target, mix, name, logs)
             total = total + pair_total.mean()
         loss = total / len(online_views)
         logs["loss"] = loss.detach()
         self._last_targets = [targets[1 - index].detach() for index in online_views]
         return StepOutput(loss=loss, features=probe_features, logs=logs)
+
+    def _embed_batches(self, batches: dict[tuple[str, int], Tensor]
+                       ) -> dict[tuple[str, int], Embedding]:
+        """The online network on each batch: one forward per batch (``separate``: BN
+        normalises each batch by its own statistics, as the papers' code does), or one
+        forward of their concatenation (``joint``: fewer, larger kernels; BN statistics then
+        come from the clean and mixed images together)."""
+        if self.online_forward == "separate" or len(batches) == 1:
+            return {key: self.embed(images) for key, images in batches.items()}
+        sizes = [images.shape[0] for images in batches.values()]
+        joint = self.embed(torch.cat(list(batches.values())))
+        parts = zip(*(tensor.split(sizes) for tensor in joint), strict=True)
+        return {key: Embedding(*part) for key, part in zip(batches, parts, strict=True)}
 
     def forward(self, view1: Tensor, view2: Tensor, generator: torch.Generator,
                 progress: float = 0.0) -> StepOutput:
