@@ -272,6 +272,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_result(result: dict, out: Path) -> None:
+    """``out/results.json``, the JSON every benchmark here writes next to its table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'results.json'}")
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(),
             "cpu_model": cpu_model(),
@@ -398,10 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "data": data_desc, "command": sys.argv if argv is None else argv},
         "notes": notes, "results": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    write_result(result, Path(args.out))
     return result
 
 

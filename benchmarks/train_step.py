@@ -100,7 +100,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import resource
 import statistics
@@ -124,7 +123,7 @@ from mixmask.optim import build_optimizer
 from mixmask.runtime import keep_freed_cpu_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from augment import machine_info, resolve_device, synchronize  # noqa: E402
+from augment import machine_info, resolve_device, synchronize, write_result  # noqa: E402
 
 LIBRARIES = ("ours", "lightly")
 MASKINGS = ("none", "mixmask")
@@ -646,10 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {**vars(args), "command": sys.argv if argv is None else argv},
         "notes": notes, "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    write_result(result, Path(args.out))
     return result
 
 

@@ -205,7 +205,7 @@ class TrainConfig:
     # false: the multi-tensor (foreach) update. LARS always runs its multi-tensor update.
     fused_optimizer: bool = True
     # On the CPU (Linux, glibc): keep freed memory in the process for the next step instead of
-    # returning it to the OS (see mixmask.runtime; ~90k fewer page faults per ResNet-18 step).
+    # returning it to the OS (see mixmask.runtime: no page faults per step instead of ~80k).
     keep_cpu_memory: bool = True
     seed: int = 0
     # lars: SGD with layer-wise trust ratios (BYOL, Barlow Twins, VICReg recipes); biases

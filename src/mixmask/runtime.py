@@ -5,8 +5,9 @@ freed memory at the top of its heap to the OS once more than ``M_TRIM_THRESHOLD`
 and serves blocks above ``M_MMAP_THRESHOLD`` with fresh ``mmap`` pages; both thresholds
 start small and adapt slowly. A training step frees all of its activations and allocates
 them again in the next step, so by default every step faults its activation memory back in
-page by page (``benchmarks/train_step.py`` counts about 90,000 minor page faults per CPU
-step of a CIFAR ResNet-18 at batch 64), and the kernel zeroes each page first. Keeping the
+page by page (``benchmarks/train_step.py --malloc system`` counted about 80,000 minor
+page faults per MoCo v2 + MixMask CPU step of a CIFAR ResNet-18 at batch 64, none with this
+setting), and the kernel zeroes each page first. Keeping the
 freed memory in the process, as the CUDA caching allocator does on a GPU, removes that work.
 """
 

@@ -33,7 +33,27 @@ from mixmask.data.loaders import UNLABELED, TwoCropDataset
 BatchSampler = Iterable[list[tuple[int, int]]]
 
 
-class DeviceTwoViews:
+class _DeviceAugmentedViews:
+    """What both loaders share: the preset's batched augmentation, the batch sampler and a
+    device generator re-seeded per batch from (seed, epoch, batch, rank)."""
+
+    def __init__(self, image_set: ImageSet, batch_sampler: BatchSampler, *, preset: str,
+                 image_size: int, device: torch.device, seed: int, rank: int,
+                 channels_last: bool):
+        self.augment = BatchedTwoViewAugment.from_preset(
+            preset, image_size, image_set.mean, image_set.std, channels_last=channels_last)
+        self.batch_sampler = batch_sampler
+        self.device, self.seed, self.rank = device, seed, rank
+        self.generator = torch.Generator(device=device)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def _seed_batch(self, epoch: int, batch: int) -> torch.Generator:
+        return self.generator.manual_seed(_batch_seed(self.seed, epoch, batch, self.rank))
+
+
+class DeviceTwoViews(_DeviceAugmentedViews):
     """Iterates ``(view1, view2, labels)`` on ``device`` for the batches of ``batch_sampler``
     (lists of ``(index, epoch)`` pairs, as :class:`~mixmask.engine.EpochBatchSampler`)."""
 
@@ -43,18 +63,12 @@ class DeviceTwoViews:
         if image_set.images is None:
             raise ValueError("DeviceTwoViews needs a dataset decoded into memory; for files on "
                              "disk use DecodedTwoViews (device_two_views picks it).")
+        super().__init__(image_set, batch_sampler, preset=preset, image_size=image_size,
+                         device=device, seed=seed, rank=rank, channels_last=channels_last)
         self.images = image_set.images.to(device)
         labels = (image_set.labels if image_set.labels is not None
                   else torch.full((len(image_set),), UNLABELED))
         self.labels = labels.to(device)
-        self.batch_sampler = batch_sampler
-        self.augment = BatchedTwoViewAugment.from_preset(
-            preset, image_size, image_set.mean, image_set.std, channels_last=channels_last)
-        self.device, self.seed, self.rank = device, seed, rank
-        self.generator = torch.Generator(device=device)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         start = getattr(self.batch_sampler, "start_batch", 0)
@@ -66,14 +80,13 @@ class DeviceTwoViews:
         end = 0
         for offset, batch in enumerate(batches):
             begin, end = end, end + len(batch)
-            self.generator.manual_seed(_batch_seed(self.seed, batch[0][1], start + offset,
-                                                   self.rank))
+            generator = self._seed_batch(batch[0][1], start + offset)
             index = order[begin:end]
-            view1, view2 = self.augment(self.images[index], self.generator)
+            view1, view2 = self.augment(self.images[index], generator)
             yield view1, view2, self.labels[index]
 
 
-class DecodedTwoViews:
+class DecodedTwoViews(_DeviceAugmentedViews):
     """Iterates ``(view1, view2, labels)`` on ``device`` for the batches of ``batch_sampler``
     (as :class:`DeviceTwoViews`), for an ImageSet of files: crops decoded by ``num_workers``
     DataLoader workers, photometric ops on the device."""
@@ -81,18 +94,12 @@ class DecodedTwoViews:
     def __init__(self, image_set: ImageSet, batch_sampler: BatchSampler, *, preset: str,
                  image_size: int, device: torch.device, seed: int, rank: int = 0,
                  num_workers: int = 0, channels_last: bool = False):
-        self.augment = BatchedTwoViewAugment.from_preset(
-            preset, image_size, image_set.mean, image_set.std, channels_last=channels_last)
+        super().__init__(image_set, batch_sampler, preset=preset, image_size=image_size,
+                         device=device, seed=seed, rank=rank, channels_last=channels_last)
         crops = TwoCropDataset(image_set, self.augment.first, self.augment.second, seed)
         self.loader = DataLoader(crops, batch_sampler=batch_sampler, num_workers=num_workers,
                                  pin_memory=device.type == "cuda",
                                  persistent_workers=num_workers > 0)
-        self.batch_sampler = batch_sampler
-        self.device, self.seed, self.rank = device, seed, rank
-        self.generator = torch.Generator(device=device)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         start = getattr(self.batch_sampler, "start_batch", 0)
@@ -102,8 +109,8 @@ class DecodedTwoViews:
             first = first.to(self.device, non_blocking=True)
             second = second.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            self.generator.manual_seed(_batch_seed(self.seed, epoch, start + offset, self.rank))
-            view1, view2 = self.augment.augment_crops(first, second, self.generator)
+            generator = self._seed_batch(epoch, start + offset)
+            view1, view2 = self.augment.augment_crops(first, second, generator)
             yield view1, view2, labels
 
 
