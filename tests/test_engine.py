@@ -39,6 +39,7 @@ def test_real_pretrain_writes_a_complete_run_folder_and_resumes(tmp_path, cifar1
     for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.ckpt",
                  "checkpoints/epoch=1.ckpt", "checkpoints/epoch=2.ckpt"):
         assert (run / name).is_file(), name
+    assert not (run / "profile").exists()  # train.profile_steps=0: no profiler
     assert load_config(run / "config.yaml") == config
     saved = json.loads((run / "summary.json").read_text())
     for key in ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init",

@@ -224,6 +224,11 @@ class TrainConfig:
     checkpoint_every: int = 10  # epochs; the last epoch always saves
     log_every: int = 10  # steps
     progress_bar: bool = True
+    # torch.profiler over this many steps (0: off) from step profile_start_step (past cuDNN
+    # autotuning and allocator warm-up): out_dir/profile/ gets trace.json (Perfetto) and
+    # summary.json with the share of the window the device was busy (mixmask.profiling).
+    profile_steps: int = 0
+    profile_start_step: int = 10
 
 
 @dataclass
@@ -422,6 +427,8 @@ def validate(config: Config) -> None:
         "data.subset": config.data.subset,
         "train.max_steps": config.train.max_steps,
         "data.num_workers": config.data.num_workers,
+        "train.profile_steps": config.train.profile_steps,
+        "train.profile_start_step": config.train.profile_start_step,
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")

@@ -41,6 +41,7 @@ from mixmask.eval.knn import knn_top1
 from mixmask.eval.linear import linear_top1
 from mixmask.methods import build_method
 from mixmask.optim import build_optimizer
+from mixmask.profiling import StepProfiler
 from mixmask.runtime import keep_freed_cpu_memory
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -443,6 +444,10 @@ class _Run:
         self.elapsed_before, self.started = 0.0, time.perf_counter()
         self.last_epoch_metrics: dict[str, float] = {}
         self._pending_log = None  # (step, lr, names, values, ready event): see _log_step
+        train = config.train
+        self.profiler = (StepProfiler(Path(config.out_dir) / "profile", fabric.device,
+                                      train.profile_start_step, train.profile_steps)
+                         if train.profile_steps and fabric.is_global_zero else None)
 
     @property
     def total_steps(self) -> int:
@@ -469,6 +474,8 @@ class _Run:
                 if epoch_done:
                     self.state["epoch"] = epoch + 1
                     self._end_of_epoch(epoch + 1, progress, task)
+        if self.profiler is not None:  # the run ended inside the profiled window
+            self._report_profile(self.profiler.close(self.state["step"]))
         self.save_checkpoint("last.ckpt")
 
     def _train_epoch(self, progress, task) -> None:
@@ -482,6 +489,8 @@ class _Run:
             lr = learning_rate(config, step, self.steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self.profiler is not None:
+                self.profiler.before_step(step)
             if config.train.channels_last:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
@@ -501,6 +510,8 @@ class _Run:
                 logs["probe_loss"] = probe_loss.detach()
             images_seen += view1.shape[0] * fabric.world_size
             self.state["step"] = step + 1
+            if self.profiler is not None:
+                self._report_profile(self.profiler.after_step(step + 1))
             progress.advance(task)
             if ((step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps
                     or (step + 1) % self.steps_per_epoch == 0):
@@ -510,6 +521,14 @@ class _Run:
             torch.cuda.synchronize(fabric.device)
         self.train_seconds += time.perf_counter() - start
         self.train_images += images_seen
+
+    def _report_profile(self, summary: dict | None) -> None:
+        if summary is None:
+            return
+        busy = summary["busy_fraction"]
+        self.say(f"Profiled {summary['steps']} steps from step {summary['first_step']}: busy "
+                 f"{'n/a' if busy is None else f'{100 * busy:.1f}%'} of the window "
+                 f"({summary['busy_of']}); trace in {self.profiler.out_dir}.")
 
     def _log_step(self, step: int, lr: float, logs: dict[str, torch.Tensor], progress,
                   task) -> None:
@@ -628,6 +647,8 @@ class _Run:
         summary["versions"] = versions()
         summary["device"] = device_name(fabric.device)
         summary["world_size"] = fabric.world_size
+        if self.profiler is not None and self.profiler.summary is not None:
+            summary["profile"] = self.profiler.summary
         if not fabric.is_global_zero:
             return None  # other DDP processes report nothing
         (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,71 @@
+"""The benchmarks' GPU-scale settings resolve to valid configs.
+
+No GPU runs in CI, so a typo in a ``--scale gpu`` override list would only surface on a
+lent GPU, after its start-up time is spent; these checks load each such config here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from mixmask.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("base", ["mocov2", "byol", "simsiam", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("strategy", ["none", "erase", "mixmask", "unmix", "both"])
+def test_masking_ablation_gpu_scale_is_a_valid_config(base, strategy):
+    ablation = load_benchmark("masking_ablation")
+    config = load_config(ablation.CONFIG, [*ablation.SCALES["gpu"], f"method.name={base}",
+                                           *ablation.fragment_overrides(strategy)])
+    assert config.method.name == base
+    assert (config.train.device, config.train.precision) == ("cuda", "bf16")
+    assert (config.train.batch_size, config.train.epochs) == (512, 200)
+    assert (config.model.width, config.data.subset) == (1.0, 0)
+
+
+def test_time_to_accuracy_gpu_scale_is_a_valid_config():
+    benchmark = load_benchmark("time_to_accuracy")
+    config = load_config(benchmark.CONFIG, [*benchmark.SCALES["gpu"], "monitor.knn=true",
+                                            "monitor.online_probe=true"])
+    assert (config.train.device, config.data.pipeline) == ("cuda", "device")
+    assert (config.train.batch_size, config.model.width, config.data.subset) == (512, 1.0, 0)
+
+
+def test_epoch_time_gpu_scale_is_a_valid_config():
+    benchmark = load_benchmark("epoch_time")
+    overrides, epochs, profile_start, profile_steps = benchmark.SCALES["gpu"]
+    config = load_config(benchmark.CONFIG, [*benchmark.COMMON, *overrides,
+                                            f"train.epochs={epochs}",
+                                            f"train.profile_start_step={profile_start}",
+                                            f"train.profile_steps={profile_steps}"])
+    assert (config.method.masking, config.data.pipeline) == ("mixmask", "device")
+    assert (config.train.batch_size, config.data.subset, config.model.width) == (512, 0, 1.0)
+    steps_per_epoch = 50_000 // 512
+    assert profile_start + profile_steps <= steps_per_epoch  # the profile stays in epoch 1
+
+
+def test_epoch_time_reports_epochs_and_the_profiled_busy_share(tmp_path):
+    benchmark = load_benchmark("epoch_time")
+    result = benchmark.main(["data.dataset=synthetic", "data.subset=64", "train.batch_size=16",
+                             "model.width=0.125", "method.mocov2.proj_hidden_dim=32",
+                             "data.num_workers=0", "--epochs", "2", "--profile-start", "1",
+                             "--profile-steps", "2", "--out", str(tmp_path)])
+    assert result["images_per_epoch"] == 64 and len(result["epoch_seconds"]) == 2
+    assert all(seconds > 0 for seconds in result["epoch_seconds"])
+    assert result["steady_epoch_seconds"] == result["epoch_seconds"][1]
+    assert result["profile"]["steps"] == 2 and 0 < result["profile"]["busy_fraction"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text())["epoch_seconds"] == \
+        result["epoch_seconds"]
