@@ -15,6 +15,12 @@ GPU scale (full CIFAR-10, ResNet-18 width 1, batch 512, bf16, data on the GPU)::
 
     python benchmarks/time_to_accuracy.py --scale gpu --budget-s 600 data.root=...
 
+The GPU scale keeps the 200-epoch cosine schedule, so a 600 s budget may cut it before the
+learning rate has decayed. For the best accuracy within a budget, shorten the schedule to
+fit it: ``train.epochs=N`` with N about (budget - setup) / (seconds per epoch, monitors
+included), the epoch time taken from benchmarks/epoch_time.py --scale gpu (``--every``
+thins the monitors).
+
 ``data.dataset=cifar100 data.root=...`` measures CIFAR-100 where a copy is present.
 """
 

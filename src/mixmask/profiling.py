@@ -9,7 +9,8 @@ On the CPU the same share is taken over torch's operators: the rest of the windo
 Python and framework overhead between them.
 
 On CUDA only device activity is recorded (no CPU operator events), so the profiler adds
-little host work to the steps it measures.
+little host work to the steps it measures. (Without a GPU, torch's Kineto profiler logs a
+harmless "gpuGetDeviceCount failed" line when the window closes.)
 """
 
 from __future__ import annotations
