@@ -6,22 +6,16 @@ lent GPU, after its start-up time is spent; these checks load each such config h
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from mixmask.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 @pytest.mark.parametrize("base", ["mocov2", "byol", "simsiam", "barlow_twins", "vicreg"])

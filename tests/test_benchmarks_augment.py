@@ -1,22 +1,17 @@
 """Smoke test of benchmarks/augment.py at toy sizes (a few seconds on CPU)."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "augment.py"
 TINY = ["--device", "cpu", "--data", "random", "--workers", "0", "--batch", "4",
         "--seconds", "0.01", "--warmup", "0", "--pil-rounds", "1"]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_augment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/augment.py")
 
 
 def test_all_methods_at_both_sizes(tmp_path):

@@ -1,23 +1,18 @@
 """Smoke test of benchmarks/train_step.py at toy sizes (a few seconds on CPU)."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 TINY = ["--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "0", "--width", "0.125",
         "--queue", "64"]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/train_step.py")
 
 
 def test_without_lightly_skips_its_rows_with_a_note(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from scripts import load_script
 
 from mixmask.cli import main
 from mixmask.config import Config, load_config, save_config
@@ -86,11 +87,7 @@ def test_switching_the_method_keeps_each_methods_defaults():
 
 
 def test_the_base_by_masking_matrix_is_complete_and_composed():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_matrix", CONFIGS / "make_matrix.py")
-    make_matrix = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_matrix)
+    make_matrix = load_script("configs/make_matrix.py")
     expected = make_matrix.matrix()
     assert len(expected) == 25
     for base in make_matrix.BASES:

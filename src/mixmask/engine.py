@@ -35,6 +35,7 @@ from mixmask.data import (
     two_view_transform,
 )
 from mixmask.data.device_views import device_two_views
+from mixmask.data.loaders import item_seed
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
@@ -144,7 +145,7 @@ class SeededViews(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        torch.manual_seed(item_seed(self.seed, epoch, index))
         return self.dataset[index]
 
 

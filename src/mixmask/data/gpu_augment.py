@@ -357,7 +357,7 @@ def _blend_slot_(images: Tensor, factors: Tensor, op: Tensor, active: Tensor) ->
 def grayscale(images: Tensor, apply: Tensor) -> Tensor:
     """Replace the samples where ``apply`` [B] is true by their luma on all three channels
     (torchvision ``rgb_to_grayscale(num_output_channels=3)``, ITU-R 601-2)."""
-    return torch.where(_per_sample_bool(apply), _luma(images).expand_as(images), images)
+    return _grayscale_(images.clone(), apply)
 
 
 def _grayscale_(images: Tensor, apply: Tensor) -> Tensor:
@@ -433,15 +433,14 @@ def solarize(images: Tensor, apply: Tensor, threshold: float = 0.5) -> Tensor:
     """Invert (x -> 1 - x) the pixels at or above ``threshold`` in the samples where
     ``apply`` is true (torchvision ``solarize``; BYOL, Grill et al. 2020, Table 6, uses
     threshold 0.5). images: float in [0, 1]."""
-    invert = (_per_sample_bool(apply) & (images >= threshold)).to(images.dtype)
-    # |x - 1| is 1 - x to the bit and |x - 0| is x: cheaper than torch.where with a
-    # per-pixel condition on the CPU.
-    return (images - invert).abs_()
+    return _solarize_(images.clone(), apply, threshold)
 
 
 def _solarize_(images: Tensor, apply: Tensor, threshold: float) -> Tensor:
     """:func:`solarize` in place."""
     invert = (_per_sample_bool(apply) & (images >= threshold)).to(images.dtype)
+    # |x - 1| is 1 - x to the bit and |x - 0| is x: cheaper than torch.where with a
+    # per-pixel condition on the CPU.
     return images.sub_(invert).abs_()
 
 

@@ -65,9 +65,10 @@ class EvalDataset(Dataset):
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one item's random draws (``mixmask.engine.SeededViews``' formula): the
-    views are a pure function of (seed, epoch, index), whatever the worker count, and a
-    resumed run draws what the uninterrupted run would have drawn."""
+    """The seed of one item's random draws (in ``mixmask.engine.SeededViews`` and
+    :class:`TwoCropDataset`): the views are a pure function of (seed, epoch, index),
+    whatever the worker count, and a resumed run draws what the uninterrupted run would
+    have drawn."""
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
