@@ -12,9 +12,11 @@ that). Per size, every method runs the same two-view recipe:
 
 Methods:
 
-* ``ours``: ``BatchedTwoViewAugment`` on a uint8 batch already on the device (both views in
-  one call); warm-up calls, then timed calls (synchronised on CUDA).
-* ``torchvision``: ``two_view_transform`` (PIL) through ``TwoViewDataset`` and a DataLoader
+* ``ours``: ``BatchedViewAugment`` with the preset's two views on a uint8 batch already on
+  the device (both views in one call); warm-up calls, then timed calls (synchronised on
+  CUDA).
+* ``torchvision``: the preset's two ``view_transform`` (PIL) pipelines through
+  ``MultiViewDataset`` (as training's ``data.pipeline=cpu``) and a DataLoader
   with ``--workers`` processes (default: all cores) and persistent workers. One untimed pass
   starts the workers; then whole passes are timed, each of ``--pil-rounds`` batches per
   worker so that every worker does the same work. On CUDA the pass includes pinned memory
@@ -63,8 +65,14 @@ import torchvision
 from torch.utils.data import DataLoader, Subset
 
 import mixmask
-from mixmask.data import DATASET_STATS, ImageSet, TwoViewDataset, load_image_set, two_view_transform
-from mixmask.data.gpu_augment import BatchedTwoViewAugment, view_config
+from mixmask.data import (
+    DATASET_STATS,
+    BatchedViewAugment,
+    ImageSet,
+    MultiViewDataset,
+    load_image_set,
+    preset_views,
+)
 from mixmask.runtime import keep_freed_cpu_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,10 +188,10 @@ def time_calls(fn: Callable[[], object], seconds: float, warmup: int,
 
 def bench_ours(images: torch.Tensor, size: int, batch: int, device: torch.device,
                args: argparse.Namespace, mean, std) -> dict:
-    augment = BatchedTwoViewAugment.from_preset(preset_for(size), size, mean, std)
+    augment = BatchedViewAugment(preset_views(preset_for(size), size), mean=mean, std=std)
     source = device_batch(images, batch, device)
     generator = torch.Generator(device=device).manual_seed(0)
-    first, second = augment(source, generator)
+    (first, second), _ = augment(source, generator)
     assert first.shape == second.shape == (batch, 3, size, size), first.shape
     calls, elapsed = time_calls(lambda: augment(source, generator), args.seconds, args.warmup,
                                 device)
@@ -195,7 +203,7 @@ def bench_ours(images: torch.Tensor, size: int, batch: int, device: torch.device
 def bench_kornia(kornia, images: torch.Tensor, size: int, batch: int, device: torch.device,
                  args: argparse.Namespace, mean, std, cropping_mode: str) -> dict:
     K = kornia.augmentation
-    config = view_config(preset_for(size), size)
+    config = preset_views(preset_for(size), size)[0]
     steps = [
         K.RandomResizedCrop((size, size), scale=(0.2, 1.0), cropping_mode=cropping_mode),
         K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
@@ -225,18 +233,19 @@ def bench_kornia(kornia, images: torch.Tensor, size: int, batch: int, device: to
 def bench_torchvision(images: torch.Tensor, size: int, batch: int, device: torch.device,
                       args: argparse.Namespace, mean, std) -> dict:
     image_set = ImageSet(images, None, None, [], tuple(mean), tuple(std))
-    dataset = TwoViewDataset(image_set, two_view_transform(preset_for(size), size, mean, std))
+    dataset = MultiViewDataset(image_set, preset_views(preset_for(size), size), seed=0)
     workers = args.workers
     pass_images = batch * max(1, workers) * args.pil_rounds
     # Each pass cycles through the distinct images: the PIL work does not depend on which.
-    dataset = Subset(dataset, [i % len(images) for i in range(pass_images)])
+    # Items are keyed (index, epoch), as training's batch sampler yields them.
+    dataset = Subset(dataset, [(i % len(images), 0) for i in range(pass_images)])
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda")
 
     def one_pass(loader: DataLoader) -> float:
         start = time.perf_counter()
-        for first, second, _ in loader:
+        for (first, second), *_ in loader:
             first = first.to(device, non_blocking=True)
             second = second.to(device, non_blocking=True)
         synchronize(device)

@@ -5,8 +5,9 @@ optimizer step, EMA and queue / memory-bank update) on pre-made device tensors: 
 loading, no augmentation. Rows:
 
 * ``ours mocov2``: ``build_method`` with ``method.name=mocov2 method.masking=none``, the
-  engine's step (``method(view1, view2, generator, progress)`` -> loss; backward;
-  ``build_optimizer("sgd", ..., fused=True)`` step; zero_grad; ``method.finish_step``).
+  engine's step function ``mixmask.step.training_step`` (``method(batch, generator,
+  progress)`` -> loss; backward; ``build_optimizer("sgd", ..., fused=True)`` step;
+  zero_grad; ``method.after_optimizer_step``).
   ``--online-forward joint`` and ``--foreach`` select ``method.online_forward=joint`` and
   the foreach SGD update; ``--compile`` is ``train.compile=true`` (inductor).
 * ``ours mixmask``: the same with ``method.masking=mixmask`` (grid 8, ratio 0.5, block
@@ -17,7 +18,10 @@ loading, no augmentation. Rows:
   forward, loss, backward, ``optimizer.step()``, ``optimizer.zero_grad()``), with
   ``torch.optim.SGD(model.parameters(), ...)`` as that example builds it.
 * ``lightly mixmask``: the same plus a MixMask branch on lightly's parts: the query view is
-  mixed with the reversed batch by ``mixmask.masking.sample_mixmask``, one extra online
+  mixed with the reversed batch by ``mixmask.masking.sample_mixmask`` (both libraries'
+  rows draw the vectorised ``exact_count`` block masks on the device,
+  ``method.mask.generator=exact_count``, so neither row pays the host-side BEiT loop and
+  a CUDA step stays free of host syncs), one extra online
   forward gives q_mix, and ``loss = L(q, k) + lam L(q_mix, k) + (1 - lam) L(flip(q_mix), k)``
   with lightly's NTXentLoss as L (one mask per batch, so lam is one number).
 
@@ -115,12 +119,14 @@ from torch import Tensor, nn
 
 import mixmask
 from mixmask.config import Config, load_config
+from mixmask.data.batch import Batch
 from mixmask.engine import compile_networks
 from mixmask.masking import sample_mixmask
 from mixmask.methods import build_method
 from mixmask.models import build_resnet
 from mixmask.optim import build_optimizer
 from mixmask.runtime import keep_freed_cpu_memory
+from mixmask.step import training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, synchronize, write_result  # noqa: E402
@@ -151,6 +157,8 @@ def ours_config(masking: str, args: argparse.Namespace) -> Config:
         f"data.image_size={args.image_size}", f"method.mocov2.queue_size={args.queue}",
         "method.mocov2.proj_hidden_dim=2048", "method.mocov2.proj_output_dim=128",
         f"method.mocov2.symmetric={str(args.symmetric).lower()}",
+        # lightly's symmetric row averages the two directions.
+        "method.mocov2.symmetric_reduction=mean", "method.mask.generator=exact_count",
         f"method.online_forward={args.online_forward}",
         "method.mocov2.momentum_schedule=constant", "train.optimizer=sgd",
         f"train.compile={str(args.compile).lower()}",
@@ -275,19 +283,16 @@ def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
     if args.compile:
         compile_networks(method, config)  # as the engine: the networks, in place
     train = config.train
-    optimizer = build_optimizer(train.optimizer, method.named_parameters(), lr=train.lr,
-                                momentum=train.momentum, weight_decay=train.weight_decay,
+    optimizer = build_optimizer(train.optimizer, method.parameter_groups(train.optimizer),
+                                lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay,
                                 fused=train.fused_optimizer and not args.foreach)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    view1, view2 = views
+    batch = views_batch(views)
 
-    def step() -> Tensor:  # engine._Run._train_epoch, without data loading, probe and logging
-        with autocast(device, args.precision):
-            output = method(view1, view2, generator, 0.0)
-        output.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.finish_step(0.0)
+    def step() -> Tensor:  # the engine's step function, without data loading, probe, logging
+        output = training_step(method, optimizer, batch, generator, 0.0,
+                               autocast=autocast(device, args.precision))
         return output.loss.detach()
 
     return Row("ours", masking, step, f"mixmask MoCoV2 (masking={masking})",
@@ -362,7 +367,8 @@ def build_lightly(lightly, masking: str, views: tuple[Tensor, Tensor], device: t
             if masking == "mixmask":
                 mix = sample_mixmask(x_query, grid_size=mask.grid_size,
                                      mask_ratio=mask.mask_ratio, mode=mask.mode,
-                                     per_sample=False, generator=generator)
+                                     per_sample=False, generator=generator,
+                                     block_generator=mask.generator)
                 query_mix = model(mix.mixed_images)
                 lam = mix.lam[0]  # one mask for the batch: one lambda
                 # Read-only bank first; the clean term below enqueues the keys, once.
@@ -430,6 +436,15 @@ def make_views(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, 
             view = view.contiguous(memory_format=torch.channels_last)
         views.append(view)
     return views[0], views[1]
+
+
+def views_batch(views: tuple[Tensor, Tensor]) -> Batch:
+    """The pre-made views as the loaders' Batch (whole-image boxes, no flips: unused)."""
+    size, height, width = views[0].shape[0], views[0].shape[-2], views[0].shape[-1]
+    box = torch.tensor([0, 0, height, width], device=views[0].device).expand(size, 4)
+    flip = torch.zeros(size, dtype=torch.bool, device=views[0].device)
+    labels = torch.full((size,), -1, device=views[0].device)
+    return Batch(list(views), labels, [box, box], [flip, flip])
 
 
 def versions(lightly) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for mixmask.data: datasets, transforms and loaders.
+"""Tests for mixmask.data: datasets, views, transforms and the CPU loaders.
 
 Fixtures are tiny PNG trees written with PIL whose pixel values encode (class, file), so
 order and labels are checked against hand-written expectations, not the loader's code.
@@ -15,19 +15,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
 import mixmask.data.datasets as datasets_module
 from mixmask.data import (
+    AUGMENTATION_PRESETS,
     DATASET_STATS,
+    Batch,
+    EpochBatchSampler,
     EvalDataset,
     ImageSet,
-    TwoViewDataset,
+    MultiViewDataset,
+    ViewConfig,
+    build_train_loader,
     eval_transform,
     load_image_set,
-    two_view_transform,
+    preset_views,
+    view_transform,
 )
+from mixmask.data.loaders import item_seed
 from mixmask.errors import DatasetError, MixmaskError
 
 SHARED_DATA = Path(os.environ.get("MIXMASK_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -134,8 +142,8 @@ def test_unlabeled_folder(tmp_path, cache):
     image_set = load_image_set("imagefolder", str(folder), "train", cache_dir=cache)
     assert image_set.labels is None and image_set.classes == [] and image_set.num_classes == 0
     assert red_values(image_set) == [51, 50, 52]  # sorted names: a.png, b.PNG, c.bmp
-    dataset = TwoViewDataset(image_set, two_view_transform("cifar", 8, (0.5,) * 3, (0.5,) * 3))
-    assert dataset[0][2] == -1
+    dataset = MultiViewDataset(image_set, preset_views("cifar", 8), seed=0)
+    assert dataset[(0, 0)][1] == -1
     assert EvalDataset(image_set, eval_transform(8, (0.5,) * 3, (0.5,) * 3, False))[1][1] == -1
 
 
@@ -418,7 +426,7 @@ def test_synthetic_is_deterministic_balanced_and_learnable():
     assert (predicted == test.labels).float().mean() > 0.9
 
 
-# --- transforms and loaders -------------------------------------------------------------
+# --- views, transforms and loaders ------------------------------------------------------
 
 
 def noise_image(size: int, seed: int = 0) -> Image.Image:
@@ -426,35 +434,67 @@ def noise_image(size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def preset_transforms(preset: str, size: int, mean, std, num_views: int = 2):
+    return [view_transform(view, mean, std) for view in preset_views(preset, size, num_views)]
+
+
+def draw_views(transforms, image) -> list[torch.Tensor]:
+    """Each view's tensor, drawn in view order from torch's global RNG."""
+    return [transform(image)[0] for transform in transforms]
+
+
+def test_preset_views_names_counts_and_cycling():
+    assert AUGMENTATION_PRESETS == ("mocov2", "cifar", "byol", "byol_cifar")
+    for preset in AUGMENTATION_PRESETS:
+        for num_views in (1, 2, 3, 5):
+            views = preset_views(preset, 48, num_views)
+            assert len(views) == num_views
+            assert all(isinstance(view, ViewConfig) and view.image_size == 48 for view in views)
+        # Beyond the preset's own views they cycle: view k is view k mod (its count).
+        one, two = preset_views(preset, 48)
+        assert preset_views(preset, 48, 5) == [one, two, one, two, one]
+        assert preset_views(preset, 48, 1) == [one]
+    assert preset_views("cifar", 32) == [ViewConfig(32), ViewConfig(32)]
+    first, second = preset_views("byol", 224)
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0, 0.1, 0.2)
+    with pytest.raises(ValueError, match="Unknown augmentation preset 'simclr'.*mocov2, cifar"):
+        preset_views("simclr", 32)
+    with pytest.raises(ValueError, match="num_views must be at least 1"):
+        preset_views("cifar", 32, 0)
+
+
 @pytest.mark.parametrize("preset, size", [("cifar", 32), ("mocov2", 64)])
 def test_two_view_shapes_and_independence(preset, size):
     torch.manual_seed(0)
-    transform = two_view_transform(preset, size, *DATASET_STATS["cifar10"])
-    first, second = transform(noise_image(size + 8))
+    transforms = preset_transforms(preset, size, *DATASET_STATS["cifar10"])
+    first, second = draw_views(transforms, noise_image(size + 8))
     assert first.shape == second.shape == (3, size, size)
     assert first.dtype == torch.float32
     assert not torch.equal(first, second)
 
 
 def test_two_view_presets_match_the_recipes():
-    mocov2 = repr(two_view_transform("mocov2", 224, (0.5,) * 3, (0.5,) * 3))
+    mocov2 = repr(view_transform(preset_views("mocov2", 224)[0], (0.5,) * 3, (0.5,) * 3))
     assert "GaussianBlur(kernel_size=(23, 23), sigma=(0.1, 2.0))" in mocov2
     assert "scale=(0.2, 1.0)" in mocov2 and "p=0.2" in mocov2
-    cifar = repr(two_view_transform("cifar", 32, (0.5,) * 3, (0.5,) * 3))
+    cifar = repr(view_transform(preset_views("cifar", 32)[0], (0.5,) * 3, (0.5,) * 3))
     assert "GaussianBlur" not in cifar and "RandomHorizontalFlip" in cifar
     with pytest.raises(ValueError, match="mocov2, cifar"):
-        two_view_transform("simclr", 32, (0.5,) * 3, (0.5,) * 3)
+        preset_views("simclr", 32)
 
 
-def steps_of(compose) -> dict[str, object]:
-    """Each op of a view pipeline by class name; RandomApply as (p, op) under the op's."""
+def steps_of(transform) -> dict[str, object]:
+    """Each op of a view pipeline by its torchvision class name (the crop and the flip
+    record their draws in subclasses); RandomApply as (p, op) under the op's."""
     steps = {}
-    for step in compose.transforms:
+    for step in transform.transforms:
         if isinstance(step, T.RandomApply):
             (inner,) = step.transforms
             steps[type(inner).__name__] = (step.p, inner)
         else:
-            steps[type(step).__name__] = step
+            name = next(kind.__name__ for kind in type(step).__mro__
+                        if kind.__module__.startswith("torchvision."))
+            steps[name] = step
     return steps
 
 
@@ -464,8 +504,8 @@ def test_byol_presets_are_table_6_of_the_paper(preset, size, blur_p):
     """BYOL (Grill et al. 2020, Table 6): both views crop (0.08, 1), jitter (0.4, 0.4, 0.2,
     0.1) with p 0.8, grayscale 0.2, flip 0.5; blur 1.0 / 0.1 (none for CIFAR), solarize
     0.0 / 0.2 at 128; in solo-learn's order."""
-    transform = two_view_transform(preset, size, (0.5,) * 3, (0.5,) * 3)
-    views = [steps_of(transform.first), steps_of(transform.second)]
+    views = [steps_of(transform)
+             for transform in preset_transforms(preset, size, (0.5,) * 3, (0.5,) * 3)]
     for index, steps in enumerate(views):
         order = ["RandomResizedCrop", "ColorJitter", "RandomGrayscale", "GaussianBlur",
                  "RandomSolarize", "RandomHorizontalFlip", "ToTensor", "Normalize"]
@@ -494,15 +534,63 @@ def test_byol_solarizes_only_view_2_about_a_fifth_of_the_time():
     # A white image stays at a grey level >= 0.6 * 255 through every op but solarization,
     # which takes it to <= 0.4 * 255.
     torch.manual_seed(0)
-    transform = two_view_transform("byol_cifar", 8, (0.0,) * 3, (1.0,) * 3)
+    transforms = preset_transforms("byol_cifar", 8, (0.0,) * 3, (1.0,) * 3)
     white = Image.new("RGB", (8, 8), (255, 255, 255))
     draws = 1000
-    levels = torch.stack([torch.stack(transform(white)).mean(dim=(1, 2, 3))
+    levels = torch.stack([torch.stack(draw_views(transforms, white)).mean(dim=(1, 2, 3))
                           for _ in range(draws)])
     assert ((levels < 0.41) | (levels > 0.59)).all()
     solarized = (levels < 0.5).double().mean(0)
     assert solarized[0] == 0
     assert abs(solarized[1] - 0.2) < 5 * (0.2 * 0.8 / draws) ** 0.5
+
+
+# The presets as the papers write them (independent of mixmask.data.views): crop scale,
+# ColorJitter strengths, blur p per view, solarize p per view.
+RECIPES = {
+    "mocov2": ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), (0.5, 0.5), (0.0, 0.0)),
+    "cifar": ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), (0.0, 0.0), (0.0, 0.0)),
+    "byol": ((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), (1.0, 0.1), (0.0, 0.2)),
+    "byol_cifar": ((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), (0.0, 0.0), (0.0, 0.2)),
+}
+
+
+def torchvision_compose(preset: str, view: int, size: int, mean, std) -> T.Compose:
+    """A plain torchvision pipeline of the recipe: MoCo v2's / solo-learn's order."""
+    scale, jitter, blur_p, solarize_p = RECIPES[preset]
+    steps = [T.RandomResizedCrop(size, scale=scale),
+             T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
+    if blur_p[view] > 0:
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p[view]))
+    if solarize_p[view] > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize_p[view]))
+    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+@pytest.mark.parametrize("preset", ["mocov2", "cifar", "byol", "byol_cifar"])
+@pytest.mark.parametrize("size, source", [(32, (32, 32)), (24, (40, 52)), (96, (120, 104))])
+def test_view_transform_is_torchvisions_compose_to_the_bit(preset, size, source):
+    """view_transform draws from torch's global RNG exactly as torchvision's own
+    RandomResizedCrop and RandomHorizontalFlip do: under the same seed, every view of a
+    preset is the plain Compose's, bit for bit, and its box is get_params' draw."""
+    mean, std = DATASET_STATS["cifar10"]
+    height, width = source
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    for view, config in enumerate(preset_views(preset, size)):
+        ours, reference = view_transform(config, mean, std), torchvision_compose(
+            preset, view, size, mean, std)
+        for seed in range(6):
+            torch.manual_seed(seed)
+            tensor, box, flipped = ours(image)
+            torch.manual_seed(seed)
+            assert torch.equal(tensor, reference(image)), (view, seed)
+            torch.manual_seed(seed)
+            assert box == T.RandomResizedCrop.get_params(image, list(RECIPES[preset][0]),
+                                                         [3 / 4, 4 / 3])
+            assert isinstance(flipped, bool)
 
 
 def test_normalisation_of_a_constant_grey_image():
@@ -517,9 +605,9 @@ def test_normalisation_of_a_constant_grey_image():
     # Augmented views of a grey image stay grey (jitter may change the level), so undoing
     # the normalisation must give equal channels if, and only if, it used these stats.
     torch.manual_seed(0)
-    transform = two_view_transform("cifar", 16, mean, std)
+    transforms = preset_transforms("cifar", 16, mean, std)
     for _ in range(5):
-        for view in transform(image):
+        for view in draw_views(transforms, image):
             pixels = view * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
             assert torch.allclose(pixels, pixels[0:1].expand_as(pixels), atol=1e-5)
 
@@ -552,13 +640,204 @@ def test_in_memory_and_on_disk_sets_give_the_same_items(tmp_path, cache):
         image_b, label_b = EvalDataset(on_disk, transform)[index]
         assert torch.equal(image_a, image_b) and label_a == label_b == index
 
+    views = preset_views("cifar", 16)
     loader = torch.utils.data.DataLoader(
-        TwoViewDataset(in_memory, two_view_transform("cifar", 16, (0.5,) * 3, (0.5,) * 3)),
-        batch_size=2,
+        MultiViewDataset(in_memory, views, seed=0), batch_sampler=[[(0, 0), (1, 0)]]
     )
-    first, second, labels = next(iter(loader))
+    (first, second), labels, boxes, flips = next(iter(loader))
     assert first.shape == second.shape == (2, 3, 16, 16)
     assert labels.dtype == torch.int64 and labels.tolist() == [0, 1]
+    assert boxes.shape == (2, 2, 4) and flips.shape == (2, 2)
+    for key in [(0, 0), (1, 3)]:
+        a = MultiViewDataset(in_memory, views, seed=0)[key]
+        b = MultiViewDataset(on_disk, views, seed=0)[key]
+        assert all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True))
+        assert a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+# --- N views: MultiViewDataset and the CPU training loader --------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+def test_multi_view_items_are_seeded_per_key_and_draw_views_in_order(num_views):
+    image_set = load_image_set("synthetic", "", "train", subset=8)
+    views = preset_views("byol_cifar", 24, num_views)
+    dataset = MultiViewDataset(image_set, views, seed=3)
+    assert len(dataset) == 8
+    tensors, label, boxes, flips = dataset[(5, 2)]
+    assert isinstance(tensors, tuple) and len(tensors) == num_views
+    assert all(t.shape == (3, 24, 24) and t.dtype == torch.float32 for t in tensors)
+    assert label == int(image_set.labels[5])
+    assert boxes.dtype == torch.int64 and boxes.shape == (num_views, 4)
+    assert flips.dtype == torch.bool and flips.shape == (num_views,)
+    # A pure function of (seed, epoch, index), whatever was drawn before.
+    torch.manual_seed(123)
+    again = dataset[(5, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, again[0], strict=True))
+    assert torch.equal(boxes, again[2]) and torch.equal(flips, again[3])
+    assert not torch.equal(dataset[(5, 3)][0][0], tensors[0])
+    assert not torch.equal(MultiViewDataset(image_set, views, seed=4)[(5, 2)][0][0], tensors[0])
+    # Views draw in order from one seeded stream: item_seed, then view 1, view 2, ...
+    image = image_set.load_pil(5)
+    torch.manual_seed(item_seed(3, 2, 5))
+    for k, config in enumerate(views):
+        tensor, box, flipped = view_transform(config, image_set.mean, image_set.std)(image)
+        assert torch.equal(tensor, tensors[k])
+        assert box == tuple(boxes[k].tolist()) and flipped == bool(flips[k])
+    # So fewer views are a prefix of more.
+    three = MultiViewDataset(image_set, preset_views("byol_cifar", 24, 3), seed=3)[(5, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, three[0][:num_views], strict=True))
+
+
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+def test_cpu_loader_yields_batches_of_n_views_in_the_sampler_order(num_views):
+    image_set = load_image_set("synthetic", "", "train", subset=24)
+    sampler = EpochBatchSampler(24, 8, seed=1)
+    sampler.set_epoch(2)
+    views = preset_views("cifar", 16, num_views)
+    loader = build_train_loader(image_set, sampler, views, pipeline="cpu", device=CPU, seed=5)
+    dataset = MultiViewDataset(image_set, views, seed=5)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    for keys, batch in zip(sampler, batches, strict=True):
+        indices = [index for index, _ in keys]
+        assert isinstance(batch, Batch) and batch.num_views == num_views and batch.size == 8
+        assert torch.equal(batch.labels, image_set.labels[indices])
+        items = [dataset[key] for key in keys]
+        for k in range(num_views):
+            assert batch.views[k].shape == (8, 3, 16, 16) and batch.views[k].dtype == torch.float32
+            assert torch.equal(batch.views[k], torch.stack([item[0][k] for item in items]))
+            assert batch.boxes[k].shape == (8, 4) and batch.boxes[k].dtype == torch.int64
+            assert batch.boxes[k].is_contiguous() and batch.flips[k].dtype == torch.bool
+            assert torch.equal(batch.boxes[k], torch.stack([item[2][k] for item in items]))
+            assert torch.equal(batch.flips[k], torch.stack([item[3][k] for item in items]))
+
+
+def test_cpu_loader_resumes_mid_epoch_with_workers_and_channels_last():
+    image_set = load_image_set("synthetic", "", "train", subset=24)
+    views = preset_views("cifar", 16)
+    sampler = EpochBatchSampler(24, 6, seed=0)
+    sampler.set_epoch(1)
+    straight = list(build_train_loader(image_set, sampler, views, pipeline="cpu", device=CPU,
+                                       seed=2))
+    sampler.set_epoch(1, start_batch=2)
+    loader = build_train_loader(image_set, sampler, views, pipeline="cpu", device=CPU, seed=2,
+                                num_workers=2, channels_last=True)
+    assert len(loader) == 2
+    resumed = list(loader)
+    for a, b in zip(straight[2:], resumed, strict=True):
+        assert all(view.is_contiguous(memory_format=torch.channels_last) for view in b.views)
+        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes, strict=True))
+        assert torch.equal(a.labels, b.labels)
+    with pytest.raises(ValueError, match="Unknown pipeline 'gpu'"):
+        build_train_loader(image_set, sampler, views, pipeline="gpu", device=CPU, seed=0)
+
+
+# --- where the mark lands: boxes and flips say what was applied --------------------------
+
+MARK_LEVEL, BACKGROUND = 235, 20
+
+
+def marked_image_set(count: int, height: int = 48, width: int = 64, *,
+                     on_disk: Path | None = None) -> tuple[ImageSet, list[tuple[int, ...]]]:
+    """Dark images, each with one bright rectangle (top, left, height, width) at its own,
+    off-centre position; labels are the image indices. Mean 0, std 1: the views come out
+    in [0, 1]."""
+    rects, images = [], torch.full((count, 3, height, width), BACKGROUND, dtype=torch.uint8)
+    for index in range(count):
+        rect = ((3 + 7 * index) % (height - 22), (2 + 11 * index) % (width - 28), 18, 22)
+        top, left, rect_height, rect_width = rect
+        images[index, :, top:top + rect_height, left:left + rect_width] = MARK_LEVEL
+        rects.append(rect)
+    labels = torch.arange(count)
+    stats = ((0.0,) * 3, (1.0,) * 3)
+    if on_disk is None:
+        return ImageSet(images, None, labels, [], *stats), rects
+    on_disk.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(on_disk / f"{index:03d}.png"))
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    return ImageSet(None, paths, labels, [], *stats), rects
+
+
+def geometry_view(image_size: int) -> ViewConfig:
+    """Only the crop and the flip: no colour op, blur or solarize."""
+    return ViewConfig(image_size, scale=(0.25, 0.8), jitter_p=0.0, grayscale_p=0.0)
+
+
+def mark_pixels(view: torch.Tensor, rect, box, flipped: bool) -> int:
+    """Checks that ``view`` [3, S, S] in [0, 1] is the crop ``box`` (top, left, height,
+    width, source pixels) of the marked image, mirrored if ``flipped``: output pixel
+    (i, j) samples around source point (top + (i + 0.5) h / S, left + (j' + 0.5) w / S),
+    j' = S - 1 - j when flipped. Pixels whose sample lies clearly inside the rectangle
+    must be bright, those clearly outside dark; "clearly" leaves the resampling's reach
+    (one pixel, or the downscale factor) plus half a pixel. Returns the number of bright
+    pixels checked."""
+    size = view.shape[-1]
+    top, left, height, width = (float(v) for v in box)
+    rows = top + (torch.arange(size) + 0.5) * height / size
+    columns = left + (torch.arange(size) + 0.5) * width / size
+    if flipped:
+        columns = columns.flip(0)
+    rect_top, rect_left, rect_height, rect_width = rect
+
+    def classify(samples, start, length, reach):
+        inside = (samples > start + reach) & (samples < start + length - reach)
+        outside = (samples < start - reach) | (samples > start + length + reach)
+        return inside, outside
+
+    in_rows, out_rows = classify(rows, rect_top, rect_height, max(1.0, height / size) + 0.5)
+    in_columns, out_columns = classify(columns, rect_left, rect_width,
+                                       max(1.0, width / size) + 0.5)
+    inside = in_rows[:, None] & in_columns[None, :]
+    outside = out_rows[:, None] | out_columns[None, :]
+    level = view.mean(dim=0)
+    assert (level[inside] > (MARK_LEVEL - 10) / 255).all(), "the mark is not where box says"
+    assert (level[outside] < (BACKGROUND + 10) / 255).all(), "bright pixels off the mark"
+    return int(inside.sum())
+
+
+def check_marks(batches, rects) -> None:
+    """mark_pixels for every view of every sample of Batch objects (labels = image
+    indices), and that the draws included both flips and marks fully in view."""
+    checked, flips = [], set()
+    for batch in batches:
+        for k in range(batch.num_views):
+            for row, index in enumerate(batch.labels.tolist()):
+                box, flipped = batch.boxes[k][row].tolist(), bool(batch.flips[k][row])
+                checked.append(mark_pixels(batch.views[k][row], rects[index], box, flipped))
+                flips.add(flipped)
+    assert flips == {False, True}
+    assert sum(count > 0 for count in checked) > len(checked) // 2
+
+
+def test_a_wrong_box_or_flip_fails_the_mark_check():
+    image_set, rects = marked_image_set(1)
+    image = image_set.images[0].float() / 255
+    box = (4, 10, 30, 40)
+    view = TF.resized_crop(image, *box, [24, 24], antialias=True)
+    assert mark_pixels(view, rects[0], box, False) > 0
+    with pytest.raises(AssertionError):
+        mark_pixels(view, rects[0], box, True)
+    with pytest.raises(AssertionError):
+        mark_pixels(view, rects[0], (4, 10, 40, 30), False)
+    with pytest.raises(AssertionError):
+        mark_pixels(view, rects[0], (10, 4, 30, 40), False)
+
+
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_cpu_pipeline_boxes_and_flips_say_where_the_mark_is(num_views):
+    image_set, rects = marked_image_set(12)
+    sampler = EpochBatchSampler(12, 4, seed=0)
+    views = [geometry_view(24)] * num_views
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        check_marks(build_train_loader(image_set, sampler, views, pipeline="cpu", device=CPU,
+                                       seed=1), rects)
 
 
 # --- real data --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Tests for mixmask.data.device_views: batches made on the device from a uint8 dataset
-(DeviceTwoViews), and from files decoded and cropped by DataLoader workers
-(DecodedTwoViews, with mixmask.data.loaders.TwoCropDataset)."""
+"""Tests for mixmask.data.device_views: N-view batches made on the device from a uint8
+dataset (DeviceViews), and from files decoded and cropped by DataLoader workers
+(DecodedViews, with mixmask.data.loaders.CropDataset), as build_train_loader picks them."""
 
 from __future__ import annotations
 
@@ -12,21 +12,21 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from test_data import check_marks, geometry_view, marked_image_set
 
 from mixmask.config import load_config
-from mixmask.data import load_image_set
+from mixmask.data import Batch, EpochBatchSampler, build_train_loader, load_image_set, preset_views
 from mixmask.data.datasets import ImageSet
-from mixmask.data.device_views import DecodedTwoViews, DeviceTwoViews, device_two_views
-from mixmask.data.gpu_augment import view_config
-from mixmask.data.loaders import TwoCropDataset
-from mixmask.engine import EpochBatchSampler, pretrain
+from mixmask.data.device_views import DecodedViews, DeviceViews, _batch_seed
+from mixmask.data.loaders import CropDataset
+from mixmask.engine import pretrain
 
 CPU = torch.device("cpu")
 
 
-def make_views(image_set, sampler, seed=0):
-    return DeviceTwoViews(image_set, sampler, preset="cifar", image_size=32, device=CPU,
-                          seed=seed)
+def make_views(image_set, sampler, seed=0, num_views=2):
+    return DeviceViews(image_set, sampler, preset_views("cifar", 32, num_views), device=CPU,
+                       seed=seed)
 
 
 @pytest.fixture
@@ -41,26 +41,31 @@ def test_batches_follow_the_sampler_order_with_their_labels(image_set):
     expected = [[index for index, _ in batch] for batch in sampler]
     batches = list(views)
     assert len(batches) == len(views) == 4
-    for (view1, view2, labels), indices in zip(batches, expected, strict=True):
+    for batch, indices in zip(batches, expected, strict=True):
+        assert isinstance(batch, Batch)
+        view1, view2 = batch.views
         assert view1.shape == view2.shape == (16, 3, 32, 32)
         assert view1.dtype == torch.float32
         assert not torch.equal(view1, view2)  # two independent views
-        assert torch.equal(labels, image_set.labels[indices])
+        assert torch.equal(batch.labels, image_set.labels[indices])
 
 
 def test_each_batch_is_the_augmentation_of_its_images_with_its_own_seed(image_set):
     # Independent of how the epoch's indices reach the device: batch b of epoch e is
     # augment(images[indices of b]) with a generator seeded from (seed, e, b, rank).
-    from mixmask.data.device_views import _batch_seed
-
     sampler = EpochBatchSampler(64, 16, seed=5)
     sampler.set_epoch(2, start_batch=1)
     views = make_views(image_set, sampler, seed=5)
-    for offset, (batch, (view1, view2, _)) in enumerate(zip(sampler, views, strict=True)):
-        indices = torch.tensor([index for index, _ in batch])
+    for offset, (keys, batch) in enumerate(zip(sampler, views, strict=True)):
+        indices = torch.tensor([index for index, _ in keys])
         generator = torch.Generator().manual_seed(_batch_seed(5, 2, 1 + offset, 0))
-        expected1, expected2 = views.augment(image_set.images[indices], generator)
+        (expected1, expected2), params = views.augment(image_set.images[indices], generator)
+        view1, view2 = batch.views
         assert torch.equal(view1, expected1) and torch.equal(view2, expected2)
+        # Each view's boxes and flips are its rows of the drawn parameters.
+        assert torch.equal(torch.cat(batch.boxes), params.boxes)
+        assert torch.equal(torch.cat(batch.flips), params.flip)
+        assert all(box.shape == (16, 4) and box.dtype == torch.int64 for box in batch.boxes)
 
 
 def test_views_are_a_function_of_seed_epoch_and_batch_so_resume_is_exact(image_set):
@@ -69,21 +74,54 @@ def test_views_are_a_function_of_seed_epoch_and_batch_so_resume_is_exact(image_s
     straight = list(make_views(image_set, sampler))
     sampler.set_epoch(2, start_batch=2)  # a run resumed after two batches of epoch 2
     resumed = list(make_views(image_set, sampler))
-    for (a1, a2, _), (b1, b2, _) in zip(straight[2:], resumed, strict=True):
-        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    for a, b in zip(straight[2:], resumed, strict=True):
+        assert torch.equal(a.views[0], b.views[0]) and torch.equal(a.views[1], b.views[1])
+        assert torch.equal(a.boxes[1], b.boxes[1]) and torch.equal(a.flips[0], b.flips[0])
     sampler.set_epoch(3)
     other_epoch = next(iter(make_views(image_set, sampler)))
-    assert not torch.equal(other_epoch[0], straight[0][0])
+    assert not torch.equal(other_epoch.views[0], straight[0].views[0])
 
 
 def test_files_on_disk_need_the_decoding_loader(image_set):
     on_disk = ImageSet(None, ["a.jpg"], None, [], image_set.mean, image_set.std)
-    with pytest.raises(ValueError, match="DecodedTwoViews"):
+    with pytest.raises(ValueError, match="DecodedViews"):
         make_views(on_disk, EpochBatchSampler(1, 1, seed=0))
     sampler = EpochBatchSampler(1, 1, seed=0)
-    common = dict(preset="cifar", image_size=32, device=CPU, seed=0)
-    assert isinstance(device_two_views(on_disk, sampler, **common), DecodedTwoViews)
-    assert isinstance(device_two_views(image_set, sampler, **common), DeviceTwoViews)
+    common = dict(pipeline="device", device=CPU, seed=0)
+    views = preset_views("cifar", 32)
+    assert isinstance(build_train_loader(on_disk, sampler, views, **common), DecodedViews)
+    assert isinstance(build_train_loader(image_set, sampler, views, **common), DeviceViews)
+
+
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+def test_in_memory_device_loader_yields_n_views(image_set, num_views):
+    sampler = EpochBatchSampler(64, 16, seed=1)
+    loader = build_train_loader(image_set, sampler, preset_views("byol_cifar", 24, num_views),
+                                pipeline="device", device=CPU, seed=2, channels_last=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 4
+    for keys, batch in zip(sampler, batches, strict=True):
+        assert batch.num_views == num_views and batch.size == 16
+        assert torch.equal(batch.labels, image_set.labels[[index for index, _ in keys]])
+        for view, box, flip in zip(batch.views, batch.boxes, batch.flips, strict=True):
+            assert view.shape == (16, 3, 24, 24) and view.dtype == torch.float32
+            assert view.is_contiguous(memory_format=torch.channels_last)
+            assert box.shape == (16, 4) and flip.shape == (16,) and flip.dtype == torch.bool
+        if num_views > 1:
+            assert not torch.equal(batch.views[0], batch.views[1])
+
+
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_device_pipeline_boxes_and_flips_say_where_the_mark_is(num_views):
+    marked, rects = marked_image_set(12)
+    sampler = EpochBatchSampler(12, 4, seed=0)
+    views = [geometry_view(24)] * num_views
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        loader = build_train_loader(marked, sampler, views, pipeline="device", device=CPU,
+                                    seed=1)
+        assert isinstance(loader, DeviceViews)
+        check_marks(loader, rects)
 
 
 # -- files decoded by DataLoader workers --------------------------------------------------
@@ -113,9 +151,9 @@ def files(tmp_path) -> ImageSet:
     return image_set
 
 
-def decoded(image_set, sampler, *, seed=0, preset="byol", workers=0):
-    return DecodedTwoViews(image_set, sampler, preset=preset, image_size=32, device=CPU,
-                           seed=seed, num_workers=workers)
+def decoded(image_set, sampler, *, seed=0, preset="byol", workers=0, num_views=2):
+    return DecodedViews(image_set, sampler, preset_views(preset, 32, num_views), device=CPU,
+                        seed=seed, num_workers=workers)
 
 
 def unnormalise(views, image_set):
@@ -126,27 +164,32 @@ def unnormalise(views, image_set):
 
 def test_two_crops_are_pils_antialiased_resize_of_a_box_of_the_image():
     # A 12 x 10 noise image has few enough boxes to try them all: each crop must be PIL's
-    # resize of one of them, by torchvision's PIL resized_crop.
+    # resize of one of them, by torchvision's PIL resized_crop, and of the box returned.
     rng = np.random.default_rng(1)
     image_set = ImageSet(torch.from_numpy(rng.integers(0, 256, (1, 3, 10, 12), dtype=np.uint8)),
                          None, None, [], (0.5,) * 3, (0.5,) * 3)
     image = image_set.load_pil(0)
-    config = view_config("byol", 8)
+    config = preset_views("byol", 8)[0]
     boxes = [(top, left, h, w) for h, w in itertools.product(range(1, 11), range(1, 13))
              for top in range(11 - h) for left in range(13 - w)]
     candidates = torch.stack([TF.pil_to_tensor(TF.resized_crop(image, *box, [8, 8]))
                               for box in boxes])
-    dataset = TwoCropDataset(image_set, config, config, seed=0)
+    dataset = CropDataset(image_set, [config, config], seed=0)
     found = []
     for epoch in range(4):
-        first, second, label, item_epoch = dataset[(0, epoch)]
+        crops, label, item_boxes, item_epoch = dataset[(0, epoch)]
         assert (label, item_epoch) == (-1, epoch)
-        for crop in (first, second):
+        assert len(crops) == 2 and item_boxes.shape == (2, 4)
+        assert item_boxes.dtype == torch.int64
+        for crop, box in zip(crops, item_boxes.tolist(), strict=True):
             assert crop.dtype == torch.uint8 and crop.shape == (3, 8, 8)
             matches = (candidates == crop).flatten(1).all(1).nonzero().flatten().tolist()
             assert matches, "the crop is no PIL resize of any box"
+            assert tuple(box) in [boxes[match] for match in matches]
             found.append(boxes[matches[0]])
     assert len(set(found)) > 4  # fresh boxes per view and per epoch
+    with pytest.raises(ValueError, match="same image_size"):
+        CropDataset(image_set, [config, preset_views("byol", 16)[0]], seed=0)
 
 
 def test_decoded_views_are_normalised_labelled_batches_of_the_sampler(files):
@@ -155,8 +198,10 @@ def test_decoded_views_are_normalised_labelled_batches_of_the_sampler(files):
     views = decoded(files, sampler)
     batches = list(views)
     assert len(batches) == len(views) == 3
-    for batch, (view1, view2, labels) in zip(sampler, batches, strict=True):
-        indices = [index for index, _ in batch]
+    for keys, batch in zip(sampler, batches, strict=True):
+        indices = [index for index, _ in keys]
+        view1, view2 = batch.views
+        labels = batch.labels
         assert view1.shape == view2.shape == (4, 3, 32, 32) and view1.dtype == torch.float32
         assert labels.dtype == torch.int64 and torch.equal(labels, files.labels[indices])
         for view in (view1, view2):
@@ -171,19 +216,22 @@ def test_decoded_views_are_normalised_labelled_batches_of_the_sampler(files):
 
 
 def test_decoded_views_are_the_photometric_ops_of_each_batch_on_its_workers_crops(files):
-    from mixmask.data.device_views import _batch_seed
-
     sampler = EpochBatchSampler(12, 4, seed=2)
     sampler.set_epoch(3)
     views = decoded(files, sampler, seed=2)
-    crops = TwoCropDataset(files, views.augment.first, views.augment.second, seed=2)
-    for offset, (batch, (view1, view2, _)) in enumerate(zip(sampler, views, strict=True)):
-        items = [crops[key] for key in batch]
-        first = torch.stack([item[0] for item in items])
-        second = torch.stack([item[1] for item in items])
+    crops = CropDataset(files, views.augment.views, seed=2)
+    for offset, (keys, batch) in enumerate(zip(sampler, views, strict=True)):
+        items = [crops[key] for key in keys]
+        first = torch.stack([item[0][0] for item in items])
+        second = torch.stack([item[0][1] for item in items])
         generator = torch.Generator().manual_seed(_batch_seed(2, 3, offset, 0))
-        expected1, expected2 = views.augment.augment_crops(first, second, generator)
+        (expected1, expected2), params = views.augment.augment_crops([first, second], generator)
+        view1, view2 = batch.views
         assert torch.equal(view1, expected1) and torch.equal(view2, expected2)
+        # Boxes from the workers, flips from the device draws.
+        for k in range(2):
+            assert torch.equal(batch.boxes[k], torch.stack([item[2][k] for item in items]))
+        assert torch.equal(torch.cat(batch.flips), params.flip)
 
 
 def test_decoded_views_are_deterministic_resumable_and_worker_count_free(files):
@@ -193,14 +241,52 @@ def test_decoded_views_are_deterministic_resumable_and_worker_count_free(files):
     again = list(decoded(files, sampler, workers=2))
     sampler.set_epoch(2, start_batch=1)
     resumed = list(decoded(files, sampler))
-    for (a1, a2, a3), (b1, b2, b3) in zip(straight, again, strict=True):
-        assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(a3, b3)
-    for (a1, a2, _), (b1, b2, _) in zip(straight[1:], resumed, strict=True):
-        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+    def same(a: Batch, b: Batch) -> bool:
+        return (all(torch.equal(x, y) for x, y in zip(a.views, b.views, strict=True))
+                and torch.equal(a.labels, b.labels)
+                and all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes, strict=True))
+                and all(torch.equal(x, y) for x, y in zip(a.flips, b.flips, strict=True)))
+
+    for a, b in zip(straight, again, strict=True):
+        assert same(a, b)
+    for a, b in zip(straight[1:], resumed, strict=True):
+        assert same(a, b)
     sampler.set_epoch(3)
-    assert not torch.equal(next(iter(decoded(files, sampler)))[0], straight[0][0])
+    assert not torch.equal(next(iter(decoded(files, sampler))).views[0], straight[0].views[0])
     sampler.set_epoch(2)
-    assert not torch.equal(next(iter(decoded(files, sampler, seed=1)))[0], straight[0][0])
+    assert not torch.equal(next(iter(decoded(files, sampler, seed=1))).views[0],
+                           straight[0].views[0])
+
+
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+def test_decoded_loader_yields_n_views(files, num_views):
+    sampler = EpochBatchSampler(12, 4, seed=1)
+    loader = build_train_loader(files, sampler, preset_views("byol", 32, num_views),
+                                pipeline="device", device=CPU, seed=0)
+    assert isinstance(loader, DecodedViews)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    for keys, batch in zip(sampler, batches, strict=True):
+        assert batch.num_views == num_views and batch.size == 4
+        assert torch.equal(batch.labels, files.labels[[index for index, _ in keys]])
+        for view, box, flip in zip(batch.views, batch.boxes, batch.flips, strict=True):
+            assert view.shape == (4, 3, 32, 32) and view.dtype == torch.float32
+            assert box.shape == (4, 4) and box.dtype == torch.int64 and box.is_contiguous()
+            assert flip.shape == (4,) and flip.dtype == torch.bool
+
+
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_decoded_pipeline_boxes_and_flips_say_where_the_mark_is(tmp_path, num_views):
+    marked, rects = marked_image_set(12, on_disk=tmp_path / "marked")
+    sampler = EpochBatchSampler(12, 4, seed=0)
+    views = [geometry_view(24)] * num_views
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        loader = build_train_loader(marked, sampler, views, pipeline="device", device=CPU,
+                                    seed=1)
+        assert isinstance(loader, DecodedViews)
+        check_marks(loader, rects)
 
 
 def test_engine_pretrains_on_files_with_the_device_pipeline(tmp_path):

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from batches import views_batch
 
 from mixmask.cli import main
 from mixmask.config import load_config
-from mixmask.engine import EpochBatchSampler, TrainingDiverged, learning_rate, pretrain
+from mixmask.data import EpochBatchSampler
+from mixmask.engine import TrainingDiverged, learning_rate, pretrain
 from mixmask.errors import CheckpointError, ConfigError
 from mixmask.methods import build_method
 
@@ -107,13 +109,16 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, cifar10_tarball, pipeline
 
 
 def test_loss_decreases_on_a_repeated_real_batch(cifar10_tarball):
-    from mixmask.data import TwoViewDataset, load_image_set, two_view_transform
+    from mixmask.data import load_image_set, preset_views, view_transform
 
     image_set = load_image_set("imagefolder", str(cifar10_tarball), "train", subset=64)
-    dataset = TwoViewDataset(image_set, two_view_transform("cifar", 32, image_set.mean,
-                                                           image_set.std))
+    first, second = (view_transform(view, image_set.mean, image_set.std)
+                     for view in preset_views("cifar", 32))
     torch.manual_seed(0)
-    items = [dataset[i] for i in range(64)]
+    items = []
+    for index in range(64):  # view 1 then view 2 of each image, from one RNG stream
+        image = image_set.load_pil(index)
+        items.append((first(image)[0], second(image)[0]))
     view1 = torch.stack([item[0] for item in items])
     view2 = torch.stack([item[1] for item in items])
     config = load_config(None, [*TINY, "method.mocov2.queue_size=64", "train.batch_size=64"])
@@ -122,11 +127,11 @@ def test_loss_decreases_on_a_repeated_real_batch(cifar10_tarball):
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(15):
-        output = method.training_step(view1, view2, generator)
+        output = method.training_step(views_batch(view1, view2), generator)
         optimizer.zero_grad()
         output.loss.backward()
         optimizer.step()
-        method.finish_step(0.0)
+        method.after_optimizer_step(output, 0.0)
         losses.append(output.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     # Step 1 sees a queue of random unit vectors (an easy task); from step 2 the queue holds

@@ -1,6 +1,7 @@
 """Tests for mixmask.data.gpu_augment: every op against torchvision's functional ops with
 the same fixed parameters (per sample), every sampler against torchvision's own sampler's
-distribution, and the two-view call for host syncs, determinism and output format."""
+distribution, and the N-view call for host syncs, determinism, draw order and output
+format."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from mixmask.data.gpu_augment import (
     CONTRAST,
     HUE,
     SATURATION,
-    BatchedTwoViewAugment,
+    BatchedViewAugment,
     ViewConfig,
     ViewParams,
     adjust_brightness,
@@ -39,9 +40,9 @@ from mixmask.data.gpu_augment import (
     sample_crop_boxes,
     sample_view_params,
     solarize,
-    view_config,
 )
-from mixmask.data.transforms import two_view_transform
+from mixmask.data.transforms import view_transform
+from mixmask.data.views import preset_views
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -304,7 +305,7 @@ def torchvision_view(image, params, index, config, *, crop=True):
 def test_a_whole_view_matches_torchvisions_functional_pipeline_per_sample(preset):
     """crop -> jitter (random order) -> grayscale -> blur -> solarize -> flip, with each
     sample's drawn parameters fed to torchvision's functional ops one image at a time."""
-    config = dataclasses.replace(view_config(preset, 16), solarize_p=0.5)
+    config = dataclasses.replace(preset_views(preset, 16)[0], solarize_p=0.5)
     images = torch.randint(0, 256, (12, 3, 24, 20), dtype=torch.uint8, generator=seeded())
     params = sample_view_params(12, 24, 20, config, generator=seeded(7))
     ours = apply_view(images, params, config)
@@ -315,7 +316,7 @@ def test_a_whole_view_matches_torchvisions_functional_pipeline_per_sample(preset
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_a_view_of_images_cropped_elsewhere_matches_torchvision_without_the_crop(dtype):
-    config = dataclasses.replace(view_config("byol", 16, 2), blur_p=0.5, solarize_p=0.5)
+    config = dataclasses.replace(preset_views("byol", 16)[1], blur_p=0.5, solarize_p=0.5)
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=seeded(1))
     params = sample_view_params(12, 16, 16, config, generator=seeded(9))
     source = images if dtype == torch.uint8 else images / 255.0
@@ -425,7 +426,7 @@ def test_jitter_order_is_a_uniform_permutation_per_sample():
 
 @pytest.mark.parametrize("preset", ["cifar", "mocov2"])
 def test_apply_probabilities_are_the_presets(preset):
-    config = dataclasses.replace(view_config(preset, 32), solarize_p=0.2)
+    config = dataclasses.replace(preset_views(preset, 32)[0], solarize_p=0.2)
     params = sample_view_params(DRAWS, 32, 32, config, generator=seeded(13))
     expected = {
         "flip": 0.5,
@@ -442,13 +443,19 @@ def test_apply_probabilities_are_the_presets(preset):
     assert abs(sample_apply(DRAWS, 0.0, generator=seeded()).double().mean()) == 0
 
 
-# -- the two-view call --------------------------------------------------------------------
+# -- the N-view call ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol"])
-def test_two_views_never_read_values_back_to_the_host(preset):
+def rows_of(params: ViewParams, rows: slice) -> ViewParams:
+    return ViewParams(**{name: value[rows] for name, value in params.__dict__.items()})
+
+
+@pytest.mark.parametrize("preset, num_views", [("cifar", 2), ("mocov2", 2), ("byol", 2),
+                                               ("byol", 3)])
+def test_two_views_never_read_values_back_to_the_host(preset, num_views):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=seeded())
-    augment = BatchedTwoViewAugment.from_preset(preset, 32, MEAN, STD, channels_last=True)
+    augment = BatchedViewAugment.from_preset(preset, 32, MEAN, STD, num_views=num_views,
+                                             channels_last=True)
     augment(images, seeded(1))  # moves mean/std to the device once, outside the recorder
     with HostSyncRecorder() as recorder:
         augment(images, seeded(1))
@@ -457,11 +464,11 @@ def test_two_views_never_read_values_back_to_the_host(preset):
 
 def test_two_views_are_deterministic_per_seed_and_independent():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=seeded())
-    augment = BatchedTwoViewAugment.from_preset("mocov2", 32, MEAN, STD)
-    first, second = augment(images, seeded(5))
-    again_first, again_second = augment(images, seeded(5))
+    augment = BatchedViewAugment.from_preset("mocov2", 32, MEAN, STD)
+    (first, second), _ = augment(images, seeded(5))
+    (again_first, again_second), _ = augment(images, seeded(5))
     assert torch.equal(first, again_first) and torch.equal(second, again_second)
-    other_first, _ = augment(images, seeded(6))
+    (other_first, _), _ = augment(images, seeded(6))
     assert not torch.equal(first, other_first)
     # Two views of one image differ (independent boxes, flips, colours).
     assert ((first - second).flatten(1).abs().amax(1) > 0.1).all()
@@ -470,8 +477,9 @@ def test_two_views_are_deterministic_per_seed_and_independent():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_two_views_are_normalised_float32_of_the_requested_size_and_layout(channels_last):
     images = torch.randint(0, 256, (10, 3, 40, 36), dtype=torch.uint8, generator=seeded())
-    augment = BatchedTwoViewAugment.from_preset("cifar", 24, MEAN, STD, channels_last=channels_last)
-    for view in augment(images, seeded(2)):
+    augment = BatchedViewAugment.from_preset("cifar", 24, MEAN, STD, channels_last=channels_last)
+    views, _ = augment(images, seeded(2))
+    for view in views:
         assert view.shape == (10, 3, 24, 24) and view.dtype == torch.float32
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         assert view.is_contiguous(memory_format=memory_format)
@@ -479,65 +487,109 @@ def test_two_views_are_normalised_float32_of_the_requested_size_and_layout(chann
         assert unnormalised.min() >= -1e-5 and unnormalised.max() <= 1 + 1e-5
 
 
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+def test_n_views_are_apply_view_on_each_views_params_drawn_in_view_order(num_views):
+    """The documented draw order, checked from outside: sample_view_params for view 1,
+    then view 2, ..., from the one generator; each view is apply_view of its own rows
+    (for two views, what the two-view pipeline always drew)."""
+    images = torch.randint(0, 256, (6, 3, 36, 32), dtype=torch.uint8, generator=seeded())
+    configs = preset_views("byol", 32, num_views)
+    augment = BatchedViewAugment(configs, mean=MEAN, std=STD)
+    views, params = augment(images, seeded(3))
+    assert len(views) == num_views
+    generator = seeded(3)
+    expected = [sample_view_params(6, 36, 32, config, generator=generator) for config in configs]
+    for name, value in params.__dict__.items():
+        assert torch.equal(value, torch.cat([getattr(p, name) for p in expected])), name
+    assert params.boxes.shape == (num_views * 6, 4) and params.flip.shape == (num_views * 6,)
+    for view, config, view_params in zip(views, configs, expected, strict=True):
+        assert view.shape == (6, 3, 32, 32)
+        reference = normalize(apply_view(images, view_params, config), MEAN, STD)
+        torch.testing.assert_close(view, reference, atol=1e-5, rtol=0)
+
+
 def test_two_views_equal_apply_view_on_the_sampled_parameters():
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=seeded())
-    augment = BatchedTwoViewAugment.from_preset("mocov2", 32, MEAN, STD)
-    first, second = augment(images, seeded(3))
+    augment = BatchedViewAugment.from_preset("mocov2", 32, MEAN, STD)
+    (first, second), returned = augment(images, seeded(3))
     params = augment.sample_params(6, 32, 32, generator=seeded(3))
-    config = augment.first
+    assert all(torch.equal(value, getattr(returned, name))
+               for name, value in params.__dict__.items())
+    config = augment.views[0]
     for view, rows in ((first, slice(0, 6)), (second, slice(6, 12))):
-        one_view = ViewParams(**{name: value[rows] for name, value in params.__dict__.items()})
-        expected = normalize(apply_view(images, one_view, config), MEAN, STD)
+        expected = normalize(apply_view(images, rows_of(params, rows), config), MEAN, STD)
         torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
 
 
-def test_augment_crops_is_apply_view_without_the_crop_and_never_syncs():
-    first = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=seeded(1))
-    second = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=seeded(2))
-    augment = BatchedTwoViewAugment.from_preset("byol", 16, MEAN, STD)
-    view_1, view_2 = augment.augment_crops(first, second, seeded(3))
+@pytest.mark.parametrize("num_views", [2, 3])
+def test_augment_crops_is_apply_view_without_the_crop_and_never_syncs(num_views):
+    crops = [torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=seeded(1 + k))
+             for k in range(num_views)]
+    augment = BatchedViewAugment.from_preset("byol", 16, MEAN, STD, num_views=num_views)
+    views, returned = augment.augment_crops(crops, seeded(3))
     params = augment.sample_params(6, 16, 16, generator=seeded(3))
-    for view, crops, rows, config in ((view_1, first, slice(0, 6), augment.first),
-                                      (view_2, second, slice(6, 12), augment.second)):
-        one_view = ViewParams(**{name: value[rows] for name, value in params.__dict__.items()})
+    assert torch.equal(returned.flip, params.flip)
+    for k, (view, crop, config) in enumerate(zip(views, crops, augment.views, strict=True)):
+        one_view = rows_of(params, slice(6 * k, 6 * (k + 1)))
         expected = [torchvision_view(image, one_view, index, config, crop=False)
-                    for index, image in enumerate(crops / 255.0)]
+                    for index, image in enumerate(crop / 255.0)]
         expected = normalize(torch.stack(expected), MEAN, STD)
         torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+    # The crops' own boxes (cut elsewhere) come back in params in place of the unused draws.
+    boxes = torch.arange(num_views * 6 * 4).view(-1, 4)
+    again, with_boxes = augment.augment_crops(crops, seeded(3), boxes=boxes)
+    assert with_boxes.boxes is boxes
+    assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
     with HostSyncRecorder() as recorder:
-        augment.augment_crops(first, second, seeded(3))
+        augment.augment_crops(crops, seeded(3))
     assert recorder.syncing_ops == []
+    with pytest.raises(ValueError, match=f"Expected {num_views} crops"):
+        augment.augment_crops(crops[:1], seeded(3))
 
 
 def test_asymmetric_views_draw_each_views_probabilities():
     # BYOL (Grill et al. 2020, Table 6): blur always in view 1, solarize only in view 2.
     first = ViewConfig(image_size=32, blur_p=1.0, solarize_p=0.0)
     second = ViewConfig(image_size=32, blur_p=0.1, solarize_p=0.2)
-    augment = BatchedTwoViewAugment(first, second, mean=MEAN, std=STD)
+    augment = BatchedViewAugment([first, second], mean=MEAN, std=STD)
     params = augment.sample_params(4000, 32, 32, generator=seeded())
     assert params.blur_apply[:4000].all() and not params.solarize_apply[:4000].any()
     assert abs(params.blur_apply[4000:].double().mean() - 0.1) < 0.03
     assert abs(params.solarize_apply[4000:].double().mean() - 0.2) < 0.03
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=seeded())
-    view_1, view_2 = augment(images, seeded())
+    (view_1, view_2), _ = augment(images, seeded())
     assert view_1.shape == view_2.shape == (4, 3, 32, 32)
+
+
+def test_one_view_and_a_third_view_cycle_the_preset():
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=seeded())
+    one = BatchedViewAugment.from_preset("byol", 32, MEAN, STD, num_views=1)
+    three = BatchedViewAugment.from_preset("byol", 32, MEAN, STD, num_views=3)
+    assert one.views == tuple(preset_views("byol", 32)[:1])
+    assert three.views[2] == three.views[0] != three.views[1]
+    (only,), params = one(images, seeded(4))
+    assert only.shape == (5, 3, 32, 32) and params.boxes.shape == (5, 4)
+    # View 1 draws first, so one view is the first of three.
+    (first, _, _), _ = three(images, seeded(4))
+    assert torch.equal(only, first)
 
 
 # -- presets vs the PIL pipelines ---------------------------------------------------------
 
 
-def torchvision_view_config(compose: T.Compose) -> ViewConfig:
+def torchvision_view_config(transform) -> ViewConfig:
     """The ViewConfig that a PIL view pipeline of mixmask.data.transforms describes, read
     off its torchvision transforms; ops it lacks get p = 0. Checks that the ops come in the
     order apply_view runs them (the flip commutes with all of them, see apply_view)."""
     order = [T.RandomResizedCrop, T.ColorJitter, T.RandomGrayscale, T.GaussianBlur,
              T.RandomSolarize, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     fields, seen = {"jitter_p": 0.0, "grayscale_p": 0.0, "flip_p": 0.0}, []
-    for step in compose.transforms:
+    for step in transform.transforms:
         p = 1.0
         if isinstance(step, T.RandomApply):
             (step,), p = step.transforms, step.p
-        seen.append(type(step))
+        # The crop and the flip are subclasses that also record their draws.
+        seen.append(next(kind for kind in order if isinstance(step, kind)))
         if isinstance(step, T.RandomResizedCrop):
             assert step.size[0] == step.size[1]
             assert step.interpolation == T.InterpolationMode.BILINEAR
@@ -568,11 +620,10 @@ def torchvision_view_config(compose: T.Compose) -> ViewConfig:
 @pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol", "byol_cifar"])
 @pytest.mark.parametrize("size", [32, 224])
 def test_tensor_presets_match_the_pil_presets_view_by_view(preset, size):
-    pil = two_view_transform(preset, size, MEAN, STD)
-    augment = BatchedTwoViewAugment.from_preset(preset, size, MEAN, STD)
-    for view, compose, batched in ((1, pil.first, augment.first), (2, pil.second, augment.second)):
-        expected = torchvision_view_config(compose)
-        ours = view_config(preset, size, view)
+    configs = preset_views(preset, size)
+    augment = BatchedViewAugment.from_preset(preset, size, MEAN, STD)
+    for ours, batched in zip(configs, augment.views, strict=True):
+        expected = torchvision_view_config(view_transform(ours, MEAN, STD))
         assert batched == ours
         if expected.blur_p > 0:
             assert ours.kernel_size == expected.kernel_size
@@ -587,8 +638,8 @@ def test_byol_solarizes_a_fifth_of_view_2_and_none_of_view_1(preset):
     # (brightness >= 0.6; contrast, saturation and hue keep a flat grey), and solarizing
     # turns it into at most 0.4, so the mean of a view tells whether it was solarized.
     images = torch.full((DRAWS // 4, 3, 10, 10), 255, dtype=torch.uint8)
-    augment = BatchedTwoViewAugment.from_preset(preset, 8, MEAN, STD)
-    first, second = augment(images, seeded(14))
+    augment = BatchedViewAugment.from_preset(preset, 8, MEAN, STD)
+    (first, second), _ = augment(images, seeded(14))
     for view, p in ((first, 0.0), (second, 0.2)):
         level = (view * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1))
         level = level.mean(dim=(1, 2, 3))
@@ -603,7 +654,7 @@ def test_ops_that_work_in_place_internally_leave_their_inputs_alone():
     factors, order = sample_color_jitter(6, generator=seeded(1))
     color_jitter(images, factors, order, torch.ones(6, dtype=torch.bool))
     gaussian_blur(images, torch.full((6,), 1.0), 5, torch.ones(6, dtype=torch.bool))
-    config = dataclasses.replace(view_config("byol", 16, 2), blur_p=0.5, solarize_p=0.5)
+    config = dataclasses.replace(preset_views("byol", 16)[1], blur_p=0.5, solarize_p=0.5)
     params = sample_view_params(6, 16, 16, config, generator=seeded(2))
     apply_view(images, params, config, crop=False)
     apply_view(images, params, config)
@@ -612,11 +663,16 @@ def test_ops_that_work_in_place_internally_leave_their_inputs_alone():
 
 def test_user_errors_are_short_sentences():
     with pytest.raises(ValueError, match="Unknown augmentation preset"):
-        BatchedTwoViewAugment.from_preset("simclr", 32, MEAN, STD)
+        BatchedViewAugment.from_preset("simclr", 32, MEAN, STD)
     with pytest.raises(ValueError, match="share image_size"):
-        BatchedTwoViewAugment(ViewConfig(32), ViewConfig(64), mean=MEAN, std=STD)
+        BatchedViewAugment([ViewConfig(32), ViewConfig(64)], mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="share kernel_size"):
+        BatchedViewAugment([ViewConfig(32), ViewConfig(32, blur_kernel_size=5)], mean=MEAN,
+                           std=STD)
+    with pytest.raises(ValueError, match="at least one view"):
+        BatchedViewAugment([], mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="RGB images"):
-        BatchedTwoViewAugment(ViewConfig(32), mean=MEAN, std=STD)(torch.zeros(2, 1, 8, 8))
+        BatchedViewAugment([ViewConfig(32)], mean=MEAN, std=STD)(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         gaussian_blur(random_images(), torch.ones(8), 4)
     with pytest.raises(ValueError, match="too large for 20x24 images"):

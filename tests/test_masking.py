@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from mixmask.masking import (
     EraseBatch,
     MixMaskBatch,
     UnMixBatch,
+    beit_block_mask,
     block_mask,
     discrete_mask,
     focal_mask,
@@ -245,9 +248,16 @@ def test_mix_keeps_dtype():
 
 @pytest.mark.parametrize("mode", ["block", "discrete"])
 def test_sample_mixmask_per_batch(mode):
+    # The exact lambda = 0.5 below is the exact-count generator's; BEiT's is tested apart.
     images = torch.randn(6, 3, 32, 32, generator=seeded())
     mix = sample_mixmask(
-        images, grid_size=8, mask_ratio=0.5, mode=mode, per_sample=False, generator=seeded(1)
+        images,
+        grid_size=8,
+        mask_ratio=0.5,
+        mode=mode,
+        per_sample=False,
+        generator=seeded(1),
+        block_generator="exact_count",
     )
     assert isinstance(mix, MixMaskBatch)
     assert mix.mixed_images.shape == images.shape
@@ -358,13 +368,20 @@ def test_sync_recorder_catches_host_reads():
     assert len(recorder.syncing_ops) == 2
 
 
-@pytest.mark.parametrize("mode", ["block", "discrete"])
+@pytest.mark.parametrize(
+    "mode, block_generator", [("block", "beit"), ("block", "exact_count"), ("discrete", "beit")]
+)
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_sampling_and_mixing_never_read_values_back_to_the_host(mode, per_sample):
+def test_sampling_and_mixing_never_read_values_back_to_the_host(mode, block_generator, per_sample):
     images = torch.randn(4, 3, 16, 16, generator=seeded())
     with HostSyncRecorder() as recorder:
         mix = sample_mixmask(
-            images, grid_size=4, mode=mode, per_sample=per_sample, generator=seeded(1)
+            images,
+            grid_size=4,
+            mode=mode,
+            per_sample=per_sample,
+            generator=seeded(1),
+            block_generator=block_generator,
         )
         switched_lambda(mix.lam)
     assert recorder.syncing_ops == []
@@ -588,6 +605,7 @@ def test_erase_noise_fill_statistics():
 @pytest.mark.parametrize("mode", ["discrete", "block"])
 @pytest.mark.parametrize("grid_size, mask_ratio", [(8, 0.5), (4, 0.25), (16, 0.6)])
 def test_erase_grid_masked_fraction_is_the_mask_ratio(mode, grid_size, mask_ratio):
+    # Exact counts: the exact-count block generator (BEiT's can end short, tested apart).
     images = torch.full((6, 3, 32, 32), 7.0)
     erase = sample_erase(
         images,
@@ -596,6 +614,7 @@ def test_erase_grid_masked_fraction_is_the_mask_ratio(mode, grid_size, mask_rati
         mask_ratio=mask_ratio,
         mode=mode,
         fill="mean",
+        block_generator="exact_count",
     )
     assert erase.keep_mask.shape == (6, 1, 32, 32)
     expected = round(mask_ratio * grid_size**2) / grid_size**2
@@ -780,6 +799,7 @@ def test_focal_and_high_pass_invalid_arguments_raise():
     [
         {},
         {"mode": "block", "per_sample": False},
+        {"mode": "block", "block_generator": "exact_count"},
         {"shape": "focal", "channel_wise": True},
         {"fill": "zero", "pixel_mean": CIFAR_MEAN, "pixel_std": CIFAR_STD, "high_pass_sigma": 1.0},
     ],
@@ -802,3 +822,286 @@ def test_unmix_and_partners_never_read_values_back_to_the_host(alpha):
         switched_lambda(draw.lam, partner_index=partner)
         draw.mixed_images[inverse]
     assert recorder.syncing_ops == []
+
+
+# -- BEiT's block-mask generator (the MixMask reference's) ---------------------------------
+
+
+def beit_reference_mask(grid_size: int, num_patches: int, rng) -> list[list[int]]:
+    """A literal transcription of BEiT's ``MaskingGenerator`` (arXiv 2106.08254, Alg. 1) as
+    the MixMask reference runs it: ``num_patches`` block cells, min_num_patches = 4,
+    max_num_patches = num_patches, aspect in (0.3, 1/0.3). ``rng`` is Python's ``random``
+    module (or a stand-in with its ``uniform``/``randint``). 1 = inside a block."""
+    height = width = grid_size
+    min_num_patches, max_num_patches = 4, num_patches
+    log_aspect_ratio = (math.log(0.3), math.log(1 / 0.3))
+    mask = [[0] * width for _ in range(height)]
+
+    def _mask(max_mask_patches):
+        delta = 0
+        for _attempt in range(10):
+            target_area = rng.uniform(min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(rng.uniform(*log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < width and h < height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                num_masked = sum(
+                    mask[i][j] for i in range(top, top + h) for j in range(left, left + w)
+                )
+                if 0 < h * w - num_masked <= max_mask_patches:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i][j] == 0:
+                                mask[i][j] = 1
+                                delta += 1
+                if delta > 0:
+                    break
+        return delta
+
+    mask_count = 0
+    while mask_count < num_patches:
+        max_mask_patches = min(num_patches - mask_count, max_num_patches)
+        delta = _mask(max_mask_patches)
+        if delta == 0:
+            break
+        mask_count += delta
+    return mask
+
+
+def smallest_component(mask: list[list[int]]) -> int:
+    """Size of the smallest 4-connected component of the 1 cells (by flood fill); 0 if none."""
+    size = len(mask)
+    seen = [[False] * size for _ in range(size)]
+    smallest = 0
+    for row in range(size):
+        for col in range(size):
+            if mask[row][col] and not seen[row][col]:
+                seen[row][col] = True
+                stack, cells = [(row, col)], 0
+                while stack:
+                    r, c = stack.pop()
+                    cells += 1
+                    for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                        if 0 <= nr < size and 0 <= nc < size and mask[nr][nc]:
+                            if not seen[nr][nc]:
+                                seen[nr][nc] = True
+                                stack.append((nr, nc))
+                smallest = cells if smallest == 0 else min(smallest, cells)
+    return smallest
+
+
+class ReplayRandom:
+    """A stand-in for Python's ``random`` that replays ``beit_block_mask``'s uniforms: one
+    (area, aspect, top, left) row per attempt, the attempt starting at each area draw, and
+    CPython's formulas ``uniform(a, b) = a + (b - a) u``, ``randint(a, b)`` uniform over
+    ``a..b`` (here ``a + floor(u (b - a + 1))``)."""
+
+    def __init__(self, rows: list[list[float]]):
+        self.rows = iter(rows)
+        self.row: list[float] = []
+        self.slot = 4
+
+    def _next(self, start_attempt: bool) -> float:
+        if start_attempt:
+            self.row, self.slot = next(self.rows), 0
+        value = self.row[self.slot]
+        self.slot += 1
+        return value
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self._next(start_attempt=self.slot != 1)
+
+    def randint(self, low: int, high: int) -> int:
+        return low + min(math.floor(self._next(False) * (high - low + 1)), high - low)
+
+
+def beit_uniforms(num_masks: int, target: int, seed: int) -> torch.Tensor:
+    """The draw beit_block_mask documents: one float64 rand [n, target * 10, 4]."""
+    return torch.rand(num_masks, target * 10, 4, dtype=torch.float64, generator=seeded(seed))
+
+
+@pytest.mark.parametrize("grid_size, target", [(8, 32), (4, 8), (6, 18)])
+def test_beit_block_mask_is_the_reference_loop_on_its_uniforms(grid_size, target):
+    num_masks, seed = 400, 21
+    keep = beit_block_mask(num_masks, grid_size, 0.5, generator=seeded(seed))
+    uniforms = beit_uniforms(num_masks, target, seed).tolist()
+    expected = [beit_reference_mask(grid_size, target, ReplayRandom(rows)) for rows in uniforms]
+    assert keep.long().tolist() == expected
+
+
+def test_beit_lambda_distribution_matches_the_reference_with_python_random():
+    rng = random.Random(0)
+    for grid_size, draws, low, high in [(8, 8000, 0.93, 0.98), (4, 4000, 0.975, 1.0)]:
+        cells = grid_size * grid_size
+        target = cells // 2
+        reference = [
+            sum(map(sum, beit_reference_mask(grid_size, target, rng))) for _ in range(draws)
+        ]
+        ours = beit_block_mask(draws, grid_size, 0.5, generator=seeded(1)).sum(dim=(1, 2))
+        ours = ours.long().tolist()
+        shares = []
+        for counts in (reference, ours):
+            assert max(counts) == target  # lambda <= 1 - ratio = 0.5
+            share = counts.count(target) / draws
+            assert low <= share <= high
+            shares.append(share)
+            if grid_size == 8:
+                short = Counter(count for count in counts if count != target)
+                assert short.most_common(1)[0][0] == 31  # lambda = 31/64
+                assert min(counts) >= 26  # rarely below 0.44 (28/64) in the reference
+        assert abs(shares[0] - shares[1]) < 0.02  # binomial sd of the difference ~0.003
+
+
+def test_beit_block_mask_places_blocks_smaller_than_min_block_cells():
+    # Every placed rectangle is fully marked and connected, so each 4-connected component
+    # is a union of whole rectangles, and a component of <= 2 cells holds only rectangles
+    # of <= 2 cells: BEiT draws those when fewer than 4 cells remain (uniform(4, budget)).
+    rng = random.Random(2)
+    reference = [beit_reference_mask(8, 32, rng) for _ in range(3000)]
+    ours = beit_block_mask(3000, 8, 0.5, generator=seeded(3)).long().tolist()
+    rates = [
+        sum(0 < smallest_component(mask) <= 2 for mask in masks) / len(masks)
+        for masks in (reference, ours)
+    ]
+    assert all(rate > 0.05 for rate in rates)  # about 13% in both
+    assert abs(rates[0] - rates[1]) < 0.04
+    # The exact-count generator (without its top-up) never proposes such blocks.
+    exact = block_mask(500, 8, 0.5, generator=seeded(3), fill_to_target=False) == 0
+    assert all(smallest_component(mask) > 2 for mask in exact.long().tolist())
+
+
+@pytest.mark.parametrize(
+    "grid_size, mask_ratio, kept",
+    # kept = int((1 - ratio) * g^2) in integer arithmetic; 1 - 0.9 = 0.0999... in floats.
+    [(8, 0.5, 32), (14, 0.4, 117), (7, 0.3, 34), (16, 0.6, 102), (10, 0.9, 10), (3, 0.5, 4)],
+)
+def test_beit_block_mask_keeps_at_most_the_target_and_mostly_hits_it(grid_size, mask_ratio, kept):
+    keep = beit_block_mask(300, grid_size, mask_ratio, generator=seeded(4))
+    assert keep.shape == (300, grid_size, grid_size)
+    assert keep.dtype == torch.float32 and keep.device.type == "cpu"
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    counts = keep.sum(dim=(1, 2))
+    assert (counts <= kept).all()
+    assert (counts == kept).float().mean() > 0.8  # 0.89-0.99 with this seed
+
+
+def test_beit_block_mask_same_seed_same_mask():
+    first = beit_block_mask(16, 8, generator=seeded(123))
+    assert torch.equal(first, beit_block_mask(16, 8, generator=seeded(123)))
+    assert not torch.equal(first, beit_block_mask(16, 8, generator=seeded(124)))
+
+
+def test_beit_block_mask_advances_the_generator_by_a_fixed_amount():
+    # Whatever the masks look like (short of the target or not), one call consumes exactly
+    # one torch.rand(n, 32 * 10, 4, float64) of the generator.
+    outcomes = set()
+    for seed in range(100):  # about 1 mask in 20 ends short
+        generator, twin = seeded(seed), seeded(seed)
+        keep = beit_block_mask(1, 8, 0.5, generator=generator)
+        torch.rand(1, 320, 4, dtype=torch.float64, generator=twin)
+        outcomes.add(int(keep.sum().item()))
+        assert torch.equal(generator.get_state(), twin.get_state())
+        assert torch.equal(torch.rand(8, generator=generator), torch.rand(8, generator=twin))
+    assert 32 in outcomes and min(outcomes) < 32  # both kinds of outcome were covered
+
+
+class FakeDeviceGenerator:
+    """Only a ``device`` attribute, as a CUDA generator has; any draw from it would fail."""
+
+    device = torch.device("cuda", 0)
+
+
+def test_beit_block_mask_rejects_non_cpu_generators_and_bad_parameters():
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        beit_block_mask(1, 8, generator=FakeDeviceGenerator())
+    with pytest.raises(ValueError, match="min_block_cells"):
+        beit_block_mask(1, 8, generator=seeded(), min_block_cells=0)
+    with pytest.raises(ValueError, match="min_aspect"):
+        beit_block_mask(1, 8, generator=seeded(), min_aspect=0.0)
+    with pytest.raises(ValueError, match="max_attempts"):
+        beit_block_mask(1, 8, generator=seeded(), max_attempts=0)
+    with pytest.raises(ValueError, match="grid_size"):
+        beit_block_mask(1, 1, generator=seeded())
+
+
+def test_samplers_ask_for_a_host_generator_with_a_device_generator():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    with pytest.raises(ValueError, match="host_generator"):
+        sample_mixmask(images, grid_size=4, generator=FakeDeviceGenerator())
+    with pytest.raises(ValueError, match="host_generator"):
+        sample_erase(
+            images, grid_size=4, mode="block", fill="mean", generator=FakeDeviceGenerator()
+        )
+    # With a host generator the device generator is not needed for BEiT's masks.
+    mix = sample_mixmask(
+        images, grid_size=4, generator=FakeDeviceGenerator(), host_generator=seeded(5)
+    )
+    assert torch.equal(mix.keep_mask, beit_block_mask(1, 4, generator=seeded(5)))
+    erase = sample_erase(
+        images,
+        grid_size=4,
+        mode="block",
+        fill="mean",
+        generator=FakeDeviceGenerator(),
+        host_generator=seeded(5),
+    )
+    assert torch.equal(erase.keep_mask[:, 0, ::4, ::4], beit_block_mask(4, 4, generator=seeded(5)))
+    for sample, kwargs in ((sample_mixmask, {}), (sample_erase, {"mode": "block"})):
+        with pytest.raises(ValueError, match="block_generator"):
+            sample(images, grid_size=4, generator=seeded(), block_generator="bernoulli", **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_beit_masks_with_cuda_images_and_generators():
+    images = torch.randn(4, 3, 16, 16, generator=seeded()).cuda()
+    cuda_generator = torch.Generator(device="cuda").manual_seed(0)
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        beit_block_mask(1, 8, generator=cuda_generator)
+    with pytest.raises(ValueError, match="host_generator"):
+        sample_mixmask(images, grid_size=4, generator=cuda_generator)
+    mix = sample_mixmask(
+        images, grid_size=4, per_sample=True, generator=cuda_generator, host_generator=seeded(6)
+    )
+    assert mix.keep_mask.device == images.device
+    assert torch.equal(mix.keep_mask.cpu(), beit_block_mask(4, 4, generator=seeded(6)))
+    expected = mix_images(images.cpu(), mix.keep_mask.cpu(), reversed_partner(4, "cpu"))
+    assert torch.equal(mix.mixed_images.cpu(), expected)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_sample_mixmask_with_beit_masks(per_sample):
+    batch = 6
+    images = torch.randn(batch, 3, 32, 32, generator=seeded())
+    generator = seeded(7)
+    mix = sample_mixmask(images, grid_size=8, per_sample=per_sample, generator=generator)
+    # The default block generator is BEiT's, drawn from the (CPU) generator.
+    num_masks = batch if per_sample else 1
+    assert torch.equal(mix.keep_mask, beit_block_mask(num_masks, 8, generator=seeded(7)))
+    assert mix.keep_mask.shape == (num_masks, 8, 8)
+    assert torch.equal(mix.lam, mix.keep_mask.mean(dim=(1, 2)).expand(batch))
+    assert (mix.lam <= 0.5).all()
+    for i in range(batch):
+        pixel_keep = torch.kron(mix.keep_mask[i if per_sample else 0], torch.ones(4, 4))
+        expected = pixel_keep * images[i] + (1 - pixel_keep) * images[batch - 1 - i]
+        assert torch.equal(mix.mixed_images[i], expected)
+        share = (mix.mixed_images[i] == images[i]).float().mean()
+        assert share.item() == mix.lam[i].item()
+    # A host generator takes the mask's draws, leaving `generator` untouched.
+    untouched = seeded(8)
+    hosted = sample_mixmask(images, grid_size=8, generator=untouched, host_generator=seeded(7))
+    assert torch.equal(hosted.keep_mask, beit_block_mask(1, 8, generator=seeded(7)))
+    assert torch.equal(untouched.get_state(), seeded(8).get_state())
+
+
+def test_exact_count_block_generator_reproduces_the_old_draws():
+    images = torch.randn(4, 3, 16, 16, generator=seeded())
+    mix = sample_mixmask(
+        images, grid_size=4, per_sample=True, generator=seeded(9), block_generator="exact_count"
+    )
+    assert torch.equal(mix.keep_mask, block_mask(4, 4, generator=seeded(9)))
+    erase = sample_erase(
+        images, grid_size=4, mode="block", generator=seeded(9), block_generator="exact_count"
+    )
+    assert torch.equal(erase.keep_mask[:, 0, ::4, ::4], block_mask(4, 4, generator=seeded(9)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mixmask.config import MaskConfig, MethodConfig
+from mixmask.methods.masking_axis import MaskConfig, MaskingAxisConfig
 from mixmask.viz import (
     GALLERY_PADDING,
     GALLERY_ROWS,
@@ -42,8 +42,8 @@ def cell(grid, row: int, column: int, size: int = SIZE):
     return grid[top : top + size, left : left + size]
 
 
-def method_config(**mask) -> MethodConfig:
-    config = MethodConfig()
+def method_config(**mask) -> MaskingAxisConfig:
+    config = MaskingAxisConfig()
     for key, value in mask.items():
         setattr(config.mask, key, value)
     return config

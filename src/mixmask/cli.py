@@ -103,13 +103,10 @@ def _evaluate(args) -> int:
     import torch
 
     from mixmask.config import load_config
-    from mixmask.engine import (
-        evaluate_backbone,
-        load_checkpoint_file,
-        load_eval_data,
-        resolve_accelerator,
-    )
-    from mixmask.methods import build_method
+    from mixmask.data.splits import load_eval_data
+    from mixmask.engine import load_checkpoint_file, resolve_accelerator
+    from mixmask.eval import evaluate
+    from mixmask.methods import PixelStats, build_method
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -121,19 +118,20 @@ def _evaluate(args) -> int:
     if not checkpoint_path.is_file():
         raise MixmaskError(f"no checkpoint at {checkpoint_path}; has the run saved one yet?")
     checkpoint = load_checkpoint_file(checkpoint_path)
-    method = build_method(config)
-    try:
-        method.load_state_dict(checkpoint["method"])
-    except RuntimeError as error:
-        raise MixmaskError(f"{checkpoint_path} does not match the run's config: "
-                           f"{str(error).splitlines()[0]}") from None
     eval_data, reason = load_eval_data(config)
     if eval_data is None:
         raise MixmaskError(f"cannot evaluate: {reason}.")
+    train_set = eval_data.train.image_set
+    method = build_method(config, PixelStats(tuple(train_set.mean), tuple(train_set.std)))
+    try:
+        method.load_state_dict(checkpoint["method"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise MixmaskError(f"{checkpoint_path} does not match the run's config: "
+                           f"{str(error).splitlines()[0]}") from None
     device = torch.device(resolve_accelerator(config.train.device))
     torch.manual_seed(config.train.seed)
-    results = evaluate_backbone(method.backbone.to(device), eval_data, config, device,
-                                knn=args.command == "knn", linear=args.command == "linear")
+    results = evaluate(method.to(device), eval_data, config, device,
+                       knn=args.command == "knn", linear=args.command == "linear")
     results.update(checkpoint=str(checkpoint_path), step=checkpoint["step"])
     (run / f"eval_{args.command}.json").write_text(json.dumps(results, indent=2))
     key = f"{args.command}_top1"

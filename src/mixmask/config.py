@@ -23,11 +23,6 @@ import yaml
 
 from mixmask.errors import ConfigError
 
-MethodName = Literal["mocov2", "byol", "simsiam", "barlow_twins", "vicreg"]
-MaskingName = Literal["none", "erase", "mixmask", "unmix", "both"]
-# Bases whose loss is a statistic of the whole batch (one value, not one per sample).
-BATCH_LEVEL_METHODS = ("barlow_twins", "vicreg")
-
 
 @dataclass
 class DataConfig:
@@ -55,135 +50,119 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    # cifar: 3x3 stride-1 stem, no max-pool (for 32-96 px); imagenet: torchvision's 7x7/2.
+    # A name of the backbone registry (mixmask.models.backbones): resnet18, resnet34, resnet50.
+    backbone: str = "resnet18"
+    # ResNets: cifar: 3x3 stride-1 stem, no max-pool (for 32-96 px); imagenet: torchvision's 7x7/2.
     stem: Literal["cifar", "imagenet"] = "cifar"
     # Multiplies every stage's channel count (1.0 = the standard ResNet): CPU-sized runs.
     width: float = 1.0
 
 
-@dataclass
-class MaskConfig:
-    """Grid masks (design.md sec. 2): a g x g grid, block (BEiT) or discrete cells. MixMask
-    fills the masked cells from the partner image; ``erase`` uses the same grid."""
-
-    # 8 cells a side at every image size: the paper's 8x8 grid at 224 px; at 32 px the
-    # same 64 cells keep the block-mask statistics and match the 8x8 token grid of a
-    # patch-4 ViT. A 4x4 grid leaves too few distinct block masks.
-    grid_size: int = 8
-    mask_ratio: float = 0.5
-    mode: Literal["block", "discrete"] = "block"
-    # The reference draws one mask per step for the whole batch; per-sample is an ablation.
-    per_sample: bool = False
-
-
-@dataclass
-class EraseConfig:
-    """MSCN-style erasing (Jing et al., arXiv 2206.07700) of the online view's masked cells
-    (grid size, ratio, mode and per-sample from ``method.mask``)."""
-
-    # grid: the method.mask grid; focal: keep one random rectangle, erase the rest.
-    shape: Literal["grid", "focal"] = "grid"
-    # noise: N(0, noise_std^2) in normalised space; zero: black pixels; mean: dataset mean.
-    fill: Literal["noise", "zero", "mean"] = "noise"
-    noise_std: float = 1.0
-    # Every colour channel gets its own mask.
-    channel_wise: bool = False
-    # Gaussian high-pass filter on the online view before erasing (0 = off).
-    high_pass_sigma: float = 0.0
-
-
-@dataclass
-class UnMixConfig:
-    """Un-Mix (Shen et al., arXiv 2003.05438): Mixup or CutMix with the reversed batch."""
-
-    p_mixup: float = 0.5  # probability of Mixup (else CutMix) at each step
-    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); Beta(1, 1) = U(0, 1) as in Un-Mix
-
-
-@dataclass
-class MoCoV2Config:
-    """MoCo v2 (Chen et al. 2020, arXiv 2003.04297); defaults: the Un-Mix CIFAR recipe."""
-
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 128
-    queue_size: int = 4096
-    momentum: float = 0.99
-    # constant (MoCo v2, Un-Mix) or cosine from momentum to momentum_end (solo-learn's
-    # MoCo v2+ CIFAR recipe: 0.99 -> 0.999).
-    momentum_schedule: Literal["constant", "cosine"] = "constant"
-    momentum_end: float = 0.999
-    temperature: float = 0.1
-    # Symmetric loss: each view is query once and key once (two losses, both keys enqueued).
-    symmetric: bool = True
-    # Shuffle-BN for the key encoder across processes under DDP (no-op on one device, where
-    # BN already normalises over the whole batch).
-    shuffle_bn: bool = True
-
-
-@dataclass
-class BYOLConfig:
-    """BYOL (Grill et al., arXiv 2006.07733); defaults: solo-learn's CIFAR recipe."""
-
-    proj_hidden_dim: int = 4096
-    proj_output_dim: int = 256
-    pred_hidden_dim: int = 4096
-    # Target EMA momentum: cosine from start to end over training (BYOL sec. 3.2).
-    momentum_start: float = 0.99
-    momentum_end: float = 1.0
-
-
-@dataclass
-class SimSiamConfig:
-    """SimSiam (Chen & He, arXiv 2011.10566); defaults: its CIFAR setting (2-layer
-    projector, 2048-d, bottleneck predictor 512)."""
-
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 2048
-    pred_hidden_dim: int = 512
-
-
-@dataclass
-class BarlowTwinsConfig:
-    """Barlow Twins (Zbontar et al., arXiv 2103.03230); defaults: solo-learn's CIFAR recipe."""
-
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 2048
-    lambda_offdiag: float = 0.0051
-    scale_loss: float = 0.1
-
-
-@dataclass
-class VICRegConfig:
-    """VICReg (Bardes et al., arXiv 2105.04906); defaults: the paper's weights and
-    solo-learn's CIFAR projector."""
-
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 2048
-    sim_weight: float = 25.0
-    var_weight: float = 25.0
-    cov_weight: float = 1.0
-
-
-@dataclass
 class MethodConfig:
-    name: MethodName = "mocov2"
-    masking: MaskingName = "none"
-    # How the online network sees a step's batches (the clean view and its mixes):
-    # separate: one forward each, so BN normalises each by its own statistics (the papers'
-    # code); joint: one forward of their concatenation (fewer, larger kernels), BN
-    # statistics then pooled over the clean and mixed images. Same loss otherwise.
-    online_forward: Literal["separate", "joint"] = "separate"
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    erase: EraseConfig = field(default_factory=EraseConfig)
-    unmix: UnMixConfig = field(default_factory=UnMixConfig)
-    # Method-specific keys live under the method's name, so switching ``method.name`` on
-    # the command line keeps each method's own defaults.
-    mocov2: MoCoV2Config = field(default_factory=MoCoV2Config)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
-    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
-    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
-    vicreg: VICRegConfig = field(default_factory=VICRegConfig)
+    """The ``method`` section: ``name``, the masking axis of the Siamese methods
+    (``masking``, ``online_forward``, ``mask``, ``erase``, ``unmix``: their class's
+    ``axis_config_class``), and one sub-section per registered method, ``method.<name>.*``
+    (that method's ``config_class``).
+
+    Every sub-section given is parsed and validated, so a typo under another method's name
+    is still an error, and switching ``method.name`` keeps each method's own keys and
+    defaults; the resolved config holds the active method's section only. Attributes
+    resolve to the axis's fields (``config.method.mask``) and to the sections
+    (``config.method.mocov2``: the parsed one, or that method's defaults).
+    """
+
+    def __init__(self, name: str = "mocov2", axis: Any = None,
+                 sections: dict[str, Any] | None = None):
+        from mixmask.methods.registry import method_class
+
+        method = method_class(name)
+        self.name = name
+        axis_class = getattr(method, "axis_config_class", None)
+        self.axis = axis if axis is not None or axis_class is None else axis_class()
+        self.sections = dict(sections or {})
+        self.sections.setdefault(name, method.config_class())
+
+    def __getattr__(self, key: str) -> Any:
+        # Only called when normal lookup fails: the axis's fields, then the sections.
+        if key.startswith("__") or key in ("name", "axis", "sections"):
+            raise AttributeError(key)
+        axis = self.__dict__.get("axis")
+        if axis is not None and key in {f.name for f in dataclasses.fields(axis)}:
+            return getattr(axis, key)
+        sections = self.__dict__.setdefault("sections", {})
+        if key not in sections:
+            from mixmask.methods.registry import method_names
+
+            if key not in method_names():
+                raise AttributeError(f"method config has no {key!r}")
+            from mixmask.methods.registry import method_class
+
+            sections[key] = method_class(key).config_class()
+        return sections[key]
+
+    def __eq__(self, other: object) -> bool:
+        # What a run uses (and its resolved config holds): name, axis, the active section.
+        if not isinstance(other, MethodConfig):
+            return NotImplemented
+        return (self.name, self.axis, self.params) == (other.name, other.axis, other.params)
+
+    def __repr__(self) -> str:
+        return f"MethodConfig(name={self.name!r}, axis={self.axis!r}, params={self.params!r})"
+
+    @property
+    def params(self) -> Any:
+        """The active method's own section (``method.<name>.*``)."""
+        return self.sections[self.name]
+
+    def to_dict(self) -> dict[str, Any]:
+        plain: dict[str, Any] = {"name": self.name}
+        if self.axis is not None:
+            plain.update(_to_plain(dataclasses.asdict(self.axis)))
+        plain[self.name] = _to_plain(dataclasses.asdict(self.params))
+        return plain
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> MethodConfig:
+        from mixmask.methods.registry import method_class, method_names
+
+        if not isinstance(raw, dict):
+            raise ConfigError(f"'method' must be a section (a mapping), got {raw!r}.")
+        name = raw.get("name", "mocov2")
+        if not isinstance(name, str):
+            raise ConfigError(f"'method.name' must be a string, got {name!r}.")
+        method = method_class(name)
+        names = method_names()
+        axis_classes = {getattr(method_class(other), "axis_config_class", None)
+                        for other in names} - {None}
+        axis_keys = {f.name for axis_class in axis_classes
+                     for f in dataclasses.fields(axis_class)}
+        known = ["name", *sorted(axis_keys), *names]
+        for key in raw:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+                hint = f" Did you mean 'method.{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key 'method.{key}'.{hint} Valid keys here: "
+                                  f"{', '.join(known)}.")
+        axis_raw = {key: value for key, value in raw.items() if key in axis_keys}
+        axis_class = getattr(method, "axis_config_class", None)
+        axis = None
+        if axis_class is None:
+            # masking: none says "no masking", which holds for every method.
+            offending = [key for key, value in axis_raw.items()
+                         if not (key == "masking" and value == "none")]
+            if offending:
+                owners = ", ".join(other for other in names
+                                   if getattr(method_class(other), "axis_config_class", None))
+                raise ConfigError(
+                    f"'method.{offending[0]}' belongs to the masking axis of the Siamese "
+                    f"methods ({owners}); method '{name}' has no masking axis, so remove "
+                    f"method.{offending[0]} from the config.")
+        else:
+            axis = _build(axis_class, axis_raw, prefix="method.")
+        sections = {other: _build(method_class(other).config_class, raw[other],
+                                  prefix=f"method.{other}.")
+                    for other in names if other in raw}
+        return cls(name, axis, sections)
 
 
 @dataclass
@@ -208,11 +187,14 @@ class TrainConfig:
     # returning it to the OS (see mixmask.runtime: no page faults per step instead of ~80k).
     keep_cpu_memory: bool = True
     seed: int = 0
-    # lars: SGD with layer-wise trust ratios (BYOL, Barlow Twins, VICReg recipes); biases
-    # and norm parameters are excluded from adaptation and weight decay.
-    optimizer: Literal["sgd", "lars"] = "sgd"
+    # sgd: every parameter decayed (MoCo, MixMask); lars: SGD with layer-wise trust ratios
+    # (BYOL, Barlow Twins, VICReg recipes), biases and norm parameters excluded from
+    # adaptation and weight decay; adamw (MAE, A2MIM, SiameseIM), biases, norms and tokens
+    # not decayed. The method gives the parameter groups (mixmask.optim).
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
     lr: float = 0.06
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd, lars
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw (MAE: 0.9, 0.95)
     weight_decay: float = 5e-4
     lars_eta: float = 0.02
     # Clip the LARS trust ratio so the adapted lr never exceeds train.lr (solo-learn clip_lr).
@@ -272,7 +254,16 @@ class Config:
     resume: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        plain = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, MethodConfig):
+                plain[item.name] = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                plain[item.name] = _to_plain(dataclasses.asdict(value))
+            else:
+                plain[item.name] = value
+        return plain
 
 
 def _to_plain(value: Any) -> Any:
@@ -367,6 +358,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if kind is MethodConfig:
+        return MethodConfig.from_raw(value)
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, key + ".")
     origin = get_origin(kind)
@@ -383,8 +376,13 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"'{key}' must be a list, got {value!r}.")
-        item_kind = get_args(kind)[0]
-        return tuple(_coerce(item_kind, item, key) for item in value)
+        item_kinds = get_args(kind)
+        if len(item_kinds) == 2 and item_kinds[1] is Ellipsis:
+            return tuple(_coerce(item_kinds[0], item, key) for item in value)
+        if len(value) != len(item_kinds):
+            raise ConfigError(f"'{key}' must be a list of {len(item_kinds)} values, got {value!r}.")
+        return tuple(_coerce(item_kind, item, key)
+                     for item_kind, item in zip(item_kinds, value, strict=True))
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
@@ -410,14 +408,18 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks the types cannot express."""
+    """Cross-field checks the types cannot express; then the active method's own checks
+    (its class's ``validate_config``) and the backbone registry's."""
+    from mixmask.methods.registry import method_class
+    from mixmask.models.backbones import validate_backbone
+
     positive = {
         "data.image_size": config.data.image_size,
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
         "train.devices": config.train.devices,
+        "train.lr": config.train.lr,
         "model.width": config.model.width,
-        "method.mask.grid_size": config.method.mask.grid_size,
         "monitor.knn_k": config.monitor.knn_k,
     }
     for key, value in positive.items():
@@ -429,60 +431,16 @@ def validate(config: Config) -> None:
         "data.num_workers": config.data.num_workers,
         "train.profile_steps": config.train.profile_steps,
         "train.profile_start_step": config.train.profile_start_step,
+        "train.weight_decay": config.train.weight_decay,
+        "train.warmup_epochs": config.train.warmup_epochs,
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")
-    _validate_masking(config)
-    if config.method.name == "mocov2" and (
-            config.method.mocov2.queue_size < config.train.batch_size):
-        raise ConfigError(
-            f"'method.mocov2.queue_size' ({config.method.mocov2.queue_size}) must hold at least "
-            f"one batch of keys (train.batch_size={config.train.batch_size})."
-        )
-    byol, moco = config.method.byol, config.method.mocov2
-    for key, value in (("byol.momentum_start", byol.momentum_start),
-                       ("byol.momentum_end", byol.momentum_end),
-                       ("mocov2.momentum", moco.momentum),
-                       ("mocov2.momentum_end", moco.momentum_end)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"'method.{key}' must lie in [0, 1], got {value}.")
-
-
-def _validate_masking(config: Config) -> None:
-    """Mask parameters that cannot work, said before any data is loaded."""
-    method, mask = config.method, config.method.mask
-    if not 0.0 < mask.mask_ratio < 1.0:
-        raise ConfigError(f"'method.mask.mask_ratio' must lie in (0, 1), got {mask.mask_ratio}.")
-    uses_grid = method.masking in ("mixmask", "both") or (
-        method.masking == "erase" and method.erase.shape == "grid")
-    image_size = config.data.image_size
-    if uses_grid and (mask.grid_size < 2 or mask.grid_size > image_size
-                      or image_size % mask.grid_size):
-        raise ConfigError(
-            f"'method.mask.grid_size' ({mask.grid_size}) must be at least 2 and divide "
-            f"data.image_size ({image_size}) into whole cells, e.g. 4 or 8."
-        )
-    local_batch = config.train.batch_size // config.train.devices
-    if method.masking in ("mixmask", "unmix", "both") and local_batch % 2:
-        raise ConfigError(
-            f"'{method.masking}' pairs each image with another of the batch (the reversed "
-            f"batch): the per-device batch must be even, got {local_batch} "
-            f"(train.batch_size={config.train.batch_size}, train.devices={config.train.devices})."
-        )
-    if (method.masking in ("mixmask", "both") and mask.per_sample
-            and method.name in BATCH_LEVEL_METHODS):
-        raise ConfigError(
-            f"{method.name}'s loss is one value for the whole batch, so MixMask needs one mask "
-            "(one lambda) per batch: set method.mask.per_sample=false."
-        )
-    unmix, erase = method.unmix, method.erase
-    if not 0.0 <= unmix.p_mixup <= 1.0:
-        raise ConfigError(f"'method.unmix.p_mixup' must lie in [0, 1], got {unmix.p_mixup}.")
-    if unmix.alpha <= 0:
-        raise ConfigError(f"'method.unmix.alpha' must be positive, got {unmix.alpha}.")
-    for key, value in (("noise_std", erase.noise_std), ("high_pass_sigma", erase.high_pass_sigma)):
-        if value < 0:
-            raise ConfigError(f"'method.erase.{key}' must be 0 or more, got {value}.")
+    for index, beta in enumerate(config.train.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"'train.betas' must lie in [0, 1), got {beta} at position {index}.")
+    validate_backbone(config.model)
+    method_class(config.method.name).validate_config(config)
 
 
 def save_config(config: Config, path: Path) -> None:

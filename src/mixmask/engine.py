@@ -1,8 +1,10 @@
 """The pretraining loop, on Lightning Fabric (precision, devices, DDP, seeding).
 
-The training step is visible top to bottom in :func:`_train_epoch`: views to the device,
-the method's loss, backward, optimizer step, the method's EMA/queue update, the online
-probe. Scalars are read on the host only every ``train.log_every`` steps.
+The engine knows no method: it builds the registered class of ``method.name``
+(:mod:`mixmask.methods.protocol`), loads the views that method asks for, and runs
+:func:`mixmask.step.training_step` over the batches, then the online probe. Evaluation is
+:func:`mixmask.eval.evaluate`. Scalars are read on the host only every
+``train.log_every`` steps.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,132 +22,24 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch import nn
-from torch.utils.data import DataLoader
 
 from mixmask import __version__
 from mixmask.config import Config, save_config
-from mixmask.data import (
-    DATASET_STATS,
-    EvalDataset,
-    ImageSet,
-    TwoViewDataset,
-    eval_transform,
-    load_image_set,
-    two_view_transform,
-)
-from mixmask.data.device_views import device_two_views
-from mixmask.data.loaders import item_seed
+from mixmask.data import EpochBatchSampler, build_train_loader
+from mixmask.data.splits import EvalData, load_eval_data, load_split
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
-from mixmask.eval.features import extract_features
-from mixmask.eval.knn import knn_top1
-from mixmask.eval.linear import linear_top1
-from mixmask.methods import build_method
+from mixmask.eval import evaluate
+from mixmask.methods import PixelStats, build_method
 from mixmask.optim import build_optimizer
 from mixmask.profiling import StepProfiler
 from mixmask.runtime import keep_freed_cpu_memory
+from mixmask.step import set_learning_rate, training_step
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
 class TrainingDiverged(MixmaskError):
     """The loss became NaN or infinite."""
-
-
-# --------------------------------------------------------------------------- data
-
-
-_TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-
-
-def load_split(config: Config, split: str, subset: int) -> ImageSet:
-    """One split of ``data.dataset``. A CIFAR dataset whose ``data.root`` is an ImageFolder
-    tree or tarball (a copy of CIFAR as image files) is read as such, with CIFAR's
-    normalisation statistics, so one ``data.root=`` override is all an offline user needs."""
-    data = config.data
-    name, root = data.dataset, os.path.expanduser(data.root)
-    if name in _TORCHVISION_FOLDERS and _looks_like_imagefolder(root, name):
-        image_set = load_image_set("imagefolder", root, split, subset=subset)
-        image_set.mean, image_set.std = DATASET_STATS[name]
-        return image_set
-    return load_image_set(name, root, split, download=data.download, subset=subset)
-
-
-def _looks_like_imagefolder(root: str, name: str) -> bool:
-    if os.path.isfile(root):
-        return root.endswith((".tar", ".tar.gz", ".tgz"))
-    return (os.path.isdir(os.path.join(root, "train"))
-            and not os.path.isdir(os.path.join(root, _TORCHVISION_FOLDERS[name])))
-
-
-@dataclass
-class EvalData:
-    """Labelled train/test sets with the evaluation transform (kNN bank and probes)."""
-
-    train: EvalDataset
-    test: EvalDataset
-    num_classes: int
-
-
-def load_eval_data(config: Config) -> tuple[EvalData | None, str]:
-    """The labelled evaluation sets, or None and the reason they are unavailable."""
-    train_set = load_split(config, "train", config.data.eval_train_subset)
-    if train_set.labels is None:
-        return None, "the dataset has no labels (no class folders)"
-    try:
-        test_set = load_split(config, "test", config.data.eval_test_subset)
-    except MixmaskError as error:
-        return None, f"no test split ({error})"
-    transform = _eval_transform(config, train_set)
-    return EvalData(EvalDataset(train_set, transform), EvalDataset(test_set, transform),
-                    train_set.num_classes), ""
-
-
-def _eval_transform(config: Config, image_set: ImageSet):
-    return eval_transform(config.data.image_size, image_set.mean, image_set.std,
-                          resize_from_larger=config.data.image_size >= 128)
-
-
-class EpochBatchSampler:
-    """Shuffled batches, the same order for a given (seed, epoch) on every run, so a
-    resumed run sees exactly the batches it would have seen; drops the last partial
-    batch; shards each global batch across processes."""
-
-    def __init__(self, num_samples: int, global_batch: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1):
-        self.num_samples, self.global_batch = num_samples, global_batch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return self.num_samples // self.global_batch - self.start_batch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)
-        local = self.global_batch // self.world_size
-        for batch in range(self.start_batch, self.num_samples // self.global_batch):
-            start = batch * self.global_batch + self.rank * local
-            yield [(index, self.epoch) for index in order[start:start + local].tolist()]
-
-
-class SeededViews(torch.utils.data.Dataset):
-    """Seeds the augmentation RNG from (seed, epoch, index) before drawing an item's views,
-    so the views are a pure function of those three: identical across worker counts, and a
-    resumed run draws exactly the views the uninterrupted run would have drawn."""
-
-    def __init__(self, dataset: TwoViewDataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
-        torch.manual_seed(item_seed(self.seed, epoch, index))
-        return self.dataset[index]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -253,32 +146,6 @@ class MetricsLog:
             self.writer.close()
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate_backbone(backbone: nn.Module, eval_data: EvalData, config: Config,
-                      device: torch.device, *, knn: bool, linear: bool) -> dict[str, float]:
-    """kNN and/or linear-probe top-1 (percent) of a frozen backbone."""
-    workers = min(config.data.num_workers, 2)
-    train_features, train_labels = extract_features(backbone, eval_data.train, device=device,
-                                                    num_workers=workers)
-    test_features, test_labels = extract_features(backbone, eval_data.test, device=device,
-                                                  num_workers=workers)
-    results = {}
-    if knn:
-        results["knn_top1"] = knn_top1(
-            train_features, train_labels, test_features, test_labels,
-            num_classes=eval_data.num_classes, k=config.monitor.knn_k,
-            temperature=config.monitor.knn_temperature)
-    if linear:
-        results["linear_top1"] = linear_top1(
-            train_features, train_labels, test_features, test_labels,
-            num_classes=eval_data.num_classes, epochs=config.eval.linear_epochs,
-            lr=config.eval.linear_lr, batch_size=config.eval.linear_batch_size,
-            milestones=config.eval.linear_milestones, seed=config.train.seed)
-    return results
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -301,53 +168,45 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     if resume_path is None and (checkpoint_dir / "last.ckpt").is_file():
         raise ConfigError(f"{out_dir} already holds a run. Continue it with resume=auto, or "
                           "choose another out_dir (or delete that folder) to start afresh.")
+    say = _printer(fabric, console)
+    # The data is checked before anything is written, so a mistake leaves no run folder.
+    train_set = load_split(config, "train", config.data.subset)
+    if len(train_set) < config.train.batch_size:
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
+                          f"(train.batch_size={config.train.batch_size}).")
     if fabric.is_global_zero:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
     fabric.seed_everything(config.train.seed)
 
-    train_set = load_split(config, "train", config.data.subset)
-    if len(train_set) < config.train.batch_size:
-        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
-                          f"(train.batch_size={config.train.batch_size}).")
     sampler = EpochBatchSampler(len(train_set), config.train.batch_size,
                                 seed=config.train.seed, rank=fabric.global_rank,
                                 world_size=fabric.world_size)
-    if config.data.pipeline == "device":  # in memory, or files decoded by workers
-        loader = device_two_views(train_set, sampler, preset=config.data.augmentation,
-                                  image_size=config.data.image_size, device=fabric.device,
-                                  seed=config.train.seed, rank=fabric.global_rank,
-                                  num_workers=config.data.num_workers,
-                                  channels_last=config.train.channels_last)
-    else:
-        views = TwoViewDataset(train_set, two_view_transform(
-            config.data.augmentation, config.data.image_size, train_set.mean, train_set.std))
-        loader = DataLoader(SeededViews(views, config.train.seed), batch_sampler=sampler,
-                            num_workers=config.data.num_workers,
-                            pin_memory=accelerator == "cuda",
-                            persistent_workers=config.data.num_workers > 0)
-        loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     steps_per_epoch = len(train_set) // config.train.batch_size
 
     eval_data, no_eval_reason = (None, "monitors are off")
     if config.monitor.knn or config.monitor.online_probe or config.eval.knn or config.eval.linear:
         eval_data, no_eval_reason = load_eval_data(config)
-    say = _printer(fabric, console)
     if eval_data is None:
         say(f"Note: kNN and linear-probe monitors are skipped: {no_eval_reason}.")
 
     torch.manual_seed(config.train.seed)  # the same initial weights as the random-init baseline
-    method = build_method(config)
-    method.pixel_mean, method.pixel_std = train_set.mean, train_set.std  # erase fill="zero"
+    pixel_stats = PixelStats(tuple(train_set.mean), tuple(train_set.std))
+    method = build_method(config, pixel_stats)
+    loader = build_train_loader(train_set, sampler, method.view_configs(),
+                                pipeline=config.data.pipeline, device=fabric.device,
+                                seed=config.train.seed, rank=fabric.global_rank,
+                                num_workers=config.data.num_workers,
+                                channels_last=config.train.channels_last)
     if config.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if config.train.compile:
         compile_networks(method, config)
+    train = config.train
     optimizer = build_optimizer(
-        config.train.optimizer, method.named_parameters(), lr=config.train.lr,
-        momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-        eta=config.train.lars_eta, clip_lr=config.train.lars_clip_lr,
-        fused=config.train.fused_optimizer)
+        train.optimizer, method.parameter_groups(train.optimizer), lr=train.lr,
+        momentum=train.momentum, weight_decay=train.weight_decay, betas=train.betas,
+        eta=train.lars_eta, clip_lr=train.lars_clip_lr, fused=train.fused_optimizer)
     method, optimizer = fabric.setup(method, optimizer)
     probe, probe_optimizer = None, None
     if config.monitor.online_probe and eval_data is not None:
@@ -370,7 +229,7 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                 if key in state and key in checkpoint:
                     target = state[key].module if key in ("method", "probe") else state[key]
                     target.load_state_dict(checkpoint[key])
-        except RuntimeError as error:
+        except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"checkpoint {resume_path} does not fit this model: "
                                   f"{str(error).splitlines()[0]}") from None
         state["epoch"], state["step"] = checkpoint["epoch"], checkpoint["step"]
@@ -380,9 +239,11 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
 
     metrics = MetricsLog(out_dir, fabric.is_global_zero,
                          state["step"] if resume_path is not None else None)
-    run = _Run(config, fabric, method, optimizer, probe, probe_optimizer, generator, loader,
-               sampler, steps_per_epoch, eval_data, metrics, state, checkpoint_dir, say)
-    run.elapsed_before = elapsed_before
+    run = _Run(config=config, fabric=fabric, method=method, optimizer=optimizer, probe=probe,
+               probe_optimizer=probe_optimizer, generator=generator, loader=loader,
+               sampler=sampler, steps_per_epoch=steps_per_epoch, eval_data=eval_data,
+               metrics=metrics, state=state, checkpoint_dir=checkpoint_dir, say=say,
+               pixel_stats=pixel_stats, elapsed_before=elapsed_before)
     try:
         run.fit()
     except KeyboardInterrupt:
@@ -409,7 +270,8 @@ def compile_networks(method: nn.Module, config: Config) -> None:
     if backend == "inductor":
         options["mode"] = config.train.compile_mode
     for network in method.children():
-        network.compile(**options)
+        if any(True for _ in network.parameters()):  # not parameter-free helpers
+            network.compile(**options)
 
 
 def _check_compatible(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
@@ -433,16 +295,18 @@ def _printer(fabric: Fabric, console):
 class _Run:
     """State of one pretraining run; the loop itself is in fit/_train_epoch."""
 
-    def __init__(self, config, fabric, method, optimizer, probe, probe_optimizer, generator,
-                 loader, sampler, steps_per_epoch, eval_data, metrics, state, checkpoint_dir,
-                 say):
+    def __init__(self, *, config: Config, fabric: Fabric, method, optimizer, probe,
+                 probe_optimizer, generator: torch.Generator, loader, sampler,
+                 steps_per_epoch: int, eval_data: EvalData | None, metrics: MetricsLog,
+                 state: dict, checkpoint_dir: Path, say, pixel_stats: PixelStats,
+                 elapsed_before: float = 0.0):
         self.config, self.fabric, self.method, self.optimizer = config, fabric, method, optimizer
         self.probe, self.probe_optimizer, self.generator = probe, probe_optimizer, generator
         self.loader, self.sampler, self.steps_per_epoch = loader, sampler, steps_per_epoch
         self.eval_data, self.metrics, self.state = eval_data, metrics, state
-        self.checkpoint_dir, self.say = checkpoint_dir, say
+        self.checkpoint_dir, self.say, self.pixel_stats = checkpoint_dir, say, pixel_stats
         self.train_images, self.train_seconds = 0, 0.0
-        self.elapsed_before, self.started = 0.0, time.perf_counter()
+        self.elapsed_before, self.started = elapsed_before, time.perf_counter()
         self.last_epoch_metrics: dict[str, float] = {}
         self._pending_log = None  # (step, lr, names, values, ready event): see _log_step
         train = config.train
@@ -483,33 +347,25 @@ class _Run:
         config, fabric, method = self.config, self.fabric, self.method
         start = time.perf_counter()
         images_seen = 0
-        for view1, view2, labels in self.loader:
+        for batch in self.loader:
             step = self.state["step"]
             if step >= self.total_steps:
                 break
             lr = learning_rate(config, step, self.steps_per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(self.optimizer, lr)
             if self.profiler is not None:
                 self.profiler.before_step(step)
-            if config.train.channels_last:
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
-            output = method(view1, view2, self.generator, step / self.total_steps)
-            fabric.backward(output.loss)
-            self.optimizer.step()
-            # Gradients freed after the step, not before the next: no memory held between
-            # steps (the parameters' size again).
-            self.optimizer.zero_grad(set_to_none=True)
-            method.finish_step(step / self.total_steps)
+            output = training_step(method, self.optimizer, batch, self.generator,
+                                   step / self.total_steps, backward=fabric.backward,
+                                   channels_last=config.train.channels_last)
             logs = dict(output.logs)
-            if self.probe is not None:  # only built for labelled data
-                probe_loss = F.cross_entropy(self.probe(output.features), labels)
+            if self.probe is not None and output.features is not None:
+                probe_loss = F.cross_entropy(self.probe(output.features), batch.labels)
                 fabric.backward(probe_loss)
                 self.probe_optimizer.step()
                 self.probe_optimizer.zero_grad(set_to_none=True)
                 logs["probe_loss"] = probe_loss.detach()
-            images_seen += view1.shape[0] * fabric.world_size
+            images_seen += batch.size * fabric.world_size
             self.state["step"] = step + 1
             if self.profiler is not None:
                 self._report_profile(self.profiler.after_step(step + 1))
@@ -571,20 +427,9 @@ class _Run:
         last = epoch == config.train.epochs or self.state["step"] >= self.total_steps
         if self.eval_data is not None and (config.monitor.knn or self.probe is not None) and (
                 epoch % config.monitor.knn_every == 0 or last) and self.fabric.is_global_zero:
-            backbone = self.method.module.backbone
-            train_features, train_labels = extract_features(
-                backbone, self.eval_data.train, device=self.fabric.device)
-            test_features, test_labels = extract_features(
-                backbone, self.eval_data.test, device=self.fabric.device)
-            if config.monitor.knn:
-                row["knn_top1"] = knn_top1(train_features, train_labels, test_features,
-                                           test_labels, num_classes=self.eval_data.num_classes,
-                                           k=config.monitor.knn_k,
-                                           temperature=config.monitor.knn_temperature)
-            if self.probe is not None:
-                with torch.no_grad():
-                    predicted = self.probe.module(test_features).argmax(dim=1)
-                row["probe_top1"] = 100.0 * (predicted == test_labels).float().mean().item()
+            row.update(evaluate(self.method.module, self.eval_data, config, self.fabric.device,
+                                knn=config.monitor.knn, linear=False,
+                                probe=None if self.probe is None else self.probe.module))
         if self.train_seconds > 0:
             row["images_per_s"] = self.train_images / self.train_seconds
         # Wall time since the run started (data loading, training, monitors): time-to-accuracy.
@@ -623,7 +468,8 @@ class _Run:
     def finish(self) -> dict[str, Any] | None:
         config, fabric = self.config, self.fabric
         summary: dict[str, Any] = {
-            "method": config.method.name, "masking": config.method.masking,
+            "method": config.method.name,
+            "masking": config.method.axis.masking if config.method.axis is not None else "none",
             "dataset": config.data.dataset, "backbone": config.model.backbone,
             "epochs": self.state["epoch"], "steps": self.state["step"], "seed": config.train.seed,
         }
@@ -631,16 +477,17 @@ class _Run:
         if self.eval_data is not None and fabric.is_global_zero and (
                 config.eval.knn or config.eval.linear):
             self.say("Evaluating the pretrained backbone...")
-            backbone = self.method.module.backbone
-            summary.update(evaluate_backbone(backbone, self.eval_data, config, fabric.device,
-                                             knn=config.eval.knn, linear=config.eval.linear))
+            workers = min(config.data.num_workers, 2)
+            summary.update(evaluate(self.method.module, self.eval_data, config, fabric.device,
+                                    knn=config.eval.knn, linear=config.eval.linear,
+                                    num_workers=workers))
             if config.eval.compare_random_init:
                 self.say("Evaluating the randomly initialised backbone (same seed)...")
                 torch.manual_seed(config.train.seed)
-                random_backbone = build_method(config).backbone.to(fabric.device)
-                random = evaluate_backbone(random_backbone, self.eval_data, config,
-                                           fabric.device, knn=config.eval.knn,
-                                           linear=config.eval.linear)
+                random_method = build_method(config, self.pixel_stats).to(fabric.device)
+                random = evaluate(random_method, self.eval_data, config, fabric.device,
+                                  knn=config.eval.knn, linear=config.eval.linear,
+                                  num_workers=workers)
                 summary.update({f"{key}_random_init": value for key, value in random.items()})
         summary["wall_time_s"] = self.elapsed_before + time.perf_counter() - self.started
         summary["images_per_s"] = (self.train_images / self.train_seconds

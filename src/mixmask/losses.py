@@ -1,8 +1,9 @@
 """Losses as pure functions of tensors; each returns a per-sample loss [B] unless stated.
 
-Usage (MoCo v2 + MixMask, design.md sec. 2)::
+Usage (MoCo v2 + MixMask, arXiv 2210.11456; BEiT's block masks are drawn on the
+host, so a CUDA step passes a CPU ``host_generator``)::
 
-    mix = sample_mixmask(x1, grid_size=8, generator=generator)
+    mix = sample_mixmask(x1, grid_size=8, generator=generator, host_generator=cpu_generator)
     clean = info_nce(f(x1), key, queue, temperature=0.2)
     mixed_q = f(mix.mixed_images)
     mixed = info_nce(mixed_q, key, queue, 0.2)
@@ -220,7 +221,7 @@ def weighted_mix_loss(
     lam: Tensor,
     switched_weight: Tensor | None = None,
 ) -> Tensor:
-    """MixMask's loss (arXiv 2210.11456; design.md sec. 2, step 6), averaged over the batch::
+    """MixMask's loss (arXiv 2210.11456, its asymmetric loss), averaged over the batch::
 
         mean_i [ L(q_i, k_i) + lam_i * L(q_mix_i, k_i) + w_i * L(q_sw_i, k_i) ]
 

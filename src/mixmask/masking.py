@@ -2,24 +2,40 @@
 
 Convention: a *keep mask* ``M`` holds 1 where the original image is kept and 0 where the
 cell is filled from the partner image ("masked"). Masks live on a coarse ``g x g`` grid
-and are upsampled to pixels by nearest neighbour (MixMask, arXiv 2210.11456, method;
-design.md sec. 2, steps 2-3).
+and are upsampled to pixels by nearest neighbour (MixMask, arXiv 2210.11456, method:
+``x_mix = M * x + (1 - M) * x_partner``; the reference code ``kirill-vish/MixMask``).
 
-The module also holds the other masking axes of design.md sec. 2: Un-Mix's Mixup/CutMix
-(:func:`sample_unmix`), MSCN's erase masks with noise fill, focal masks, channel-wise masks
-and a high-pass filter (:func:`sample_erase`), and the random derangement partner used
-when Un-Mix and MixMask run together (:func:`permutation_partner`).
+Grid masks come in two kinds (``mode``). ``"discrete"`` masks cells independently
+(:func:`discrete_mask`). ``"block"`` masks are BEiT's block-wise masks (Bao et al., arXiv
+2106.08254, Alg. 1), which the MixMask reference uses, from one of two generators
+(``block_generator``):
 
-Every random function takes an explicit ``torch.Generator`` and builds its tensors on
-``generator.device``; none of them reads a value back to the host, loops over batch
-elements in Python or branches on tensor values, so they run inside a CUDA step without
-synchronising it.
+- ``"beit"`` (default), :func:`beit_block_mask`: BEiT's ``MaskingGenerator`` loop exactly,
+  as in the reference, so lambda follows the reference's distribution (0.5 in about 95% of
+  draws at g = 8, otherwise a little below). The loop is sequential and runs on the host
+  with a CPU generator; the finished mask is copied to the images' device asynchronously.
+- ``"exact_count"``, :func:`block_mask`: a vectorised variant on the generator's device
+  with exactly ``round(ratio * g^2)`` masked cells, hence an exact lambda.
+
+The module also holds the other masking axes: Un-Mix's Mixup/CutMix (Shen et al., arXiv
+2003.05438; :func:`sample_unmix`), MSCN's erase masks with noise fill, focal masks,
+channel-wise masks and a high-pass filter (Jing, Zhu, LeCun, arXiv 2206.07700;
+:func:`sample_erase`), and the random derangement partner used when Un-Mix and MixMask
+run together (:func:`permutation_partner`).
+
+Every random function takes an explicit ``torch.Generator``. All but
+:func:`beit_block_mask` build their tensors on ``generator.device`` and never read a value
+back to the host, loop over batch elements in Python or branch on tensor values, so they
+run inside a CUDA step without synchronising it. :func:`beit_block_mask` never touches the
+device either: it draws from a CPU generator and loops on the host.
 
 Usage (``weighted_mix_loss`` from :mod:`mixmask.losses`)::
 
     generator = torch.Generator(device=images.device).manual_seed(0)
+    host_generator = torch.Generator().manual_seed(1)  # BEiT's host loop (CPU)
     mix = sample_mixmask(images, grid_size=8, mask_ratio=0.5, mode="block",
-                         per_sample=False, generator=generator)
+                         per_sample=False, generator=generator,
+                         host_generator=host_generator)
     loss = weighted_mix_loss(clean_loss, mixed_loss, switched_loss, mix.lam)
 """
 
@@ -29,6 +45,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +54,7 @@ __all__ = [
     "EraseBatch",
     "MixMaskBatch",
     "UnMixBatch",
+    "beit_block_mask",
     "block_mask",
     "discrete_mask",
     "focal_mask",
@@ -84,7 +102,9 @@ def block_mask(
     rounds: int = 64,
     fill_to_target: bool = True,
 ) -> Tensor:
-    """Block-wise keep masks (BEiT, arXiv 2106.08254, Alg. 1; MixMask's "block" masks).
+    """Block-wise keep masks with an exact masked count: the ``"exact_count"`` block generator
+    (BEiT's block-wise masking, arXiv 2106.08254, Alg. 1, vectorised; for BEiT's own loop,
+    as the MixMask reference runs it, see :func:`beit_block_mask`).
 
     Target masked count ``T = round(mask_ratio * g^2)`` (clamped to ``[1, g^2 - 1]``).
     For ``rounds`` rounds, for all masks at once, one rectangle is proposed per mask::
@@ -98,20 +118,32 @@ def block_mask(
 
     This is BEiT's ``MaskingGenerator`` with its "up to 10 attempts per block, stop at the
     first block that fails" loop replaced by a fixed budget of proposals per mask, so all
-    masks are drawn in parallel without data-dependent control flow. A rejected proposal
-    leaves the mask unchanged, so the accepted blocks follow BEiT's distribution; only the
-    stopping rule differs. Like BEiT's loop it can stop short of ``T`` (the last few cells
-    rarely admit a rectangle of >= 4 cells that does not overshoot; at g = 8, ratio 0.5
-    about 1 mask in 4000 after 64 rounds); with ``fill_to_target`` the masks still below
-    ``T`` are topped up with random unmasked cells so every mask has exactly ``T`` masked
-    cells and lambda = 1 - T / g^2 is exact. For ``grid_size=2`` no rectangle of >= 4 cells has
-    sides < 2, so the mask is entirely the top-up.
+    masks are drawn in parallel on the generator's device without data-dependent control
+    flow. A rejected proposal leaves the mask unchanged. Two differences from BEiT:
+
+    - the stopping rule. The loop can stop short of ``T`` (the last few cells rarely admit
+      a rectangle that does not overshoot; at g = 8, ratio 0.5 about 1 mask in 4000 after
+      64 rounds); with ``fill_to_target`` the masks still below ``T`` are topped up with
+      random unmasked cells, so every mask has exactly ``T`` masked cells and
+      ``lambda = 1 - T / g^2`` is exact (BEiT ends short of its target in about 4-5% of
+      draws at g = 8, see :func:`beit_block_mask`).
+    - the area floor. The proposed area is never under ``min_block_cells``, also when fewer
+      cells remain (BEiT's ``random.uniform(4, remaining)`` then draws areas of 1-3 cells).
+      Rounding to whole cells still yields 3-cell rectangles (1 x 3) in both, but at the
+      default ``min_block_cells`` and ``min_aspect`` never 1- or 2-cell ones here (without
+      the top-up every masked cell has a masked neighbour).
+
+    For ``grid_size=2`` no rectangle of >= 4 cells has sides < 2, so the mask is entirely
+    the top-up.
 
     The MixMask reference uses BEiT's mask (1 = inside a block) directly as its keep mask,
-    so there the blocks are what the image keeps, and it takes ``T = int(ratio * g^2)``.
-    We follow this library's convention (the blocks are masked, filled from the partner);
-    at ratio 0.5 this only swaps which image of a pair takes the blocks, and mixes i and
-    B-1-i between them hold both assignments anyway.
+    so there the blocks are what the image keeps, and it takes ``int(ratio * g^2)`` block
+    cells. Here the blocks are masked (filled from the partner); at ratio 0.5 this only
+    swaps which image of a pair takes the blocks, and mixes i and B-1-i between them hold
+    both assignments anyway. :func:`beit_block_mask` follows the reference (blocks kept).
+
+    The random draws are the same as before ``block_generator`` existed, so runs that used
+    this generator reproduce bit for bit with ``block_generator="exact_count"``.
 
     Returns a float32 keep mask ``[num_masks, g, g]`` on ``generator.device``
     (1 = keep the image, 0 = masked, filled from the partner).
@@ -175,6 +207,147 @@ def _top_up(masked: Tensor, deficit: Tensor, generator: torch.Generator) -> Tens
     return masked | (rank < deficit[:, None])
 
 
+def _beit_target(grid_size: int, mask_ratio: float) -> int:
+    """BEiT's block-cell count ``int(keep * g^2)`` with ``keep = 1 - mask_ratio`` (rounded to
+    9 decimals first, so 1 - 0.9 = 0.09999999999999998 does not lose a cell), at least 1."""
+    cells = grid_size * grid_size
+    return min(max(math.floor(round((1.0 - mask_ratio) * cells, 9)), 1), cells - 1)
+
+
+def beit_block_mask(
+    num_masks: int,
+    grid_size: int,
+    mask_ratio: float = 0.5,
+    *,
+    generator: torch.Generator,
+    min_block_cells: int = 4,
+    min_aspect: float = 0.3,
+    max_attempts: int = 10,
+) -> Tensor:
+    """BEiT's block-wise masks exactly as the MixMask reference draws them: the ``"beit"``
+    block generator (BEiT, Bao et al., arXiv 2106.08254, Alg. 1, its ``MaskingGenerator``;
+    MixMask's reference ``kirill-vish/MixMask`` copies it into ``utils.py``).
+
+    Per mask, on a ``g x g`` grid, with ``T`` block cells as the target::
+
+        count = 0
+        while count < T:
+            budget = T - count
+            delta = 0
+            for attempt in range(max_attempts):
+                area   = uniform(min_block_cells, budget)   # in (budget, min] when budget < min
+                aspect = exp(uniform(log a, log 1/a))      # a = min_aspect
+                h, w = round(sqrt(area * aspect)), round(sqrt(area / aspect))
+                if h < g and w < g:
+                    top, left = randint(0, g - h), randint(0, g - w)   # inclusive
+                    new = h * w - (block cells already in the rectangle)
+                    if 0 < new <= budget: mark the rectangle; delta += new
+                if delta > 0: break
+            if delta == 0: break            # the whole mask stops short of T
+            count += delta
+
+    So a mask can end below ``T``: at g = 8, ratio 0.5, lambda = 0.5 in about 95% of
+    draws, otherwise mostly 31/64, rarely down to about 0.44; at g = 4 in about 99%, and
+    a few draws in 10^4 place no block at all (lambda = 0); at g = 2 only 1 x 1 blocks fit
+    and most masks stay empty. When fewer than ``min_block_cells`` cells remain, Python's
+    ``uniform(4, budget)`` still returns an area between ``budget`` and 4, so blocks of 1-3
+    cells occur. :func:`block_mask` (the ``"exact_count"`` generator) is the vectorised
+    alternative with an exact count.
+
+    Convention. The reference uses BEiT's mask (1 = inside a block) directly as its keep
+    mask (1 = keep the original image), with ``T = int(mask_lam * g^2)`` and
+    ``mask_lam = 0.5``, so lambda = mean(M) <= 0.5. This library's ``mask_ratio`` is the
+    fraction masked (filled from the partner), so here the blocks are the *kept* cells and
+    ``T = int((1 - mask_ratio) * g^2)`` (at least 1): identical to the reference at 0.5,
+    and lambda <= 1 - mask_ratio always.
+
+    Randomness. ``generator`` must be a CPU ``torch.Generator``: the loop is sequential and
+    runs on the host in plain Python (the grid as an integer bit set). All uniforms come
+    from ONE ``torch.rand(num_masks, T * max_attempts, 4, dtype=float64)`` call, consumed in
+    order, ``(area, aspect, top, left)`` per attempt (the top/left pair is skipped, not
+    reused, when the rectangle does not fit), ``randint(0, n)`` as ``floor(u * (n + 1))``
+    clamped to ``n``. ``T * max_attempts`` is the most attempts the loop can make, since
+    every successful block adds a cell. The generator therefore advances by the same amount
+    whatever the masks look like: its state is a pure function of the number of calls,
+    which makes a resumed run draw the same masks.
+
+    Cost. Host time per mask: a few hundred Python operations (one 8 x 8 mask, draw
+    included, about 0.03 ms; 512 masks 8-11 ms, measured on one CPU core). One mask
+    per batch, the reference's setting, is cheap; per-sample masks cost host time per
+    image on every step, so for per-sample masks at large batches prefer :func:`block_mask`
+    (``block_generator="exact_count"``), which runs on the device.
+
+    Returns a float32 keep mask ``[num_masks, g, g]`` on the CPU (1 = inside a block = keep
+    the image, 0 = filled from the partner).
+    """
+    _validate_grid(num_masks, grid_size, mask_ratio)
+    if min_block_cells < 1:
+        raise ValueError(f"min_block_cells must be at least 1, got {min_block_cells}.")
+    if not 0.0 < min_aspect <= 1.0:
+        raise ValueError(f"min_aspect must lie in (0, 1] (0.3 in BEiT), got {min_aspect}.")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1 (10 in BEiT), got {max_attempts}.")
+    device = getattr(generator, "device", None)
+    if not isinstance(generator, torch.Generator) or device.type != "cpu":
+        raise ValueError(
+            f"beit_block_mask needs a CPU torch.Generator, got one on {device}: BEiT's loop "
+            "is sequential and runs on the host, so pass a CPU generator (for "
+            "sample_mixmask/sample_erase: host_generator=torch.Generator().manual_seed(...)), "
+            "or use block_mask (block_generator='exact_count') on the device."
+        )
+
+    g = grid_size
+    target = _beit_target(g, mask_ratio)
+    per_mask = target * max_attempts * 4
+    draws = torch.rand(
+        num_masks, target * max_attempts, 4, dtype=torch.float64, device="cpu", generator=generator
+    ).numpy()
+    uniform = memoryview(draws.reshape(-1)).cast("B").cast("d")  # Python floats by index
+    log_low = math.log(min_aspect)
+    log_span = -2.0 * log_low  # log(1 / a) - log(a)
+    # Bit (row * g + col) of an int is cell (row, col); row_repeat[h] copies a row's bits
+    # into h consecutive rows.
+    row_repeat = [((1 << (h * g)) - 1) // ((1 << g) - 1) for h in range(g)]
+    sqrt, exp = math.sqrt, math.exp
+    nbytes = (g * g + 7) // 8
+    packed = bytearray()
+    for index in range(num_masks):
+        position = index * per_mask
+        marked = 0
+        count = 0
+        while count < target:
+            budget = target - count
+            delta = 0
+            for _ in range(max_attempts):
+                u_area, u_aspect, u_top, u_left = uniform[position : position + 4]
+                position += 4
+                area = min_block_cells + (budget - min_block_cells) * u_area
+                aspect = exp(log_low + log_span * u_aspect)
+                height = round(sqrt(area * aspect))
+                width = round(sqrt(area / aspect))
+                if height < g and width < g:
+                    top = min(int(u_top * (g - height + 1)), g - height)
+                    left = min(int(u_left * (g - width + 1)), g - width)
+                    rectangle = ((((1 << width) - 1) << left) * row_repeat[height]) << (top * g)
+                    new = (rectangle & ~marked).bit_count()
+                    if 0 < new <= budget:
+                        marked |= rectangle
+                        delta += new
+                if delta > 0:
+                    break
+            if delta == 0:
+                break
+            count += delta
+        packed += marked.to_bytes(nbytes, "little")
+    bits = np.unpackbits(
+        np.frombuffer(bytes(packed), dtype=np.uint8).reshape(num_masks, nbytes),
+        axis=1,
+        count=g * g,
+        bitorder="little",
+    )
+    return torch.from_numpy(bits.reshape(num_masks, g, g).astype(np.float32))
+
+
 def discrete_mask(
     num_masks: int, grid_size: int, mask_ratio: float = 0.5, *, generator: torch.Generator
 ) -> Tensor:
@@ -228,13 +401,14 @@ def reversed_partner(batch_size: int, device: torch.device | str | None = None) 
 def permutation_partner(batch_size: int, *, generator: torch.Generator) -> Tensor:
     """A random partner index [B] that is a derangement: no image is its own partner.
 
-    For the "both" strategy (design.md sec. 2): Un-Mix mixes with the reversed batch and
-    MixMask with a random permutation (the reference's ``torch.randperm``), so the two mixed
-    views of an image hold different partners. ``randperm`` leaves about one image in e per
-    batch paired with itself, a "mix" that is the clean image credited as a mix; here the
-    partner is a uniformly random single cycle through the batch, ``sigma = randperm(B)``,
-    ``partner[sigma[k]] = sigma[(k + 1) % B]``, which has no fixed point. Returns a long
-    tensor on ``generator.device``; use :func:`inverse_partner` for the switched embeddings.
+    For the "both" strategy (the MixMask reference's ``--method both``): Un-Mix mixes with
+    the reversed batch and MixMask with a random permutation (the reference's
+    ``torch.randperm``), so the two mixed views of an image hold different partners.
+    ``randperm`` leaves about one image in e per batch paired with itself, a "mix" that is
+    the clean image credited as a mix; here the partner is a uniformly random single cycle
+    through the batch, ``sigma = randperm(B)``, ``partner[sigma[k]] = sigma[(k + 1) % B]``,
+    which has no fixed point. Returns a long tensor on ``generator.device``; use
+    :func:`inverse_partner` for the switched embeddings.
     """
     if batch_size < 2:
         raise ValueError(
@@ -259,7 +433,7 @@ def inverse_partner(partner_index: Tensor) -> Tensor:
 
 
 def mix_images(images: Tensor, keep_mask: Tensor, partner_index: Tensor) -> Tensor:
-    """MixMask's mix (design.md sec. 2, step 3): ``x_mix = M * x + (1 - M) * x[partner]``.
+    """The MixMask mix (arXiv 2210.11456, method): ``x_mix = M * x + (1 - M) * x[partner]``.
 
     ``images`` [B, C, H, W]; ``keep_mask`` a binary grid mask [1 or B, g, g] (one mask for
     the batch or one per sample), upsampled to H x W by nearest neighbour here;
@@ -279,7 +453,8 @@ def mix_ratio(keep_mask: Tensor) -> Tensor:
 
 def switched_lambda(lam: Tensor, *, partner_index: Tensor | None = None) -> Tensor:
     """Weight of the switched term, ``1 - lam[inverse[i]]`` (MixMask's loss, the "1 - lambda"
-    of ``L(q, k) + lam * L(q_mix, k) + (1 - lam) * L(q_sw, k)``, design.md sec. 2, step 6).
+    of ``L(q, k) + lam * L(q_mix, k) + (1 - lam) * L(q_sw, k)``, MixMask, arXiv 2210.11456,
+    its adaptive loss).
 
     Mix j is ``M_j * x_j + (1 - M_j) * x_{partner[j]}``. Image i is the partner in mix
     ``j = inverse[i]`` (:func:`inverse_partner`), whose embedding ``q_mix[inverse[i]]`` is the
@@ -325,6 +500,44 @@ def _resolve_partner(images: Tensor, partner_index: Tensor | None) -> Tensor:
     return partner_index.to(images.device)
 
 
+def _validate_block_generator(block_generator: str) -> None:
+    if block_generator not in ("beit", "exact_count"):
+        raise ValueError(
+            f"Unknown block_generator {block_generator!r}; use 'beit' (BEiT's loop, as the "
+            "MixMask reference) or 'exact_count' (vectorised, exact masked count)."
+        )
+
+
+def _grid_keep_mask(
+    mode: str,
+    block_generator: str,
+    num_masks: int,
+    grid_size: int,
+    mask_ratio: float,
+    generator: torch.Generator,
+    host_generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """The grid keep mask [num_masks, g, g] of ``mode`` / ``block_generator``, on ``device``."""
+    if mode == "discrete":
+        return discrete_mask(num_masks, grid_size, mask_ratio, generator=generator).to(device)
+    if block_generator == "exact_count":
+        return block_mask(num_masks, grid_size, mask_ratio, generator=generator).to(device)
+    if host_generator is None:
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"block_generator='beit' runs BEiT's sequential loop on the host and needs a "
+                f"CPU generator, but generator is on {generator.device}: pass "
+                f"host_generator=torch.Generator().manual_seed(seed), or use "
+                f"block_generator='exact_count' (drawn on the generator's device)."
+            )
+        host_generator = generator
+    keep_mask = beit_block_mask(num_masks, grid_size, mask_ratio, generator=host_generator)
+    if device.type == "cuda":
+        keep_mask = keep_mask.pin_memory()  # so the copy below does not synchronise
+    return keep_mask.to(device, non_blocking=True)
+
+
 def sample_mixmask(
     images: Tensor,
     *,
@@ -334,9 +547,23 @@ def sample_mixmask(
     per_sample: bool = False,
     generator: torch.Generator,
     partner_index: Tensor | None = None,
+    block_generator: Literal["beit", "exact_count"] = "beit",
+    host_generator: torch.Generator | None = None,
 ) -> MixMaskBatch:
-    """Draw MixMask masks and mix each image with its partner (design.md sec. 2, steps 2-3):
-    ``x_mix = M * x + (1 - M) * x[partner]``, ``lam = mean(M)``.
+    """Draw MixMask masks and mix each image with its partner (MixMask, arXiv 2210.11456,
+    method; the reference's ``main_moco_mixmask.py``): ``x_mix = M * x + (1 - M) * x[partner]``,
+    ``lam = mean(M)``.
+
+    ``mode="block"`` masks come from ``block_generator`` (ignored for ``"discrete"``):
+    ``"beit"`` (default) is BEiT's loop as in the reference (:func:`beit_block_mask`;
+    lambda = 0.5 in about 95% of draws at g = 8, ratio 0.5, otherwise slightly below). It
+    runs on the host with ``host_generator``, or with ``generator`` when that is a CPU
+    generator; with a device generator and no ``host_generator`` it raises ``ValueError``.
+    The mask is copied to the images' device without synchronising (pinned memory,
+    ``non_blocking``). Per-sample BEiT masks cost host time per image.
+    ``"exact_count"`` is :func:`block_mask`, drawn from ``generator`` on its device, with
+    exactly ``round(mask_ratio * g^2)`` masked cells (the generator of earlier versions,
+    same draws).
 
     The partner defaults to the reversed batch ``flip(x, 0)`` (the reference's MixMask);
     the reference's "both" strategy (Un-Mix + MixMask) passes a random permutation instead,
@@ -352,13 +579,21 @@ def sample_mixmask(
     """
     if mode not in ("block", "discrete"):
         raise ValueError(f"Unknown mask mode {mode!r}; use 'block' or 'discrete'.")
+    _validate_block_generator(block_generator)
     _validate_mix_batch(images)
     batch_size = images.shape[0]
     partner_index = _resolve_partner(images, partner_index)
     num_masks = batch_size if per_sample else 1
-    make_mask = block_mask if mode == "block" else discrete_mask
-    keep_mask = make_mask(num_masks, grid_size, mask_ratio, generator=generator)
-    keep_mask = keep_mask.to(images.device)
+    keep_mask = _grid_keep_mask(
+        mode,
+        block_generator,
+        num_masks,
+        grid_size,
+        mask_ratio,
+        generator,
+        host_generator,
+        images.device,
+    )
     mixed_images = mix_images(images, keep_mask, partner_index)
     lam = mix_ratio(keep_mask).expand(batch_size).contiguous()
     return MixMaskBatch(mixed_images, keep_mask, lam, partner_index)
@@ -400,7 +635,7 @@ def sample_unmix(
     alpha: float = 1.0,
     partner_index: Tensor | None = None,
 ) -> UnMixBatch:
-    """Un-Mix's image mixture (Shen et al., arXiv 2003.05438; design.md sec. 2).
+    """Un-Mix's image mixture (Shen et al., arXiv 2003.05438).
 
     One draw per batch, as in the reference: ``lam ~ Beta(alpha, alpha)`` (Beta(1, 1) =
     U(0, 1) is the reference's default), then with probability ``p_mixup`` the global mix
@@ -581,9 +816,12 @@ def sample_erase(
     pixel_mean: Sequence[float] | Tensor | None = None,
     pixel_std: Sequence[float] | Tensor | None = None,
     focal_scale: tuple[float, float] | None = None,
+    block_generator: Literal["beit", "exact_count"] = "beit",
+    host_generator: torch.Generator | None = None,
 ) -> EraseBatch:
     """MSCN's erase masking of the online view (Jing, Zhu, LeCun, "Masked Siamese ConvNets",
-    arXiv 2206.07700; no official code; design.md sec. 2, "erase").
+    arXiv 2206.07700; no official code; MixMask, arXiv 2210.11456, contrasts it as
+    "erase-based" masking).
 
     MSCN's abstract: masked Siamese networks "practically only work well with Vision
     Transformers"; the paper studies why they fail with ConvNets and adds "several
@@ -591,7 +829,12 @@ def sample_erase(
 
     - ``shape="grid"``: random cells of a ``grid_size x grid_size`` grid are erased,
       ``mode="discrete"`` (each cell independently, exactly ``round(mask_ratio * g^2)``
-      cells) or ``"block"`` (BEiT blocks); see :func:`discrete_mask`, :func:`block_mask`.
+      cells) or ``"block"`` (BEiT blocks, from ``block_generator`` and ``host_generator``
+      as in :func:`sample_mixmask`: ``"beit"`` erases all but about ``int((1 - ratio) *
+      g^2)`` cells, BEiT's blocks being the kept cells; ``"exact_count"`` erases exactly
+      ``round(ratio * g^2)``); see :func:`discrete_mask`, :func:`beit_block_mask`,
+      :func:`block_mask`. BEiT masks are drawn on the host, one per image (and channel,
+      with ``channel_wise``) when ``per_sample``.
       ``shape="focal"``: MSN's focal masking, one random rectangle kept, the rest erased
       (:func:`focal_mask`); its kept fraction is ``1 - mask_ratio`` (aspect random) unless
       ``focal_scale`` gives a range of kept fractions.
@@ -624,6 +867,7 @@ def sample_erase(
         raise ValueError(f"Unknown erase shape {shape!r}; use 'grid' or 'focal'.")
     if mode not in ("block", "discrete"):
         raise ValueError(f"Unknown mask mode {mode!r}; use 'block' or 'discrete'.")
+    _validate_block_generator(block_generator)
     if fill not in ("noise", "zero", "mean"):
         raise ValueError(f"Unknown fill {fill!r}; use 'noise', 'zero' or 'mean'.")
     if not 0.0 < mask_ratio < 1.0:
@@ -648,8 +892,16 @@ def sample_erase(
 
     num_masks = (batch_size if per_sample else 1) * (channels if channel_wise else 1)
     if shape == "grid":
-        make_mask = block_mask if mode == "block" else discrete_mask
-        grid = make_mask(num_masks, grid_size, mask_ratio, generator=generator)
+        grid = _grid_keep_mask(
+            mode,
+            block_generator,
+            num_masks,
+            grid_size,
+            mask_ratio,
+            generator,
+            host_generator,
+            images.device,
+        )
         pixel_keep = upsample_mask(grid, (height, width))
     else:
         kept = 1.0 - mask_ratio

@@ -1,4 +1,4 @@
-"""Pictures of what the masking axis does to a batch (design.md sec. 2).
+"""Pictures of what the masking axis does to a batch (MixMask, arXiv 2210.11456).
 
 :func:`mask_gallery` draws every masking strategy on the same batch of normalised views
 and lays the results out as one image grid; :func:`save_mask_gallery` writes it as a PNG
@@ -70,8 +70,9 @@ def mask_gallery(
     5. ``un-mix``: Un-Mix's Mixup or CutMix with the reversed batch
        (:func:`~mixmask.masking.sample_unmix`; one draw for the whole row).
 
-    ``method_config`` is a :class:`mixmask.config.MethodConfig`: ``.mask`` gives grid_size,
-    mask_ratio, mode and per_sample (used by MixMask and erase), ``.erase`` shape, fill,
+    ``method_config`` is a Siamese method's :class:`mixmask.config.MethodConfig` (or its
+    :class:`~mixmask.methods.masking_axis.MaskingAxisConfig`): ``.mask`` gives grid_size,
+    mask_ratio, mode, generator and per_sample (used by MixMask and erase), ``.erase`` shape, fill,
     noise_std, channel_wise and high_pass_sigma, ``.unmix`` p_mixup and alpha; a missing
     ``.erase``/``.unmix`` section or field takes the sample_* function's default. The
     strategies are drawn in the order of the rows from ``generator``, so the same seed gives
@@ -99,6 +100,7 @@ def mask_gallery(
         mode=mask.mode,
         per_sample=mask.per_sample,
         generator=generator,
+        block_generator=getattr(mask, "generator", "beit"),
     )
     erased = sample_erase(
         images,
@@ -114,6 +116,7 @@ def mask_gallery(
         high_pass_sigma=_setting(erase, "high_pass_sigma", 0.0),
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,
+        block_generator=getattr(mask, "generator", "beit"),
     )
     unmixed = sample_unmix(
         images,
@@ -190,19 +193,29 @@ def gallery_from_config(config: Any, path: str | Path, *, num_images: int = 8) -
     """The gallery of a pretrain config: the first ``num_images`` training images of
     ``data.*`` through the config's view pipeline (view 1, seeded by ``train.seed``), with
     ``method.*``'s mask, erase and Un-Mix settings (``mixmask show-masks CONFIG``)."""
-    from mixmask.data import TwoViewDataset, two_view_transform
-    from mixmask.engine import load_split
+    from mixmask.data import preset_views, view_transform
+    from mixmask.data.splits import load_split
     from mixmask.errors import ConfigError
 
     if num_images < 2 or num_images % 2:
         raise ConfigError(f"--num-images must be an even number of at least 2, got {num_images}.")
+    if getattr(config.method, "axis", None) is None:
+        raise ConfigError(f"show-masks draws the masking axis of the Siamese methods; method "
+                          f"'{config.method.name}' has none.")
     image_set = load_split(config, "train", num_images)
     if len(image_set) < num_images:
         raise ConfigError(f"the dataset has only {len(image_set)} images; lower --num-images.")
-    views = TwoViewDataset(image_set, two_view_transform(
-        config.data.augmentation, config.data.image_size, image_set.mean, image_set.std))
+    views = [view_transform(view, image_set.mean, image_set.std)
+             for view in preset_views(config.data.augmentation, config.data.image_size)]
     torch.manual_seed(config.train.seed)
-    images = torch.stack([views[index][0] for index in range(num_images)])
+    first_views = []
+    for index in range(num_images):
+        # Both views are drawn, in order, so that view 1 of each image is the one of the
+        # two-view stream seeded once by train.seed.
+        image = image_set.load_pil(index)
+        drawn = [view(image) for view in views]
+        first_views.append(drawn[0][0])
+    images = torch.stack(first_views)
     generator = torch.Generator().manual_seed(config.train.seed)
     return save_mask_gallery(images, path, pixel_mean=image_set.mean, pixel_std=image_set.std,
                              method_config=config.method, generator=generator)

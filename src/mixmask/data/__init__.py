@@ -1,17 +1,32 @@
-"""Datasets, augmentations and torch Datasets for pretraining and evaluation."""
+"""Datasets, augmentations, torch Datasets and the training loaders for pretraining and
+evaluation."""
 
+from mixmask.data.batch import UNLABELED, Batch
 from mixmask.data.datasets import DATASET_STATS, ImageSet, load_image_set
-from mixmask.data.loaders import EvalDataset, TwoCropDataset, TwoViewDataset
-from mixmask.data.transforms import TWO_VIEW_PRESETS, eval_transform, two_view_transform
+from mixmask.data.gpu_augment import BatchedViewAugment
+from mixmask.data.loaders import (
+    EpochBatchSampler,
+    EvalDataset,
+    MultiViewDataset,
+    build_train_loader,
+)
+from mixmask.data.transforms import eval_transform, view_transform
+from mixmask.data.views import AUGMENTATION_PRESETS, ViewConfig, preset_views
 
 __all__ = [
+    "AUGMENTATION_PRESETS",
     "DATASET_STATS",
+    "UNLABELED",
+    "Batch",
+    "BatchedViewAugment",
+    "EpochBatchSampler",
     "EvalDataset",
     "ImageSet",
-    "TWO_VIEW_PRESETS",
-    "TwoCropDataset",
-    "TwoViewDataset",
+    "MultiViewDataset",
+    "ViewConfig",
+    "build_train_loader",
     "eval_transform",
     "load_image_set",
-    "two_view_transform",
+    "preset_views",
+    "view_transform",
 ]

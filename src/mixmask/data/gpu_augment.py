@@ -1,11 +1,12 @@
-"""Batched, per-sample-random augmentation on tensors: the two-view pipelines of
+"""Batched, per-sample-random augmentation on tensors: the view pipelines of
 :mod:`mixmask.data.transforms`, run on a whole uint8 batch on its own device (GPU or CPU).
 
-The PIL pipelines (presets "cifar", "mocov2": MoCo v2 aug+, Chen et al. 2020, arXiv
-2003.04297; "byol", "byol_cifar": BYOL's asymmetric views, Grill et al. 2020, Table 6)
-draw one set of random parameters per image in a DataLoader worker. Here every random
-parameter is a tensor with one entry per sample, drawn in one vectorised call, and every
-op is a pure function of the images and those parameters, so that
+The PIL pipelines (one :class:`~mixmask.data.views.ViewConfig` per view; presets "cifar",
+"mocov2": MoCo v2 aug+, Chen et al. 2020, arXiv 2003.04297; "byol", "byol_cifar": BYOL's
+asymmetric views, Grill et al. 2020, Table 6) draw one set of random parameters per
+image in a DataLoader worker. Here every random parameter is a tensor with one entry per
+sample, drawn in one vectorised call, and every op is a pure function of the images and
+those parameters, so that
 
 * a fixed-parameter call can be checked against torchvision's functional ops
   (``tests/test_gpu_augment.py`` does, op by op and end to end);
@@ -14,9 +15,10 @@ op is a pure function of the images and those parameters, so that
 
 Usage::
 
-    augment = BatchedTwoViewAugment.from_preset("cifar", 32, *DATASET_STATS["cifar10"])
+    views = preset_views("cifar", 32, num_views=2)
+    augment = BatchedViewAugment(views, mean=mean, std=std)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    first, second = augment(uint8_images, generator)   # [B, 3, 32, 32] float32 each
+    (first, second), params = augment(uint8_images, generator)  # [B, 3, 32, 32] float32
 
 The pieces, for composing other pipelines (a preset is one :class:`ViewConfig` per view;
 BYOL's two differ in ``blur_p`` and ``solarize_p``):
@@ -28,10 +30,11 @@ BYOL's two differ in ``blur_p`` and ``solarize_p``):
   uint8) and per-sample parameter tensors ``[B]`` / ``[B, k]``;
 * samplers: :func:`sample_crop_boxes`, :func:`sample_color_jitter`,
   :func:`sample_apply`, :func:`sample_uniform`, :func:`sample_view_params`;
-* pipeline: :class:`ViewConfig`, :func:`view_config`, :func:`apply_view`,
-  :class:`BatchedTwoViewAugment` (``__call__`` crops on the device;
-  ``augment_crops`` takes views cropped elsewhere, e.g. by DataLoader workers that
-  decode files: :class:`mixmask.data.device_views.DecodedTwoViews`).
+* pipeline: :class:`ViewConfig` (from :mod:`mixmask.data.views`, with
+  :func:`~mixmask.data.views.preset_views`), :func:`apply_view`,
+  :class:`BatchedViewAugment` (``__call__`` crops on the device; ``augment_crops`` takes
+  views cropped elsewhere, e.g. by DataLoader workers that decode files:
+  :class:`mixmask.data.device_views.DecodedViews`).
 
 Differences from the PIL pipeline (all by design; the *distributions* of every random
 parameter are torchvision's, see the samplers):
@@ -49,19 +52,19 @@ parameter are torchvision's, see the samplers):
 * ``grayscale`` uses torchvision's tensor luma weights (0.2989, 0.587, 0.114); PIL's "L"
   conversion uses 299/587/114 per mille in fixed point.
 
-Cost (both views as one batch of 2B): the crop is two batched matmuls with per-sample
-``[S, H]`` and ``[S, W]`` interpolation matrices, O(B C S H W) multiply-adds, and holds
-one float copy of the source batch; colour jitter is six cheap blend passes and one
-RGB->HSV->RGB pass over the 2B crops (about 50 elementwise passes in all, in place on
-one copy); the blur is two batched matmuls with per-sample banded ``[S, S]`` matrices
-(O(B C S^3) multiply-adds, still about 2x faster than a 23-tap grouped convolution on
-the CPU at 224 px). From the crop on, :func:`apply_view` keeps the views in a
-[2B, S, C, S] layout (rows outermost), which both matmuls of the blur read without a
-copy, and works in place; the final normalisation writes the requested layout. Peak
-memory is a few float32 copies of the 2B output views. On CUDA, the crop's and the
-blur's matmuls follow ``torch.backends.cuda.matmul.allow_tf32``: with TF32 on they carry
-about 1e-3 relative error, below one uint8 step (and unblurred samples are then no
-longer returned bit for bit).
+Cost (all V views as one batch of V * B rows): the crop is two batched matmuls with
+per-sample ``[S, H]`` and ``[S, W]`` interpolation matrices, O(V B C S H W)
+multiply-adds, and holds one float copy of the source batch; colour jitter is six cheap
+blend passes and one RGB->HSV->RGB pass over the V * B crops (about 50 elementwise passes
+in all, in place on one copy); the blur is two batched matmuls with per-sample banded
+``[S, S]`` matrices (O(V B C S^3) multiply-adds, still about 2x faster than a 23-tap
+grouped convolution on the CPU at 224 px). From the crop on, :func:`apply_view` keeps
+the views in a [V * B, S, C, S] layout (rows outermost), which both matmuls of the blur
+read without a copy, and works in place; the final normalisation writes the requested
+layout. Peak memory is a few float32 copies of the V * B output views. On CUDA, the
+crop's and the blur's matmuls follow ``torch.backends.cuda.matmul.allow_tf32``: with
+TF32 on they carry about 1e-3 relative error, below one uint8 step (and unblurred
+samples are then no longer returned bit for bit).
 """
 
 from __future__ import annotations
@@ -74,11 +77,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixmask.data.transforms import TWO_VIEW_PRESETS, preset_views
+from mixmask.data.views import ViewConfig, preset_views
 
 __all__ = [
-    "BatchedTwoViewAugment",
-    "GPU_AUGMENT_PRESETS",
+    "BatchedViewAugment",
     "ViewConfig",
     "ViewParams",
     "adjust_brightness",
@@ -98,10 +100,7 @@ __all__ = [
     "sample_uniform",
     "sample_view_params",
     "solarize",
-    "view_config",
 ]
-
-GPU_AUGMENT_PRESETS = TWO_VIEW_PRESETS
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 """Column of each op in ``color_jitter``'s ``factors`` and its id in ``order`` (the
@@ -571,64 +570,6 @@ def sample_color_jitter(
 # -- pipelines ----------------------------------------------------------------------------
 
 
-def _blur_kernel_size(image_size: int) -> int:
-    # As mixmask.data.transforms: about 10% of the side, odd (SimCLR, Appendix A).
-    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
-
-
-@dataclass(frozen=True)
-class ViewConfig:
-    """One view's augmentation: torchvision's parameters, with each op's probability.
-
-    Defaults are the "cifar" preset (MoCo v2 aug+ without blur). The two views of a
-    :class:`BatchedTwoViewAugment` must share ``image_size``, ``antialias``, the blur
-    kernel size and ``solarize_threshold``; probabilities and ranges may differ.
-    """
-
-    image_size: int
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    antialias: bool = True
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-    blur_kernel_size: int | None = None  # None: about 10% of image_size, odd (23 at 224)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-    solarize_threshold: float = 0.5
-    flip_p: float = 0.5
-
-    @property
-    def kernel_size(self) -> int:
-        if self.blur_kernel_size is not None:
-            return self.blur_kernel_size
-        return _blur_kernel_size(self.image_size)
-
-
-def view_config(preset: str, image_size: int, view: int = 1) -> ViewConfig:
-    """The :class:`ViewConfig` of view 1 or 2 of a preset of
-    :func:`mixmask.data.transforms.two_view_transform` ("mocov2", "cifar": both views
-    alike; "byol", "byol_cifar": BYOL's asymmetric views, Grill et al. 2020, Table 6)."""
-    if view not in (1, 2):
-        raise ValueError(f"view must be 1 or 2, got {view}.")
-    preset_view = preset_views(preset)[view - 1]
-    brightness, contrast, saturation, hue = preset_view.jitter
-    return ViewConfig(
-        image_size=image_size,
-        scale=preset_view.scale,
-        brightness=brightness,
-        contrast=contrast,
-        saturation=saturation,
-        hue=hue,
-        blur_p=preset_view.blur_p,
-        solarize_p=preset_view.solarize_p,
-    )
-
-
 @dataclass
 class ViewParams:
     """Every random parameter of a batch of views, one row per sample."""
@@ -701,7 +642,7 @@ def apply_view(
     probability is above 0, which passes run at all; which samples each pass changes is
     up to ``params``.
     crop: False for images already cropped to ``config.image_size`` (one row per row of
-        ``params``; e.g. by DataLoader workers, :class:`mixmask.data.loaders.TwoCropDataset`):
+        ``params``; e.g. by DataLoader workers, :class:`mixmask.data.loaders.CropDataset`):
         ``params.boxes`` is ignored and everything after the crop runs as above.
 
     torchvision flips last; the flip commutes with every op here (the colour ops are per
@@ -750,42 +691,51 @@ def apply_view(
     return out
 
 
-class BatchedTwoViewAugment:
-    """Two independently augmented, normalised float32 views of a uint8 batch, on the
-    batch's device; the tensor counterpart of
-    :func:`mixmask.data.transforms.two_view_transform`.
+class BatchedViewAugment:
+    """N independently augmented, normalised float32 views of a uint8 batch, on the
+    batch's device; the tensor counterpart of N
+    :func:`mixmask.data.transforms.view_transform` pipelines.
 
-    >>> augment = BatchedTwoViewAugment.from_preset("cifar", 32, mean, std)
-    >>> first, second = augment(images_uint8, generator)   # generator on images.device
+    >>> augment = BatchedViewAugment(preset_views("cifar", 32), mean=mean, std=std)
+    >>> (first, second), params = augment(images_uint8, generator)   # generator on the device
 
-    first, second: ViewConfig of each view (second defaults to first; BYOL's asymmetric
-    views differ in blur_p and solarize_p). Both views run as one batch of 2B, so the
-    op count and kernel launches do not grow with the number of views.
+    views: one :class:`ViewConfig` per view, in view order; they must share
+    ``image_size``, ``antialias``, the blur kernel size and ``solarize_threshold``
+    (probabilities and ranges may differ, as BYOL's asymmetric views do). All views run as
+    one batch of V * B rows, so the op count and kernel launches do not grow with V.
     channels_last: return the views in ``torch.channels_last`` memory format.
+
+    Random draws: :func:`sample_view_params` for view 1, then view 2, ..., each for the
+    whole batch, from the one generator, concatenated (:meth:`sample_params`). The
+    returned :class:`ViewParams` hold those V * B rows: rows ``v * B`` to ``(v + 1) * B``
+    are view v's, with its boxes (source pixels) and flips.
     """
 
     def __init__(
         self,
-        first: ViewConfig,
-        second: ViewConfig | None = None,
+        views: Sequence[ViewConfig],
         *,
         mean: Sequence[float],
         std: Sequence[float],
         channels_last: bool = False,
     ):
-        second = first if second is None else second
+        views = tuple(views)
+        if not views:
+            raise ValueError("BatchedViewAugment needs at least one view.")
+        first = views[0]
         for name in ("image_size", "antialias", "kernel_size", "solarize_threshold"):
-            if getattr(first, name) != getattr(second, name):
-                raise ValueError(
-                    f"Both views must share {name} ({getattr(first, name)} vs "
-                    f"{getattr(second, name)}); probabilities and ranges may differ."
-                )
-        self.first, self.second = first, second
-        # The passes that run on the 2B batch: those either view uses.
+            for other in views[1:]:
+                if getattr(first, name) != getattr(other, name):
+                    raise ValueError(
+                        f"All views must share {name} ({getattr(first, name)} vs "
+                        f"{getattr(other, name)}); probabilities and ranges may differ."
+                    )
+        self.views = views
+        # The passes that run on the V * B batch: those any view uses.
         self._passes = dataclasses.replace(
             first,
             **{
-                name: max(getattr(first, name), getattr(second, name))
+                name: max(getattr(view, name) for view in views)
                 for name in ("jitter_p", "hue", "grayscale_p", "blur_p", "solarize_p")
             },
         )
@@ -801,25 +751,29 @@ class BatchedTwoViewAugment:
         mean: Sequence[float],
         std: Sequence[float],
         *,
+        num_views: int = 2,
         channels_last: bool = False,
-    ) -> BatchedTwoViewAugment:
-        """Both views of the PIL preset of that name (see :func:`view_config`)."""
-        return cls(
-            view_config(preset, image_size, 1),
-            view_config(preset, image_size, 2),
-            mean=mean,
-            std=std,
-            channels_last=channels_last,
-        )
+    ) -> BatchedViewAugment:
+        """The views of the preset of that name (:func:`mixmask.data.views.preset_views`)."""
+        return cls(preset_views(preset, image_size, num_views), mean=mean, std=std,
+                   channels_last=channels_last)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def image_size(self) -> int:
+        return self.views[0].image_size
 
     def sample_params(
         self, batch: int, height: int, width: int, *, generator=None, device=None
     ) -> ViewParams:
-        """Parameters of both views, first view's B rows then the second's."""
+        """Parameters of every view: view 1's B rows, then view 2's, ..."""
         return ViewParams.cat(
             [
                 sample_view_params(batch, height, width, config, generator=generator, device=device)
-                for config in (self.first, self.second)
+                for config in self.views
             ]
         )
 
@@ -842,31 +796,45 @@ class BatchedTwoViewAugment:
                 f"{images.device}; pass torch.Generator(device=images.device)."
             )
 
-    def _finish(self, views: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-        # apply_view's [2B, H, C, W] layout goes to the requested one in normalize's pass.
+    def _finish(self, views: Tensor, batch: int) -> list[Tensor]:
+        # apply_view's [V * B, H, C, W] layout goes to the requested one in normalize's pass.
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         views = self._normalize(views, torch.empty_like(views, memory_format=memory_format))
-        return views[:batch], views[batch:]
+        return list(views.split(batch))
 
     def __call__(
         self, images: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[list[Tensor], ViewParams]:
         """images: [B, 3, H, W] uint8 (or float in [0, 1]) on any device; generator: on
-        the same device (None: torch's default generator of that device)."""
+        the same device (None: torch's default generator of that device).
+
+        Returns (views, params): V float32 [B, 3, S, S] views and their parameters
+        (``params.boxes`` [V * B, 4] in the images' pixels, ``params.flip`` [V * B])."""
         self._check(images, generator)
         batch, _, height, width = images.shape
         params = self.sample_params(batch, height, width, generator=generator, device=images.device)
-        return self._finish(apply_view(images, params, self._passes), batch)
+        return self._finish(apply_view(images, params, self._passes), batch), params
 
     def augment_crops(
-        self, first: Tensor, second: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        crops: Sequence[Tensor],
+        generator: torch.Generator | None = None,
+        *,
+        boxes: Tensor | None = None,
+    ) -> tuple[list[Tensor], ViewParams]:
         """Everything but the crop, for views already cropped (by DataLoader workers, say):
-        first, second: [B, 3, S, S] uint8 (or float in [0, 1]) crops of view 1 and view 2,
-        S = image_size. The flip and the colour, blur and solarize parameters are drawn as
-        in :meth:`__call__` (the crop boxes are drawn too, and unused)."""
-        images = torch.cat((first, second))
+        crops: one [B, 3, S, S] uint8 (or float in [0, 1]) tensor per view, S = image_size.
+        The flip and the colour, blur and solarize parameters are drawn as in
+        :meth:`__call__` (crop boxes are drawn too, for an S x S image, to keep the draws
+        :meth:`__call__`'s; they are unused). boxes: optional [V * B, 4], the crops' real
+        boxes, returned in ``params.boxes`` in place of the unused ones."""
+        if len(crops) != self.num_views:
+            raise ValueError(f"Expected {self.num_views} crops (one per view), got {len(crops)}.")
+        images = torch.cat(tuple(crops))
         self._check(images, generator)
-        batch, size = first.shape[0], self.first.image_size
+        batch, size = crops[0].shape[0], self.image_size
         params = self.sample_params(batch, size, size, generator=generator, device=images.device)
-        return self._finish(apply_view(images, params, self._passes, crop=False), batch)
+        views = self._finish(apply_view(images, params, self._passes, crop=False), batch)
+        if boxes is not None:
+            params.boxes = boxes
+        return views, params

@@ -1,53 +1,61 @@
-"""torch Datasets pairing an `ImageSet` with a transform.
+"""torch Datasets pairing an `ImageSet` with a transform, the batch order of training, and
+the training loader of either pipeline.
 
     >>> train = load_image_set("synthetic", "", "train")
-    >>> dataset = TwoViewDataset(train, two_view_transform("cifar", 32, train.mean, train.std))
-    >>> first_view, second_view, label = dataset[0]
+    >>> views = preset_views("cifar", 32, num_views=2)
+    >>> sampler = EpochBatchSampler(len(train), 256, seed=0)
+    >>> loader = build_train_loader(train, sampler, views, pipeline="cpu",
+    ...                             device=torch.device("cpu"), seed=0)
+    >>> for batch in loader:                  # a mixmask.data.batch.Batch per step
+    ...     first, second = batch.views
 
-In-memory images go through PIL too, so both storage kinds share one torchvision pipeline.
+* ``pipeline="cpu"``: :class:`MultiViewDataset` (PIL and torchvision, one
+  :func:`~mixmask.data.transforms.view_transform` per view) in DataLoader workers; each
+  collated batch is moved to the device. In-memory images go through PIL too, so both
+  storage kinds share one torchvision pipeline.
+* ``pipeline="device"``: the views are augmented batched on the device
+  (:mod:`mixmask.data.device_views`); for images on disk the DataLoader workers only
+  decode and crop (:class:`CropDataset`).
 
-`TwoCropDataset` is the CPU half of ``data.pipeline=device`` for images on disk: decode
-and crop in DataLoader workers, everything else batched on the device (see
-:class:`mixmask.data.device_views.DecodedTwoViews`).
+Both pipelines key their items by ``(index, epoch)`` as :class:`EpochBatchSampler`
+yields them and seed every item's (and on the device every batch's) draws from the run's
+seed, the epoch and the index (batch), so the views are a pure function of those:
+identical across worker counts, and a run resumed mid-epoch
+(``EpochBatchSampler.set_epoch(epoch, start_batch)``) draws exactly the views the
+uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import PIL.Image
 import torch
 import torchvision.transforms.functional as TF
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import InterpolationMode
 
+from mixmask.data.batch import UNLABELED, Batch
 from mixmask.data.datasets import ImageSet
-from mixmask.data.gpu_augment import ViewConfig, sample_crop_boxes
+from mixmask.data.gpu_augment import sample_crop_boxes
+from mixmask.data.transforms import view_transform
+from mixmask.data.views import ViewConfig
 
-UNLABELED = -1
+__all__ = [
+    "UNLABELED",
+    "CropDataset",
+    "EpochBatchSampler",
+    "EvalDataset",
+    "HostViews",
+    "MultiViewDataset",
+    "build_train_loader",
+    "item_seed",
+]
 
 
 def _label(image_set: ImageSet, index: int) -> int:
     return UNLABELED if image_set.labels is None else int(image_set.labels[index])
-
-
-class TwoViewDataset(Dataset):
-    """Items are (first_view, second_view, label); label is -1 for unlabeled data."""
-
-    def __init__(
-        self,
-        image_set: ImageSet,
-        transform: Callable[[PIL.Image.Image], tuple[torch.Tensor, torch.Tensor]],
-    ):
-        self.image_set = image_set
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.image_set)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        first_view, second_view = self.transform(self.image_set.load_pil(index))
-        return first_view, second_view, _label(self.image_set, index)
 
 
 class EvalDataset(Dataset):
@@ -65,42 +73,199 @@ class EvalDataset(Dataset):
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one item's random draws (in ``mixmask.engine.SeededViews`` and
-    :class:`TwoCropDataset`): the views are a pure function of (seed, epoch, index),
+    """The seed of one item's random draws (in :class:`MultiViewDataset` and
+    :class:`CropDataset`): the views are a pure function of (seed, epoch, index),
     whatever the worker count, and a resumed run draws what the uninterrupted run would
     have drawn."""
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
-class TwoCropDataset(Dataset):
-    """Items, for keys ``(index, epoch)``, are ``(first_crop, second_crop, label, epoch)``:
-    each crop uint8 [3, S, S], the image's RandomResizedCrop for that view (torchvision's
-    box distribution with the view's ``scale`` and ``ratio``, and its PIL resize:
-    antialiased bilinear), drawn from a generator seeded by :func:`item_seed`.
+class EpochBatchSampler:
+    """Shuffled batches, the same order for a given (seed, epoch) on every run, so a
+    resumed run sees exactly the batches it would have seen; drops the last partial
+    batch; shards each global batch across processes."""
 
-    Only the geometry runs here, so a DataLoader worker decodes and crops and the batch
-    crosses to the device as uint8 (a quarter of float32's bytes); the photometric rest
-    runs there, batched (``BatchedTwoViewAugment.augment_crops``).
+    def __init__(self, num_samples: int, global_batch: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch - self.start_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        local = self.global_batch // self.world_size
+        for batch in range(self.start_batch, self.num_samples // self.global_batch):
+            start = batch * self.global_batch + self.rank * local
+            yield [(index, self.epoch) for index in order[start:start + local].tolist()]
+
+
+class MultiViewDataset(Dataset):
+    """Items, for keys ``(index, epoch)``, are ``(views, label, boxes, flips)``: a tuple of
+    V normalised float views [3, S, S] (one :func:`~mixmask.data.transforms.view_transform`
+    per entry of ``views``, normalised with ``image_set.mean`` / ``.std``), the label (-1
+    for unlabeled data), the crop boxes int64 [V, 4] (top, left, height, width in source
+    pixels) and the flips bool [V].
+
+    Before drawing, torch's global CPU generator (``torch.default_generator``, which
+    torchvision's random transforms draw from) is seeded with :func:`item_seed` (seed,
+    epoch, index); then view 1, view 2, ... draw in order from it. (Not
+    ``torch.manual_seed``, which also seeds every CUDA device, lazily where CUDA is not
+    initialised, as in DataLoader workers, by formatting a Python traceback per call:
+    measured as a third of a 32 px two-view item's time on the CPU. The views are the
+    same either way.)
     """
 
-    def __init__(self, image_set: ImageSet, first: ViewConfig, second: ViewConfig, seed: int):
-        if first.image_size != second.image_size:
-            raise ValueError("Both views must have the same image_size.")
-        self.image_set, self.views, self.seed = image_set, (first, second), seed
+    def __init__(self, image_set: ImageSet, views: Sequence[ViewConfig], seed: int):
+        if not views:
+            raise ValueError("MultiViewDataset needs at least one view.")
+        self.image_set, self.views, self.seed = image_set, tuple(views), seed
+        self.transforms = [view_transform(view, image_set.mean, image_set.std)
+                           for view in self.views]
 
     def __len__(self) -> int:
         return len(self.image_set)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    def __getitem__(
+        self, key: tuple[int, int]
+    ) -> tuple[tuple[torch.Tensor, ...], int, torch.Tensor, torch.Tensor]:
+        index, epoch = key
+        torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
+        image = self.image_set.load_pil(index)
+        drawn = [transform(image) for transform in self.transforms]
+        views = tuple(view for view, _, _ in drawn)
+        boxes = torch.tensor([box for _, box, _ in drawn], dtype=torch.int64)
+        flips = torch.tensor([flipped for _, _, flipped in drawn], dtype=torch.bool)
+        return views, _label(self.image_set, index), boxes, flips
+
+
+class CropDataset(Dataset):
+    """Items, for keys ``(index, epoch)``, are ``(crops, label, boxes, epoch)``: a tuple of
+    V uint8 crops [3, S, S], each the image's RandomResizedCrop for that view
+    (torchvision's box distribution with the view's ``scale`` and ``ratio``, and its PIL
+    resize: antialiased bilinear), their boxes int64 [V, 4] (top, left, height, width in
+    source pixels), drawn view by view from a generator seeded by :func:`item_seed`.
+
+    Only the geometry runs here, so a DataLoader worker decodes and crops and the batch
+    crosses to the device as uint8 (a quarter of float32's bytes); the flip and the
+    photometric rest run there, batched (``BatchedViewAugment.augment_crops``).
+    """
+
+    def __init__(self, image_set: ImageSet, views: Sequence[ViewConfig], seed: int):
+        if not views:
+            raise ValueError("CropDataset needs at least one view.")
+        if len({view.image_size for view in views}) != 1:
+            raise ValueError("All views must have the same image_size.")
+        self.image_set, self.views, self.seed = image_set, tuple(views), seed
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    def __getitem__(
+        self, key: tuple[int, int]
+    ) -> tuple[tuple[torch.Tensor, ...], int, torch.Tensor, int]:
         index, epoch = key
         generator = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
         image = self.image_set.load_pil(index)
         width, height = image.size
-        crops = []
+        crops, boxes = [], []
         for view in self.views:
             box = sample_crop_boxes(1, height, width, view.scale, view.ratio,
-                                    generator=generator)[0].tolist()
-            crop = TF.resized_crop(image, *box, [view.image_size] * 2,
+                                    generator=generator)[0]
+            crop = TF.resized_crop(image, *box.tolist(), [view.image_size] * 2,
                                    interpolation=InterpolationMode.BILINEAR, antialias=True)
             crops.append(TF.pil_to_tensor(crop))
-        return crops[0], crops[1], _label(self.image_set, index), epoch
+            boxes.append(box)
+        return tuple(crops), _label(self.image_set, index), torch.stack(boxes), epoch
+
+
+def collate_views(items: list[tuple]) -> tuple:
+    """The DataLoader ``collate_fn`` of :class:`MultiViewDataset` and :class:`CropDataset`
+    items: ``(views, labels, boxes, last)`` with views a list of V [B, ...] tensors,
+    labels [B], boxes [V, B, 4] and last the flips [V, B] (MultiViewDataset) or the
+    epochs [B] (CropDataset); boxes and flips view-major, so each view's rows are one
+    contiguous slice."""
+    views, labels, boxes, last = default_collate(items)
+    boxes = boxes.transpose(0, 1).contiguous()
+    if last.dim() == 2:  # flips [B, V]
+        last = last.transpose(0, 1).contiguous()
+    return views, labels, boxes, last
+
+
+class HostViews:
+    """The ``pipeline="cpu"`` loader: iterates :class:`~mixmask.data.batch.Batch` objects
+    on ``device``, made by a DataLoader over :class:`MultiViewDataset` with
+    ``batch_sampler`` (``num_workers`` workers, pinned memory on CUDA, persistent workers
+    when there are any) and copied with ``non_blocking=True``."""
+
+    def __init__(self, image_set: ImageSet, batch_sampler, views: Sequence[ViewConfig], *,
+                 device: torch.device, seed: int, num_workers: int = 0,
+                 channels_last: bool = False):
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.dataset = MultiViewDataset(image_set, views, seed)
+        self.batch_sampler = batch_sampler
+        self.loader = DataLoader(self.dataset, batch_sampler=batch_sampler,
+                                 num_workers=num_workers, collate_fn=collate_views,
+                                 pin_memory=self.device.type == "cuda",
+                                 persistent_workers=num_workers > 0)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[Batch]:
+        move = self._move
+        for views, labels, boxes, flips in self.loader:
+            batch = Batch([move(view) for view in views], move(labels),
+                          list(move(boxes).unbind(0)), list(move(flips).unbind(0)))
+            yield batch.channels_last() if self.channels_last else batch
+
+
+def build_train_loader(
+    image_set: ImageSet,
+    batch_sampler,
+    views: Sequence[ViewConfig],
+    *,
+    pipeline: Literal["cpu", "device"],
+    device: torch.device,
+    seed: int,
+    rank: int = 0,
+    num_workers: int = 0,
+    channels_last: bool = False,
+):
+    """The training loader: an iterable of :class:`~mixmask.data.batch.Batch` on
+    ``device``, one per batch of ``batch_sampler`` (lists of ``(index, epoch)``, as
+    :class:`EpochBatchSampler` yields them), with ``len()`` = ``len(batch_sampler)``.
+
+    views: one :class:`~mixmask.data.views.ViewConfig` per view, in view order
+        (:func:`~mixmask.data.views.preset_views` gives a preset's).
+    pipeline: "cpu", :class:`HostViews` (PIL in ``num_workers`` DataLoader workers);
+        "device", :class:`~mixmask.data.device_views.DeviceViews` for an in-memory
+        ImageSet (``image_set.images`` is not None; no workers) or
+        :class:`~mixmask.data.device_views.DecodedViews` for files (``num_workers``
+        workers decode and crop).
+    seed: the run's seed; items draw from :func:`item_seed` (seed, epoch, index) and
+        device batches from (seed, epoch, batch, rank).
+    channels_last: the views in ``torch.channels_last`` memory format.
+    """
+    device = torch.device(device)
+    if pipeline == "cpu":
+        return HostViews(image_set, batch_sampler, views, device=device, seed=seed,
+                         num_workers=num_workers, channels_last=channels_last)
+    if pipeline == "device":
+        # Imported here: device_views builds on this module.
+        from mixmask.data.device_views import DecodedViews, DeviceViews
+
+        common = dict(device=device, seed=seed, rank=rank, channels_last=channels_last)
+        if image_set.images is not None:
+            return DeviceViews(image_set, batch_sampler, views, **common)
+        return DecodedViews(image_set, batch_sampler, views, num_workers=num_workers, **common)
+    raise ValueError(f"Unknown pipeline {pipeline!r}. Use one of: cpu, device.")

@@ -1,128 +1,125 @@
-"""Augmentations: two views for pretraining, and a fixed view for evaluation.
+"""Augmentations on PIL images: one :class:`~mixmask.data.views.ViewConfig` view for
+pretraining, and a fixed view for evaluation.
 
->>> views = two_view_transform("cifar", 32, *DATASET_STATS["cifar10"])
->>> first, second = views(pil_image)          # two [3, 32, 32] tensors
+>>> view = view_transform(preset_views("cifar", 32)[0], *DATASET_STATS["cifar10"])
+>>> tensor, (top, left, height, width), flipped = view(pil_image)   # [3, 32, 32]
 
-Presets (``data.augmentation``):
-
-* "mocov2": MoCo v2 "aug+" (Chen et al. 2020, arXiv 2003.04297), for 224 px; both views
-  alike, Gaussian blur with p=0.5.
-* "cifar": the same without the blur, which destroys most of a 32 px image (the Un-Mix /
-  MoCo CIFAR recipes).
-* "byol": BYOL's asymmetric views (Grill et al. 2020, arXiv 2006.07733, Table 6), for
-  224 px: crop scale (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale
-  p=0.2, blur p=1.0 in view 1 and 0.1 in view 2, solarize p=0.0 in view 1 and 0.2 in
-  view 2.
-* "byol_cifar": solo-learn's CIFAR recipe for BYOL and Barlow Twins
-  (``scripts/pretrain/cifar/{byol,barlow}.yaml``): "byol" without the blur.
+The presets and the cycling rule for more views than a preset has are in
+:mod:`mixmask.data.views`; :class:`mixmask.data.loaders.MultiViewDataset` draws N views
+of each image with one :func:`view_transform` per view.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import PIL.Image
 import torch
+import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
-TWO_VIEW_PRESETS = ("mocov2", "cifar", "byol", "byol_cifar")
+from mixmask.data.views import AUGMENTATION_PRESETS, ViewConfig, preset_views
+
+__all__ = [
+    "AUGMENTATION_PRESETS",
+    "RandomHorizontalFlipWithFlag",
+    "RandomResizedCropWithBox",
+    "ViewTransform",
+    "eval_transform",
+    "preset_views",
+    "view_transform",
+]
+
+Box = tuple[int, int, int, int]
 
 
-@dataclass(frozen=True)
-class PresetView:
-    """The parameters of one view of a preset that differ between presets or views."""
+class RandomResizedCropWithBox(T.RandomResizedCrop):
+    """``T.RandomResizedCrop`` that also returns its box: ``(image, (top, left, height,
+    width))`` in source pixels. Same draws from torch's global RNG (its ``get_params``),
+    same resize."""
 
-    scale: tuple[float, float] = (0.2, 1.0)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    blur_p: float = 0.0
-    solarize_p: float = 0.0
-
-
-_MOCOV2 = PresetView(blur_p=0.5)
-_CIFAR = PresetView()
-# BYOL, Table 6: view 1 is always blurred and never solarized; view 2 the reverse, mostly.
-_BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)
-_BYOL = (PresetView((0.08, 1.0), _BYOL_JITTER, blur_p=1.0, solarize_p=0.0),
-         PresetView((0.08, 1.0), _BYOL_JITTER, blur_p=0.1, solarize_p=0.2))
-_BYOL_CIFAR = (PresetView((0.08, 1.0), _BYOL_JITTER, solarize_p=0.0),
-               PresetView((0.08, 1.0), _BYOL_JITTER, solarize_p=0.2))
-
-PRESET_VIEWS: dict[str, tuple[PresetView, PresetView]] = {
-    "mocov2": (_MOCOV2, _MOCOV2),
-    "cifar": (_CIFAR, _CIFAR),
-    "byol": _BYOL,
-    "byol_cifar": _BYOL_CIFAR,
-}
-"""(view 1, view 2) of each preset; :mod:`mixmask.data.gpu_augment` builds its batched
-views from the same table."""
-
-SOLARIZE_THRESHOLD = 128  # uint8, i.e. 0.5 (BYOL, Table 6)
+    def forward(self, img):
+        box = self.get_params(img, self.scale, self.ratio)
+        image = TF.resized_crop(img, *box, self.size, self.interpolation,
+                                antialias=self.antialias)
+        return image, box
 
 
-def preset_views(preset: str) -> tuple[PresetView, PresetView]:
-    """(view 1, view 2) of a preset; a short error for an unknown name."""
-    if preset not in PRESET_VIEWS:
-        raise ValueError(
-            f"Unknown augmentation preset {preset!r}. Use one of: {', '.join(TWO_VIEW_PRESETS)}."
-        )
-    return PRESET_VIEWS[preset]
+class RandomHorizontalFlipWithFlag(T.RandomHorizontalFlip):
+    """``T.RandomHorizontalFlip`` that also says whether it flipped: ``(image, flipped)``.
+    Same draw from torch's global RNG (``torch.rand(1) < p``)."""
+
+    def forward(self, img):
+        if torch.rand(1) < self.p:
+            return TF.hflip(img), True
+        return img, False
 
 
-def _blur_kernel_size(image_size: int) -> int:
-    # MoCo v2 blurs with PIL's radius=sigma; torchvision needs a kernel size. About 10% of
-    # the image side, forced odd, as in SimCLR (Chen et al. 2020, Appendix A): 23 at 224.
-    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+class ViewTransform:
+    """One augmented, normalised view of a PIL image and its geometry:
+    ``view(image) -> (tensor [3, S, S], (top, left, height, width), flipped)``.
 
+    The torchvision steps, in MoCo v2's (moco/main_moco.py) and solo-learn's BYOL order:
+    crop, RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur),
+    RandomSolarize, flip, ToTensor, Normalize (``transforms`` lists them). Ops whose
+    probability is 0 are left out and draw nothing. The crop and the flip are
+    :class:`RandomResizedCropWithBox` and :class:`RandomHorizontalFlipWithFlag`, which draw
+    from torch's global RNG exactly as torchvision's ``RandomResizedCrop`` and
+    ``RandomHorizontalFlip`` do, so under the same torch seed the tensor is that of a
+    plain ``T.Compose`` of the same steps with those two. A class, not a closure, so
+    DataLoader workers can pickle it.
+    """
 
-def _view_pipeline(view: PresetView, image_size: int, mean: Sequence[float],
-                   std: Sequence[float]) -> T.Compose:
-    # Order of MoCo v2 (moco/main_moco.py) and of solo-learn's BYOL: crop, jitter,
-    # grayscale, blur, solarize, flip. Ops with p=0 are left out.
-    steps = [
-        T.RandomResizedCrop(image_size, scale=view.scale),
-        T.RandomApply([T.ColorJitter(*view.jitter)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-    ]
-    if view.blur_p > 0:
-        blur = T.GaussianBlur(_blur_kernel_size(image_size), sigma=(0.1, 2.0))
-        steps.append(T.RandomApply([blur], p=view.blur_p))
-    if view.solarize_p > 0:
-        steps.append(T.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=view.solarize_p))
-    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+    def __init__(self, view: ViewConfig, mean: Sequence[float], std: Sequence[float]):
+        self.view = view
+        self.crop = RandomResizedCropWithBox(view.image_size, scale=view.scale,
+                                             ratio=view.ratio, antialias=view.antialias)
+        photometric: list[Callable] = []
+        if view.jitter_p > 0:
+            jitter = T.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)
+            photometric.append(T.RandomApply([jitter], p=view.jitter_p))
+        if view.grayscale_p > 0:
+            photometric.append(T.RandomGrayscale(p=view.grayscale_p))
+        if view.blur_p > 0:
+            blur = T.GaussianBlur(view.kernel_size, sigma=view.blur_sigma)
+            photometric.append(T.RandomApply([blur], p=view.blur_p))
+        if view.solarize_p > 0:
+            # PIL inverts uint8 pixels >= threshold; x / 255 >= t is x >= ceil(255 t).
+            threshold = math.ceil(view.solarize_threshold * 255)
+            photometric.append(T.RandomSolarize(threshold=threshold, p=view.solarize_p))
+        self.photometric = photometric
+        self.flip = RandomHorizontalFlipWithFlag(view.flip_p) if view.flip_p > 0 else None
+        self.to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
 
+    @property
+    def transforms(self) -> list[Callable]:
+        """Every step in order (the crop and the flip being the recording ones)."""
+        flip = [] if self.flip is None else [self.flip]
+        return [self.crop, *self.photometric, *flip, *self.to_tensor]
 
-class TwoViews:
-    """Applies ``first`` and ``second`` (default: ``first`` again), each with its own random
-    draws, to the same image. A class rather than a closure so DataLoader workers can
-    pickle it."""
-
-    def __init__(self, first: Callable[[PIL.Image.Image], torch.Tensor],
-                 second: Callable[[PIL.Image.Image], torch.Tensor] | None = None):
-        self.first = first
-        self.second = first if second is None else second
-
-    def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.first(image), self.second(image)
+    def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, Box, bool]:
+        image, box = self.crop(image)
+        for step in self.photometric:
+            image = step(image)
+        flipped = False
+        if self.flip is not None:
+            image, flipped = self.flip(image)
+        for step in self.to_tensor:
+            image = step(image)
+        return image, tuple(int(value) for value in box), flipped
 
     def __repr__(self) -> str:
-        if self.second is self.first:
-            return f"TwoViews({self.first!r})"
-        return f"TwoViews(first={self.first!r}, second={self.second!r})"
+        steps = "".join(f"\n    {step}" for step in self.transforms)
+        return f"{type(self).__name__}({steps}\n)"
 
 
-def two_view_transform(
-    preset: str, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> TwoViews:
-    """Two augmented, normalised views of a PIL image (see the module docstring for the
-    presets). ``.first`` and ``.second`` are the two views' ``T.Compose``; symmetric
-    presets use one Compose for both."""
-    first, second = preset_views(preset)
-    first_pipeline = _view_pipeline(first, image_size, mean, std)
-    if second == first:
-        return TwoViews(first_pipeline)
-    return TwoViews(first_pipeline, _view_pipeline(second, image_size, mean, std))
+def view_transform(view: ViewConfig, mean: Sequence[float], std: Sequence[float]
+                   ) -> ViewTransform:
+    """The PIL pipeline of one view: ``(tensor [3, S, S] normalised with mean and std,
+    box (top, left, height, width) in source pixels, flipped)``; see
+    :class:`ViewTransform`."""
+    return ViewTransform(view, mean, std)
 
 
 def eval_transform(

@@ -1,0 +1,54 @@
+"""Evaluation of a representation: feature extraction, weighted kNN, linear probe.
+
+:func:`evaluate` is what the engine (per-epoch monitors, end of pretraining) and the
+``mixmask knn|linear`` commands call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixmask.eval.features import extract_features
+from mixmask.eval.knn import knn_top1
+from mixmask.eval.linear import linear_top1
+
+
+@torch.no_grad()
+def _probe_top1(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (probe(features).argmax(dim=1) == labels).float().mean().item()
+
+
+def evaluate(method: nn.Module, eval_data, config, device: torch.device, *, knn: bool,
+             linear: bool, probe: nn.Module | None = None,
+             num_workers: int = 0) -> dict[str, float]:
+    """Top-1 (percent, on ``eval_data.test``) of a frozen method's ``features``: weighted
+    kNN (``monitor.knn_k``, ``monitor.knn_temperature``), a linear probe on cached,
+    standardised features (``eval.linear_*``) and/or a trained online ``probe``."""
+    results: dict[str, float] = {}
+    if not (knn or linear or probe is not None):
+        return results
+    encode = getattr(method, "features", method)
+    train_features = train_labels = None
+    if knn or linear:
+        train_features, train_labels = extract_features(
+            method, eval_data.train, device=device, num_workers=num_workers, encode=encode)
+    test_features, test_labels = extract_features(
+        method, eval_data.test, device=device, num_workers=num_workers, encode=encode)
+    if knn:
+        results["knn_top1"] = knn_top1(
+            train_features, train_labels, test_features, test_labels,
+            num_classes=eval_data.num_classes, k=config.monitor.knn_k,
+            temperature=config.monitor.knn_temperature)
+    if probe is not None:
+        results["probe_top1"] = _probe_top1(probe, test_features, test_labels)
+    if linear:
+        results["linear_top1"] = linear_top1(
+            train_features, train_labels, test_features, test_labels,
+            num_classes=eval_data.num_classes, epochs=config.eval.linear_epochs,
+            lr=config.eval.linear_lr, batch_size=config.eval.linear_batch_size,
+            milestones=config.eval.linear_milestones, seed=config.train.seed)
+    return results
+
+
+__all__ = ["evaluate", "extract_features", "knn_top1", "linear_top1"]

@@ -1,6 +1,8 @@
-"""Frozen-backbone feature extraction (BN in eval mode)."""
+"""Frozen-model feature extraction (BN in eval mode)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -8,17 +10,25 @@ from torch.utils.data import DataLoader, Dataset
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: Dataset, *, device: torch.device,
-                     batch_size: int = 256, num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """Features [N, D] (float32, on ``device``) and labels [N] of a labelled dataset."""
-    was_training = backbone.training
-    backbone.eval()
+def extract_features(model: nn.Module, dataset: Dataset, *, device: torch.device,
+                     batch_size: int = 256, num_workers: int = 0,
+                     encode: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Features [N, D] (float32, on ``device``) and labels [N] of a labelled dataset.
+
+    ``model`` is put in eval mode for the extraction (and back after); ``encode`` maps a
+    batch of images to pooled features (default: ``model`` itself; for a method, its
+    ``features``)."""
+    encode = model if encode is None else encode
+    was_training = model.training
+    model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features, labels = [], []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        features.append(backbone(images).float())
-        labels.append(targets.to(device, non_blocking=True))
-    backbone.train(was_training)
+    try:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            features.append(encode(images).float())
+            labels.append(targets.to(device, non_blocking=True))
+    finally:
+        model.train(was_training)
     return torch.cat(features), torch.cat(labels)

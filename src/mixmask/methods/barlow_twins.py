@@ -7,26 +7,40 @@ statistic of the whole batch: the masking axis weights it with the batch's lambd
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from mixmask.config import MethodConfig
+from torch import Tensor
+
 from mixmask.losses import barlow_twins_loss
 from mixmask.methods.base import SiameseMethod
+from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
 
+@dataclass
+class BarlowTwinsConfig:
+    """Barlow Twins (Zbontar et al., arXiv 2103.03230); defaults: solo-learn's CIFAR recipe."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    lambda_offdiag: float = 0.0051
+    scale_loss: float = 0.1
+
+
+@register_method("barlow_twins")
 class BarlowTwins(SiameseMethod):
+    config_class = BarlowTwinsConfig
     # The loss is symmetric in its two arguments, so one pair covers both directions.
     symmetric = False
     has_target_network = False
     batch_level_loss = True
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
-        super().__init__(backbone, feature_dim, config)
-        params = config.barlow_twins
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        params = config.method.params
         self.lambda_offdiag, self.scale_loss = params.lambda_offdiag, params.scale_loss
-        self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
-                                 batch_norm=True, num_layers=3)
+        self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,
+                                 params.proj_output_dim, batch_norm=True, num_layers=3)
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         return barlow_twins_loss(online, target, lambda_offdiag=self.lambda_offdiag,

@@ -2,8 +2,9 @@
 
 A base (MoCo v2, BYOL, SimSiam, Barlow Twins, VICReg) says only how it embeds a view on
 the online side, what its target for a view is, and its loss between the two. Masking
-(design.md sec. 2) is applied here, once, to the online view of every (online, target)
-pair, so every base combines with every strategy. With q = online(x), k = target(x'):
+(MixMask, arXiv 2210.11456; the strategies of :mod:`mixmask.methods.masking_axis`)
+is applied here, once, to the online view of every (online, target) pair, so every base
+combines with every strategy. With q = online(x), k = target(x'):
 
 * ``none``:    L(q, k)
 * ``erase``:   L(online(erase(x)), k)                              (MSCN: same loss, no lambda)
@@ -26,30 +27,23 @@ mask (one lambda) serves the whole batch and q_sw is a row permutation of q_mix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from mixmask.config import MethodConfig
-from mixmask.masking import (
-    inverse_partner,
-    permutation_partner,
-    sample_erase,
-    sample_mixmask,
-    sample_unmix,
+from mixmask.data.batch import Batch
+from mixmask.errors import ConfigError
+from mixmask.masking import inverse_partner
+from mixmask.methods.masking_axis import (
+    HostGenerator,
+    MaskingAxisConfig,
+    Mix,
+    build_masking,
 )
+from mixmask.methods.protocol import Method, PixelStats, StepOutput
 
-
-@dataclass
-class StepOutput:
-    loss: Tensor
-    # Backbone features of the first online view, detached: the online probe's input
-    # (with erase, of the erased view: the clean view has no online pass then).
-    features: Tensor
-    # Scalars to log (tensors: read on the host only at logging steps).
-    logs: dict[str, Tensor]
+SymmetricReduction = Literal["sum", "mean"]
 
 
 class Embedding(NamedTuple):
@@ -60,28 +54,18 @@ class Embedding(NamedTuple):
     output: Tensor  # what enters the loss on the online side (the prediction, if any)
 
 
-class Mix(NamedTuple):
-    """A mixed batch: what the masking strategies hand to the shared loss."""
-
-    images: Tensor
-    lam: Tensor  # [B]: share of image j's pixels in mix j
-    partner_index: Tensor  # [B]
-
-
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online (MoCo eq. 2, BYOL eq. 1), for
-    parameters; buffers (BN statistics) are copied like the references do."""
+    """target <- momentum * target + (1 - momentum) * online, for parameters only (MoCo
+    eq. 2, BYOL eq. 1), as MoCo's and BYOL's reference code do. Buffers are left alone:
+    the target runs in train mode, so its BN normalises with batch statistics and its
+    running statistics (updated by its own forward passes) never enter the loss."""
     target_params = list(target.parameters())
     online_params = list(online.parameters())
+    if len(target_params) != len(online_params):
+        raise ValueError("the target and online networks differ in their parameters.")
     torch._foreach_mul_(target_params, momentum)
     torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
-    target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
-    if len(target_buffers) != len(online_buffers):
-        raise ValueError("the target and online networks differ in their buffers.")
-    if target_buffers:
-        # One multi-tensor copy, not one kernel per BN buffer (a ResNet-18 has ~60).
-        torch._foreach_copy_(target_buffers, online_buffers)
 
 
 def cosine_momentum(start: float, end: float, progress: float) -> float:
@@ -90,38 +74,80 @@ def cosine_momentum(start: float, end: float, progress: float) -> float:
     return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-class SiameseMethod(nn.Module):
+class SiameseMethod(Method):
     """Base of the Siamese methods.
 
     A subclass sets the class attributes, builds ``self.projector`` (and ``self.predictor``
     where the method has one), implements :meth:`pair_loss`, and either
     :meth:`target_embedding` (a separate target network: MoCo, BYOL) or relies on
     :meth:`target_from_online` (the online network itself: SimSiam, Barlow Twins, VICReg).
+    A base with a symmetric loss sets ``self.symmetric`` and ``self.symmetric_reduction``
+    from its config.
     """
 
+    axis_config_class = MaskingAxisConfig
+    num_views = 2
     # Each view is online once and target once (two pairs); else only (view1 -> view2).
     symmetric: bool = False
+    # How the two directions of a symmetric loss combine: their sum (MoCo's and Un-Mix's
+    # CIFAR code, BYOL eq. 4) or their mean (SimSiam eq. 2, solo-learn's MoCo v2+).
+    symmetric_reduction: SymmetricReduction = "mean"
     # The target comes from a separate (EMA) network; else from the online pass of the
     # target view, which then costs no extra forward.
     has_target_network: bool = True
     # pair_loss returns one value for the batch (Barlow Twins, VICReg), not one per sample.
     batch_level_loss: bool = False
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
-        super().__init__()
-        self.backbone = backbone
-        self.feature_dim = feature_dim
-        self.masking = config.masking
-        self.online_forward = config.online_forward
-        self.mask_config = config.mask
-        self.erase_config = config.erase
-        self.unmix_config = config.unmix
-        # Pixel statistics of the dataset (for erase fill="zero"); set by the engine.
-        self.pixel_mean: tuple[float, ...] | None = None
-        self.pixel_std: tuple[float, ...] | None = None
-        self._last_targets: list[Tensor] = []
+    def __init__(self, config, pixel_stats: PixelStats | None = None):
+        super().__init__(config, pixel_stats)
+        axis = config.method.axis
+        self.masking_name = axis.masking
+        self.online_forward = axis.online_forward
+        mean, std = (pixel_stats.mean, pixel_stats.std) if pixel_stats else (None, None)
+        self.masking = build_masking(axis, mean, std)
+        # BEiT's block masks are drawn on the host from a generator in the state_dict.
+        self.mask_generator = HostGenerator() if self.masking.needs_host_generator else None
         self.projector: nn.Module  # built by the subclass
         self.predictor: nn.Module | None = None  # BYOL, SimSiam: replaced by the subclass
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Mask parameters that cannot work, said before any data is loaded."""
+        method, mask = config.method, config.method.mask
+        if not 0.0 < mask.mask_ratio < 1.0:
+            raise ConfigError(
+                f"'method.mask.mask_ratio' must lie in (0, 1), got {mask.mask_ratio}.")
+        uses_grid = method.masking in ("mixmask", "both") or (
+            method.masking == "erase" and method.erase.shape == "grid")
+        image_size = config.data.image_size
+        if uses_grid and (mask.grid_size < 2 or mask.grid_size > image_size
+                          or image_size % mask.grid_size):
+            raise ConfigError(
+                f"'method.mask.grid_size' ({mask.grid_size}) must be at least 2 and divide "
+                f"data.image_size ({image_size}) into whole cells, e.g. 4 or 8."
+            )
+        local_batch = config.train.batch_size // config.train.devices
+        if method.masking in ("mixmask", "unmix", "both") and local_batch % 2:
+            raise ConfigError(
+                f"'{method.masking}' pairs each image with another of the batch (the reversed "
+                f"batch): the per-device batch must be even, got {local_batch} "
+                f"(train.batch_size={config.train.batch_size}, "
+                f"train.devices={config.train.devices})."
+            )
+        if method.masking in ("mixmask", "both") and mask.per_sample and cls.batch_level_loss:
+            raise ConfigError(
+                f"{method.name}'s loss is one value for the whole batch, so MixMask needs one "
+                "mask (one lambda) per batch: set method.mask.per_sample=false."
+            )
+        unmix, erase = method.unmix, method.erase
+        if not 0.0 <= unmix.p_mixup <= 1.0:
+            raise ConfigError(f"'method.unmix.p_mixup' must lie in [0, 1], got {unmix.p_mixup}.")
+        if unmix.alpha <= 0:
+            raise ConfigError(f"'method.unmix.alpha' must be positive, got {unmix.alpha}.")
+        for key, value in (("noise_std", erase.noise_std),
+                           ("high_pass_sigma", erase.high_pass_sigma)):
+            if value < 0:
+                raise ConfigError(f"'method.erase.{key}' must be 0 or more, got {value}.")
 
     # -- the base's ingredients ----------------------------------------------------------
     def embed(self, images: Tensor) -> Embedding:
@@ -146,28 +172,33 @@ class SiameseMethod(nn.Module):
         raise NotImplementedError
 
     def after_step(self, targets: list[Tensor], progress: float) -> None:
-        """Called after the optimizer step (EMA updates, queues). progress in [0, 1]."""
+        """EMA updates, queues; called after the optimizer step with this step's targets.
+        progress in [0, 1]."""
+
+    def after_optimizer_step(self, output: StepOutput, progress: float) -> None:
+        self.after_step(output.targets, progress)
 
     # -- the shared step ---------------------------------------------------------------
-    def training_step(self, view1: Tensor, view2: Tensor, generator: torch.Generator,
+    def training_step(self, batch: Batch, generator: torch.Generator,
                       progress: float = 0.0) -> StepOutput:
-        views = (view1, view2)
+        views = batch.views[:2]
         online_views = (0, 1) if self.symmetric else (0,)
+        masking = self.masking
+        host_generator = (self.mask_generator.get(generator)
+                          if self.mask_generator is not None else None)
         # Masks are drawn first, in a fixed order (per online view: erase, then its mixes),
         # so both forward modes draw the same ones.
         online_inputs: dict[int, Tensor] = {}
         mixes: dict[int, list[tuple[str, Mix]]] = {}
         for online_index in online_views:
-            images = views[online_index]
-            if self.masking == "erase":
-                images = self._erase(images, generator)
+            images = masking.erase(views[online_index], generator, host_generator)
             online_inputs[online_index] = images
-            mixes[online_index] = self._mixes(images, generator)
+            mixes[online_index] = masking.mixes(images, generator, host_generator)
 
         # Every batch the online network sees this step, keyed (kind, view). A shared-weight
         # base's target is the online pass of the target view, which then costs no extra
         # forward where that view is also an online view.
-        online_kind = "erased" if self.masking == "erase" else "view"
+        online_kind = "erased" if masking.erases else "view"
         batches: dict[tuple[str, int], Tensor] = {}
         if not self.has_target_network:
             for online_index in online_views:
@@ -187,7 +218,7 @@ class SiameseMethod(nn.Module):
             else:
                 targets[target_index] = self.target_from_online(embeddings[("view", target_index)])
 
-        total = view1.new_zeros(())
+        total = views[0].new_zeros(())
         logs: dict[str, Tensor] = {}
         probe_features = None
         for online_index in online_views:
@@ -195,16 +226,15 @@ class SiameseMethod(nn.Module):
             if probe_features is None:
                 probe_features = online.features.detach()
             pair_total = self.pair_loss(online.output, target)
-            logs["loss_clean" if self.masking != "erase" else "loss_erased"] = (
-                pair_total.detach().mean())
+            logs["loss_erased" if masking.erases else "loss_clean"] = pair_total.detach().mean()
             for name, mix in mixes[online_index]:
                 mixed_output = embeddings[(name, online_index)].output
                 pair_total = pair_total + self._mix_terms(mixed_output, target, mix, name, logs)
             total = total + pair_total.mean()
-        loss = total / len(online_views)
+        loss = total / len(online_views) if self.symmetric_reduction == "mean" else total
         logs["loss"] = loss.detach()
-        self._last_targets = [targets[1 - index].detach() for index in online_views]
-        return StepOutput(loss=loss, features=probe_features, logs=logs)
+        return StepOutput(loss=loss, logs=logs, features=probe_features,
+                          targets=[targets[1 - index].detach() for index in online_views])
 
     def _embed_batches(self, batches: dict[tuple[str, int], Tensor]
                        ) -> dict[tuple[str, int], Embedding]:
@@ -219,34 +249,6 @@ class SiameseMethod(nn.Module):
         parts = zip(*(tensor.split(sizes) for tensor in joint), strict=True)
         return {key: Embedding(*part) for key, part in zip(batches, parts, strict=True)}
 
-    def forward(self, view1: Tensor, view2: Tensor, generator: torch.Generator,
-                progress: float = 0.0) -> StepOutput:
-        # The training step is the forward, so DDP's gradient hooks see the whole of it.
-        return self.training_step(view1, view2, generator, progress)
-
-    def finish_step(self, progress: float) -> None:
-        """Engine hook after optimizer.step(): hands the step's targets to after_step."""
-        self.after_step(self._last_targets, progress)
-        self._last_targets = []
-
-    # -- masking strategies ---------------------------------------------------------------
-    def _mixes(self, images: Tensor, generator: torch.Generator) -> list[tuple[str, Mix]]:
-        mixes = []
-        if self.masking in ("unmix", "both"):
-            unmix = sample_unmix(images, generator=generator, p_mixup=self.unmix_config.p_mixup,
-                                 alpha=self.unmix_config.alpha)
-            mixes.append(("unmix", Mix(unmix.mixed_images, unmix.lam, unmix.partner_index)))
-        if self.masking in ("mixmask", "both"):
-            partner = (permutation_partner(images.shape[0], generator=generator)
-                       .to(images.device) if self.masking == "both" else None)
-            mask = self.mask_config
-            mixmask = sample_mixmask(images, grid_size=mask.grid_size, mask_ratio=mask.mask_ratio,
-                                     mode=mask.mode, per_sample=mask.per_sample,
-                                     generator=generator, partner_index=partner)
-            mixes.append(("mixmask",
-                          Mix(mixmask.mixed_images, mixmask.lam, mixmask.partner_index)))
-        return mixes
-
     def _mix_terms(self, mixed_output: Tensor, target: Tensor, mix: Mix, name: str,
                    logs: dict[str, Tensor]) -> Tensor:
         """lam * L(q_mix, k) + (1 - lam[inverse]) * L(q_mix[inverse], k)."""
@@ -259,12 +261,3 @@ class SiameseMethod(nn.Module):
         logs[f"loss_{name}"] = mixed_loss.detach().mean()
         logs[f"lambda_{name}"] = mix.lam.detach().mean()
         return lam * mixed_loss + switched_lam * switched_loss
-
-    def _erase(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        mask, erase = self.mask_config, self.erase_config
-        return sample_erase(
-            images, shape=erase.shape, grid_size=mask.grid_size, mask_ratio=mask.mask_ratio,
-            mode=mask.mode, per_sample=mask.per_sample, channel_wise=erase.channel_wise,
-            fill=erase.fill, noise_std=erase.noise_std, high_pass_sigma=erase.high_pass_sigma,
-            pixel_mean=self.pixel_mean, pixel_std=self.pixel_std, generator=generator,
-        ).erased_images

@@ -8,30 +8,58 @@ whose momentum rises from 0.99 to 1 on a cosine schedule (sec. 3.2). Loss per pa
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mixmask.config import MethodConfig
+from mixmask.errors import ConfigError
 from mixmask.losses import byol_loss
-from mixmask.methods.base import SiameseMethod, cosine_momentum, ema_update
+from mixmask.methods.base import SiameseMethod, SymmetricReduction, cosine_momentum, ema_update
+from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
 
+@dataclass
+class BYOLConfig:
+    """BYOL (Grill et al., arXiv 2006.07733); defaults: solo-learn's CIFAR recipe."""
+
+    proj_hidden_dim: int = 4096
+    proj_output_dim: int = 256
+    pred_hidden_dim: int = 4096
+    # Target EMA momentum: cosine from start to end over training (BYOL sec. 3.2).
+    momentum_start: float = 0.99
+    momentum_end: float = 1.0
+    # The two directions summed (BYOL eq. 4: L + L~; solo-learn's BYOL) or averaged.
+    symmetric_reduction: SymmetricReduction = "sum"
+
+
+@register_method("byol")
 class BYOL(SiameseMethod):
+    config_class = BYOLConfig
     symmetric = True
     has_target_network = True
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
-        super().__init__(backbone, feature_dim, config)
-        params = config.byol
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        params = config.method.params
+        self.symmetric_reduction = params.symmetric_reduction
         self.momentum_start, self.momentum_end = params.momentum_start, params.momentum_end
-        self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
-                                 batch_norm=True)
+        self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,
+                                 params.proj_output_dim, batch_norm=True)
         self.predictor = MLPHead(params.proj_output_dim, params.pred_hidden_dim,
                                  params.proj_output_dim, batch_norm=True)
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        params = config.method.params
+        for key in ("momentum_start", "momentum_end"):
+            if not 0.0 <= getattr(params, key) <= 1.0:
+                raise ConfigError(f"'method.byol.{key}' must lie in [0, 1], got "
+                                  f"{getattr(params, key)}.")
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

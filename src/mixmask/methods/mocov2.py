@@ -7,34 +7,77 @@ InfoNCE of each query against its key and a queue of past keys (MoCo eq. 1).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from mixmask.config import MethodConfig
 from mixmask.distributed import gather_all, shuffled_forward
+from mixmask.errors import ConfigError
 from mixmask.losses import info_nce
-from mixmask.methods.base import SiameseMethod, cosine_momentum, ema_update
+from mixmask.methods.base import SiameseMethod, SymmetricReduction, cosine_momentum, ema_update
+from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
 
+@dataclass
+class MoCoV2Config:
+    """MoCo v2 (Chen et al. 2020, arXiv 2003.04297); defaults: the Un-Mix CIFAR recipe."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128
+    queue_size: int = 4096
+    momentum: float = 0.99
+    # constant (MoCo v2, Un-Mix) or cosine from momentum to momentum_end (solo-learn's
+    # MoCo v2+ CIFAR recipe: 0.99 -> 0.999).
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    momentum_end: float = 0.999
+    temperature: float = 0.1
+    # Symmetric loss: each view is query once and key once (two losses, both keys enqueued).
+    symmetric: bool = True
+    # The two directions summed (Un-Mix's CIFAR code and MoCo's CIFAR demo: loss_12 +
+    # loss_21) or averaged (solo-learn's MoCo v2+).
+    symmetric_reduction: SymmetricReduction = "sum"
+    # Shuffle-BN for the key encoder across processes under DDP (no-op on one device, where
+    # BN already normalises over the whole batch).
+    shuffle_bn: bool = True
+
+
+@register_method("mocov2")
 class MoCoV2(SiameseMethod):
-    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
-        super().__init__(backbone, feature_dim, config)
-        params = config.mocov2
+    config_class = MoCoV2Config
+
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        params = config.method.params
         self.symmetric = params.symmetric
+        self.symmetric_reduction = params.symmetric_reduction
         self.temperature = params.temperature
         self.momentum = params.momentum
         self.momentum_end = (params.momentum_end if params.momentum_schedule == "cosine"
                              else params.momentum)
         self.shuffle_bn = params.shuffle_bn
-        self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim)
+        self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim, params.proj_output_dim)
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         queue = F.normalize(torch.randn(params.queue_size, params.proj_output_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        params = config.method.params
+        if params.queue_size < config.train.batch_size:
+            raise ConfigError(
+                f"'method.mocov2.queue_size' ({params.queue_size}) must hold at least one "
+                f"batch of keys (train.batch_size={config.train.batch_size}).")
+        for key in ("momentum", "momentum_end"):
+            if not 0.0 <= getattr(params, key) <= 1.0:
+                raise ConfigError(f"'method.mocov2.{key}' must lie in [0, 1], got "
+                                  f"{getattr(params, key)}.")
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

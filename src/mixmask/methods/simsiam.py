@@ -7,24 +7,42 @@ similarity D(p, stopgrad(z)) (eq. 1), symmetrised (eq. 2).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from mixmask.config import MethodConfig
+from torch import Tensor
+
 from mixmask.losses import simsiam_loss
-from mixmask.methods.base import Embedding, SiameseMethod
+from mixmask.methods.base import Embedding, SiameseMethod, SymmetricReduction
+from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
 
+@dataclass
+class SimSiamConfig:
+    """SimSiam (Chen & He, arXiv 2011.10566); defaults: its CIFAR setting (2-layer
+    projector, 2048-d, bottleneck predictor 512)."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    pred_hidden_dim: int = 512
+    # The two directions averaged (SimSiam eq. 2: D(p1, z2) / 2 + D(p2, z1) / 2) or summed.
+    symmetric_reduction: SymmetricReduction = "mean"
+
+
+@register_method("simsiam")
 class SimSiam(SiameseMethod):
+    config_class = SimSiamConfig
     symmetric = True
     has_target_network = False
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
-        super().__init__(backbone, feature_dim, config)
-        params = config.simsiam
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        params = config.method.params
+        self.symmetric_reduction = params.symmetric_reduction
         # CIFAR projector: two layers, BN on the output too (app. D).
-        self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
-                                 batch_norm=True, output_batch_norm=True)
+        self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,
+                                 params.proj_output_dim, batch_norm=True,
+                                 output_batch_norm=True)
         self.predictor = MLPHead(params.proj_output_dim, params.pred_hidden_dim,
                                  params.proj_output_dim, batch_norm=True)
 

@@ -8,27 +8,43 @@ loss with the batch's lambda.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from mixmask.config import MethodConfig
+from torch import Tensor
+
 from mixmask.losses import vicreg_loss
 from mixmask.methods.base import SiameseMethod
+from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
 
+@dataclass
+class VICRegConfig:
+    """VICReg (Bardes et al., arXiv 2105.04906); defaults: the paper's weights and
+    solo-learn's CIFAR projector."""
+
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 2048
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+
+
+@register_method("vicreg")
 class VICReg(SiameseMethod):
+    config_class = VICRegConfig
     # The loss is symmetric in its two arguments, so one pair covers both directions.
     symmetric = False
     has_target_network = False
     batch_level_loss = True
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig):
-        super().__init__(backbone, feature_dim, config)
-        params = config.vicreg
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        params = config.method.params
         self.weights = dict(sim_weight=params.sim_weight, var_weight=params.var_weight,
                             cov_weight=params.cov_weight)
-        self.projector = MLPHead(feature_dim, params.proj_hidden_dim, params.proj_output_dim,
-                                 batch_norm=True, num_layers=3)
+        self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,
+                                 params.proj_output_dim, batch_norm=True, num_layers=3)
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         total, _terms = vicreg_loss(online, target, **self.weights)

@@ -1,4 +1,9 @@
-from mixmask.models.backbones import build_backbone, build_resnet
+from mixmask.models.backbones import (
+    backbone_names,
+    build_backbone,
+    build_resnet,
+    register_backbone,
+)
 from mixmask.models.heads import MLPHead
 
-__all__ = ["MLPHead", "build_backbone", "build_resnet"]
+__all__ = ["MLPHead", "backbone_names", "build_backbone", "build_resnet", "register_backbone"]

@@ -1,4 +1,10 @@
-"""ResNet backbones: torchvision's ResNet with a CIFAR stem option and a width multiplier.
+"""The backbone registry (``model.backbone``) and its ResNets.
+
+A name maps to a builder ``(model_config) -> (module, feature_dim)`` whose module returns
+pooled features [B, D]; :func:`register_backbone` adds one (timm ViTs next) without any
+change to the engine or the methods.
+
+ResNets: torchvision's ResNet with a CIFAR stem option and a width multiplier.
 
 The modules are torchvision ``ResNet`` instances (same parameter names), so a width-1.0
 ImageNet-stem backbone loads into ``torchvision.models.resnet50()`` with strict=True once
@@ -7,8 +13,31 @@ the classifier is added back (``fc`` is replaced by an identity here).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
+
 from torch import nn
 from torchvision.models import resnet as tv_resnet
+
+BackboneBuilder = Callable[..., tuple[nn.Module, int]]
+_BACKBONES: dict[str, BackboneBuilder] = {}
+
+
+def register_backbone(name: str):
+    """Decorator: register ``builder(model_config) -> (module, feature_dim)`` as
+    ``model.backbone: <name>``."""
+
+    def register(builder: BackboneBuilder) -> BackboneBuilder:
+        if name in _BACKBONES and _BACKBONES[name] is not builder:
+            raise ValueError(f"Backbone {name!r} is already registered.")
+        _BACKBONES[name] = builder
+        return builder
+
+    return register
+
+
+def backbone_names() -> tuple[str, ...]:
+    return tuple(_BACKBONES)
 
 _RESNETS = {
     "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
@@ -57,6 +86,31 @@ def _init_like_torchvision(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _resnet_builder(name: str) -> BackboneBuilder:
+    def build(model_config) -> tuple[nn.Module, int]:
+        return build_resnet(name, stem=model_config.stem, width=model_config.width)
+
+    build.__doc__ = f"torchvision's {name} (model.stem, model.width)."
+    return build
+
+
+for _name in _RESNETS:
+    register_backbone(_name)(_resnet_builder(_name))
+
+
+def validate_backbone(model_config) -> None:
+    """A clear error for a name the registry does not hold."""
+    from mixmask.errors import ConfigError
+
+    if model_config.backbone not in _BACKBONES:
+        close = difflib.get_close_matches(model_config.backbone, list(_BACKBONES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'model.backbone' must be one of {', '.join(_BACKBONES)}; got "
+                          f"{model_config.backbone!r}.{hint}")
+
+
 def build_backbone(model_config) -> tuple[nn.Module, int]:
-    """Backbone from a :class:`mixmask.config.ModelConfig`."""
-    return build_resnet(model_config.backbone, stem=model_config.stem, width=model_config.width)
+    """``(backbone, feature_dim)`` for a :class:`mixmask.config.ModelConfig`, from the
+    registry."""
+    validate_backbone(model_config)
+    return _BACKBONES[model_config.backbone](model_config)

@@ -1,0 +1,139 @@
+"""The one protocol between the engine and every method.
+
+The engine knows no method: it builds the registered class of ``method.name``, asks it for
+its views and parameter groups, and each step calls :meth:`Method.training_step` and,
+after the optimizer step, :meth:`Method.after_optimizer_step`. Evaluation calls
+:meth:`Method.features`. A new method is one file::
+
+    @dataclass
+    class ToyConfig:
+        hidden: int = 16
+
+    @register_method("toy")
+    class Toy(Method):
+        config_class = ToyConfig
+        num_views = 1
+
+        def __init__(self, config, pixel_stats=None):
+            super().__init__(config, pixel_stats)
+            self.decoder = nn.Linear(self.feature_dim, 3 * 32 * 32)
+
+        def training_step(self, batch, generator, progress=0.0):
+            images = batch.views[0]
+            features = self.backbone(images)
+            loss = F.mse_loss(self.decoder(features), images.flatten(1))
+            return StepOutput(loss, {"loss": loss.detach()}, features.detach())
+
+plus its config in ``configs/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mixmask.data.batch import Batch
+from mixmask.models.backbones import build_backbone
+from mixmask.optim import no_decay_bias_and_norm, no_decay_bias_norm_and_tokens, parameter_groups
+
+if TYPE_CHECKING:
+    from mixmask.config import Config
+    from mixmask.data.views import ViewConfig
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    """Per-channel mean and std the views were normalised with (the training set's)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class StepOutput:
+    """What a training step returns to the engine."""
+
+    loss: Tensor
+    # Scalars to log (tensors: read on the host only at logging steps).
+    logs: dict[str, Tensor]
+    # Pooled backbone features of the step's first view, detached: the online probe's
+    # input (None: no probe for this method).
+    features: Tensor | None = None
+    # What after_optimizer_step needs from this step (e.g. MoCo's keys for its queue),
+    # detached: handed back explicitly instead of being stashed on the module.
+    targets: list[Tensor] = field(default_factory=list)
+
+
+class Method(nn.Module):
+    """Base of every method. A subclass sets ``config_class`` (its ``method.<name>.*``
+    keys), registers itself with :func:`mixmask.methods.registry.register_method`, and
+    implements :meth:`training_step`; the rest has defaults.
+
+    Constructor: ``(config, pixel_stats)``, the whole run config (``config.method.params``
+    is the method's own section) and the dataset's pixel statistics; the base builds
+    ``self.backbone`` (``model.*``, the backbone registry) and ``self.feature_dim``.
+    """
+
+    name: ClassVar[str]  # set by register_method
+    config_class: ClassVar[type]
+    # A dataclass of extra ``method.*`` keys shared by a family of methods (the Siamese
+    # masking axis), or None.
+    axis_config_class: ClassVar[type | None] = None
+    # Views per image (count); their augmentation is data.augmentation's preset.
+    num_views: ClassVar[int] = 2
+
+    def __init__(self, config: Config, pixel_stats: PixelStats | None = None):
+        super().__init__()
+        self.run_config = config
+        self.pixel_stats = pixel_stats
+        self.backbone, self.feature_dim = build_backbone(config.model)
+
+    # -- what the engine asks before training ----------------------------------------------
+    @classmethod
+    def validate_config(cls, config: Config) -> None:
+        """Raise :class:`mixmask.errors.ConfigError` for settings this method cannot run,
+        before any data loads."""
+
+    def view_configs(self) -> list[ViewConfig]:
+        """The augmentation of each view the method needs (``num_views`` views of the
+        ``data.augmentation`` preset at ``data.image_size``)."""
+        from mixmask.data.views import preset_views
+
+        data = self.run_config.data
+        return preset_views(data.augmentation, data.image_size, self.num_views)
+
+    def parameter_groups(self, optimizer: str) -> list[dict[str, Any]]:
+        """Parameter groups for ``train.optimizer`` (:func:`mixmask.optim.build_optimizer`):
+        sgd decays every parameter (MoCo's and MixMask's reference code); lars excludes
+        biases and norms from adaptation and decay (BYOL sec. 3.3); adamw excludes biases,
+        norms and tokens from decay (MAE, arXiv 2111.06377, app. A.1). A method may add
+        ``lr_scale`` per group."""
+        named = list(self.named_parameters())
+        if optimizer == "sgd":
+            return parameter_groups(named)
+        if optimizer == "lars":
+            return parameter_groups(named, exclude_from_decay=no_decay_bias_and_norm, lars=True)
+        return parameter_groups(named, exclude_from_decay=no_decay_bias_norm_and_tokens)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def features(self, images: Tensor) -> Tensor:
+        """Pooled representation [B, D] for kNN, linear probes and the online probe."""
+        return self.backbone(images)
+
+    # -- each step ------------------------------------------------------------------------
+    def training_step(self, batch: Batch, generator: torch.Generator,
+                      progress: float = 0.0) -> StepOutput:
+        """The loss of one batch. ``generator`` lives on the batch's device (masks, mixes);
+        ``progress`` in [0, 1] is the share of training done (schedules)."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, output: StepOutput, progress: float) -> None:
+        """After ``optimizer.step()``: EMA targets, queues (from ``output.targets``)."""
+
+    def forward(self, batch: Batch, generator: torch.Generator,
+                progress: float = 0.0) -> StepOutput:
+        # The training step is the forward, so DDP's gradient hooks see the whole of it.
+        return self.training_step(batch, generator, progress)
