@@ -288,7 +288,7 @@ def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
                                 weight_decay=train.weight_decay,
                                 fused=train.fused_optimizer and not args.foreach)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    batch = views_batch(views)
+    batch = Batch.from_views(*views)
 
     def step() -> Tensor:  # the engine's step function, without data loading, probe, logging
         output = training_step(method, optimizer, batch, generator, 0.0,
@@ -436,15 +436,6 @@ def make_views(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, 
             view = view.contiguous(memory_format=torch.channels_last)
         views.append(view)
     return views[0], views[1]
-
-
-def views_batch(views: tuple[Tensor, Tensor]) -> Batch:
-    """The pre-made views as the loaders' Batch (whole-image boxes, no flips: unused)."""
-    size, height, width = views[0].shape[0], views[0].shape[-2], views[0].shape[-1]
-    box = torch.tensor([0, 0, height, width], device=views[0].device).expand(size, 4)
-    flip = torch.zeros(size, dtype=torch.bool, device=views[0].device)
-    labels = torch.full((size,), -1, device=views[0].device)
-    return Batch(list(views), labels, [box, box], [flip, flip])
 
 
 def versions(lightly) -> dict:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from batches import views_batch
 
 from mixmask.cli import main
 from mixmask.config import load_config
 from mixmask.data import EpochBatchSampler
+from mixmask.data.batch import Batch
 from mixmask.engine import TrainingDiverged, learning_rate, pretrain
 from mixmask.errors import CheckpointError, ConfigError
 from mixmask.methods import build_method
@@ -127,7 +127,7 @@ def test_loss_decreases_on_a_repeated_real_batch(cifar10_tarball):
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(15):
-        output = method.training_step(views_batch(view1, view2), generator)
+        output = method.training_step(Batch.from_views(view1, view2), generator)
         optimizer.zero_grad()
         output.loss.backward()
         optimizer.step()
@@ -237,6 +237,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     # 4 steps x 16 keys per process x 2 processes: the queue holds keys from both.
     assert int(checkpoint["method"]["queue_pointer"]) == 128
+    # Each process's random streams are saved (device generator, BEiT's host generator),
+    # so a resume on two processes continues both exactly.
+    first, second = checkpoint["rank_states"]
+    assert not torch.equal(first["generator"], second["generator"])
+    host = "mask_generator"
+    assert first["modules"][host]["seeded"] and second["modules"][host]["seeded"]
+    assert not torch.equal(first["modules"][host]["state"], second["modules"][host]["state"])
 
 
 @pytest.mark.parametrize("recipe", ["byol_erase_r18", "barlow_twins_both_r18", "simsiam_unmix_r18",

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import views_batch
 from torch import nn
 
 from mixmask.config import load_config
+from mixmask.data.batch import Batch
 from mixmask.masking import permutation_partner, sample_mixmask, sample_unmix
 from mixmask.methods import build_method, method_class, method_names
 from mixmask.methods.base import Embedding, SiameseMethod, cosine_momentum
@@ -48,7 +48,8 @@ def random_views(batch: int = 8, seed: int = 1):
 @pytest.mark.parametrize("base", BASES)
 def test_every_base_with_every_masking_trains_a_step(base, masking):
     method = tiny_method(base, masking)
-    output = method.training_step(views_batch(*random_views()), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(*random_views()),
+                                  torch.Generator().manual_seed(0))
     assert output.loss.dim() == 0 and torch.isfinite(output.loss)
     assert output.features.shape == (8, method.feature_dim)
     assert not output.features.requires_grad
@@ -74,7 +75,8 @@ def test_target_network_gets_no_gradient_and_follows_the_ema(base):
     method = tiny_method(base, "mixmask")
     target_before = [p.clone() for p in method.target_backbone.parameters()]
     online_before = [p.clone() for p in method.backbone.parameters()]
-    output = method.training_step(views_batch(*random_views()), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(*random_views()),
+                                  torch.Generator().manual_seed(0))
     output.loss.backward()
     assert all(p.grad is None for p in method.target_backbone.parameters())
     assert all(p.grad is None for p in method.target_projector.parameters())
@@ -125,7 +127,8 @@ def test_simsiam_gradient_reaches_the_backbone_only_through_the_predictor_side()
     with torch.no_grad():
         last.weight.zero_()
         last.bias.fill_(1.0)
-    output = method.training_step(views_batch(*random_views()), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(*random_views()),
+                                  torch.Generator().manual_seed(0))
     output.loss.backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in method.backbone.parameters())
 
@@ -174,7 +177,7 @@ def test_mixmask_total_is_the_three_term_formula(per_sample):
                                 "data.image_size=8", *IDENTITY])
     method = _Identity(config)
     view1, view2 = _views8()
-    output = method.training_step(views_batch(view1, view2), torch.Generator().manual_seed(3))
+    output = method.training_step(Batch.from_views(view1, view2), torch.Generator().manual_seed(3))
     # Re-draw the same mask and assemble the terms sample by sample.
     mix = sample_mixmask(view1, grid_size=4, mask_ratio=0.5, mode="block",
                          per_sample=per_sample, generator=torch.Generator().manual_seed(3),
@@ -195,7 +198,7 @@ def test_both_is_the_five_term_formula_with_a_permutation_partner():
                                 "data.image_size=8", *IDENTITY])
     method = _Identity(config)
     view1, view2 = _views8()
-    output = method.training_step(views_batch(view1, view2), torch.Generator().manual_seed(5))
+    output = method.training_step(Batch.from_views(view1, view2), torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(5)  # the draws in the method's order
     unmix = sample_unmix(view1, generator=generator)
     partner = permutation_partner(6, generator=generator)
@@ -230,7 +233,8 @@ def test_batch_level_switched_term_equals_the_loss_on_a_row_permuted_batch():
                                 "data.image_size=8", *IDENTITY])
     identity = _Identity(config, batch_level=True)
     view1, view2 = _views8()
-    output = identity.training_step(views_batch(view1, view2), torch.Generator().manual_seed(2))
+    output = identity.training_step(Batch.from_views(view1, view2),
+                                    torch.Generator().manual_seed(2))
     mix = sample_mixmask(view1, grid_size=4, generator=torch.Generator().manual_seed(2),
                          block_generator="exact_count")
     with torch.no_grad():
@@ -249,7 +253,7 @@ def test_erase_replaces_the_online_view_and_keeps_the_target_clean():
     seen = []
     method.backbone.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     view1, view2 = _views8()
-    method.training_step(views_batch(view1, view2), torch.Generator().manual_seed(0))
+    method.training_step(Batch.from_views(view1, view2), torch.Generator().manual_seed(0))
     assert len(seen) == 2  # the clean target view and the erased online view, nothing else
     torch.testing.assert_close(seen[0], view2)
     erased = seen[1]
@@ -289,7 +293,7 @@ def test_a_few_steps_on_real_images_do_not_collapse(base, cifar10_tarball):
         items = [two_views((step * batch + i) % 64) for i in range(batch)]
         view1 = torch.stack([item[0] for item in items])
         view2 = torch.stack([item[1] for item in items])
-        output = method.training_step(views_batch(view1, view2), generator, step / steps)
+        output = method.training_step(Batch.from_views(view1, view2), generator, step / steps)
         optimizer.zero_grad()
         output.loss.backward()
         optimizer.step()
@@ -313,7 +317,7 @@ def test_joint_online_forward_equals_separate_forwards_without_batch_statistics(
     results = []
     for mode in ("separate", "joint"):
         method = tiny_method(base, masking, f"method.online_forward={mode}", *overrides).eval()
-        output = method.training_step(views_batch(*random_views()),
+        output = method.training_step(Batch.from_views(*random_views()),
                                       torch.Generator().manual_seed(4))
         output.loss.backward()
         results.append((output.loss.detach(), [p.grad.clone() for p in method.parameters()
@@ -335,7 +339,7 @@ def test_joint_online_forward_runs_the_backbone_once_on_the_concatenated_batches
         sizes = []
         method.backbone.register_forward_hook(
             lambda module, inputs, output, sizes=sizes: sizes.append(inputs[0].shape[0]))
-        method.training_step(views_batch(*random_views()), torch.Generator().manual_seed(0))
+        method.training_step(Batch.from_views(*random_views()), torch.Generator().manual_seed(0))
         calls[mode] = sizes
     assert calls == {"separate": [8, 8], "joint": [16]}
 
@@ -349,7 +353,7 @@ def test_symmetric_reduction_sums_or_averages_the_two_directions(reduction):
     method = _Identity(config)
     method.symmetric, method.symmetric_reduction = True, reduction
     view1, view2 = _views8()
-    output = method.training_step(views_batch(view1, view2), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(view1, view2), torch.Generator().manual_seed(0))
     with torch.no_grad():
         z1, z2 = method.linear(view1.flatten(1)), method.linear(view2.flatten(1))
     forward = sum(((z1[i] - z2[i]) ** 2).sum() for i in range(6)) / 6
@@ -376,15 +380,15 @@ def test_beit_masks_come_from_a_host_generator_kept_in_the_state_dict():
     lambdas = []
     generator = torch.Generator().manual_seed(0)
     for step in range(3):
-        output = method.training_step(views_batch(*random_views(seed=step)), generator)
+        output = method.training_step(Batch.from_views(*random_views(seed=step)), generator)
         lambdas.append(float(output.logs["lambda_mixmask"]))
     assert all(value <= 0.5 for value in lambdas)
     state, generator_state = method.state_dict(), generator.get_state()
-    expected = method.training_step(views_batch(*random_views(seed=9)), generator)
+    expected = method.training_step(Batch.from_views(*random_views(seed=9)), generator)
     restored = tiny_method("mocov2", "mixmask", "method.mocov2.symmetric=false")
     restored.load_state_dict(state)
     generator.set_state(generator_state)
-    again = restored.training_step(views_batch(*random_views(seed=9)), generator)
+    again = restored.training_step(Batch.from_views(*random_views(seed=9)), generator)
     torch.testing.assert_close(again.loss, expected.loss)
     assert tiny_method("mocov2", "mixmask", "method.mask.generator=exact_count").mask_generator \
         is None

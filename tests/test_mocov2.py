@@ -2,9 +2,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from batches import views_batch
 
 from mixmask.config import load_config
+from mixmask.data.batch import Batch
 from mixmask.methods import build_method
 from mixmask.methods.base import ema_update
 
@@ -32,18 +32,16 @@ def test_ema_update_matches_formula():
         torch.testing.assert_close(value, expected[name])
 
 
-def test_ema_update_moves_parameters_only_and_leaves_buffers():
-    """As MoCo's and BYOL's reference code: parameters are averaged, BN running statistics
-    (and the batch counter) are the target's own, untouched by the update."""
+def test_ema_update_copies_batch_norm_buffers():
+    """BN running statistics (and the batch counter) are copied, not averaged (the MoCo and
+    BYOL references leave them to the target's own forwards; see ema_update)."""
     online, target = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
     online.train()(torch.randn(16, 4) * 3 + 1)
     online(torch.randn(16, 4))
-    with torch.no_grad():
-        online.weight.add_(1.0)
     ema_update(target, online, 0.99)
-    torch.testing.assert_close(target.running_mean, torch.zeros(4))
-    torch.testing.assert_close(target.running_var, torch.ones(4))
-    assert int(target.num_batches_tracked) == 0
+    torch.testing.assert_close(target.running_mean, online.running_mean)
+    torch.testing.assert_close(target.running_var, online.running_var)
+    assert int(target.num_batches_tracked) == 2
     torch.testing.assert_close(target.weight, 0.99 * torch.ones(4) + 0.01 * online.weight)
 
 
@@ -51,7 +49,7 @@ def test_no_gradient_reaches_the_key_encoder_and_ema_moves_it():
     method = tiny_method("method.masking=mixmask", "method.mocov2.symmetric=false")
     key_before = copy.deepcopy(method.target_backbone.state_dict())
     online_before = copy.deepcopy(method.backbone.state_dict())
-    output = method.training_step(views_batch(*views()), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(*views()), torch.Generator().manual_seed(0))
     output.loss.backward()
     assert all(p.grad is None for p in method.target_backbone.parameters())
     assert all(p.grad is None for p in method.target_projector.parameters())
@@ -76,7 +74,7 @@ def test_queue_enqueues_keys_once_per_step():
                                                     method.target_projector))
     with torch.no_grad():
         expected_keys = F.normalize(key_encoder(view2), dim=1)
-    output = method.training_step(views_batch(view1, view2), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(view1, view2), torch.Generator().manual_seed(0))
     output.loss.backward()
     method.after_optimizer_step(output, 0.0)
     changed = (method.queue != queue_before).any(dim=1)
@@ -89,7 +87,7 @@ def test_queue_enqueues_keys_once_per_step():
 def test_symmetric_loss_enqueues_both_views_and_wraps_around():
     method = tiny_method("method.mocov2.symmetric=true", "method.mocov2.queue_size=24")
     for step in range(2):
-        output = method.training_step(views_batch(*views(seed=step)),
+        output = method.training_step(Batch.from_views(*views(seed=step)),
                                       torch.Generator().manual_seed(step))
         output.loss.backward()
         method.after_optimizer_step(output, 0.0)
@@ -99,7 +97,7 @@ def test_symmetric_loss_enqueues_both_views_and_wraps_around():
 def test_mixmask_loss_is_clean_plus_lambda_weighted_terms():
     method = tiny_method("method.masking=mixmask", "method.mocov2.symmetric=false",
                          "method.mask.generator=exact_count")
-    output = method.training_step(views_batch(*views()), torch.Generator().manual_seed(0))
+    output = method.training_step(Batch.from_views(*views()), torch.Generator().manual_seed(0))
     logs = output.logs
     assert torch.isclose(logs["lambda_mixmask"], torch.tensor(0.5))
     # loss = clean + lam * mixed + (1 - lam) * switched: at init all InfoNCE terms are close

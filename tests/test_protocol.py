@@ -144,8 +144,13 @@ def test_the_masking_axis_belongs_to_the_siamese_methods(tmp_path, capsys):
     # "masking: none" is true of every method, so recipes that say it can switch methods.
     config = load_config(None, ["method.name=toy_reconstruction", "method.masking=none"])
     assert config.method.axis is None and "masking" not in config.method.to_dict()
+    # Switching a recipe to such a method on the command line drops the axis keys the file
+    # set for its own method (and says so); axis keys given on the command line stay errors.
+    switched = load_config("configs/quickstart.yaml", ["method.name=toy_reconstruction"])
+    assert switched.method.ignored_keys == ["method.masking", "method.mask"]
+    assert switched.method.axis is None and switched.data.subset == 5000
     code = main(["pretrain", "configs/quickstart.yaml", "method.name=toy_reconstruction",
-                 f"out_dir={tmp_path / 'run'}"])
+                 "method.masking=mixmask", f"out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "'method.masking' belongs to the masking axis" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
@@ -185,3 +190,48 @@ def test_backbone_registry_names_the_valid_choices():
     with pytest.raises(ConfigError, match=r"'model.backbone' must be one of.*resnet18.*"
                                           r"Did you mean 'resnet50'"):
         load_config(None, ["model.backbone=resnet05"])
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from mixmask.methods import Method, StepOutput, register_method
+
+
+@dataclass
+class FilePluginConfig:
+    weight: float = 1.0
+
+
+@register_method("file_plugin")
+class FilePlugin(Method):
+    config_class = FilePluginConfig
+    num_views = 1
+
+    def training_step(self, batch, generator, progress=0.0):
+        features = self.backbone(batch.views[0])
+        loss = self.params.weight * F.mse_loss(features, features.detach() * 0.5)
+        return StepOutput(loss, {"loss": loss.detach()}, features.detach())
+'''
+
+
+def test_a_method_in_a_users_file_is_imported_by_the_command_line(tmp_path, capsys):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(PLUGIN)
+    config = tmp_path / "plugin.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": {"name": "file_plugin", "file_plugin": {"weight": 2.0}},
+        "data": {"dataset": "synthetic", "subset": 64, "num_workers": 0},
+        "model": {"width": 0.125},
+        "train": {"epochs": 1, "batch_size": 32, "progress_bar": False},
+        "monitor": {"knn": False, "online_probe": False},
+        "eval": {"knn": False, "linear": False},
+        "out_dir": str(tmp_path / "run")}))
+    assert main(["--import", str(plugin), "pretrain", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "file_plugin" and summary["steps"] == 2
+    capsys.readouterr()
+    assert main(["--import", "no_such_module_here", "pretrain", str(config)]) == 2
+    assert "--import no_such_module_here" in capsys.readouterr().err

@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixmask", description="Self-supervised pretraining of vision backbones.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="a module or .py file that registers methods "
+                        "or backbones (register_method); repeatable")
     commands = parser.add_subparsers(dest="command", required=True)
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone from a YAML config")
     pretrain.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
@@ -46,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from mixmask.methods.registry import import_plugin
+
+        for module in args.imports:
+            import_plugin(module)
         if args.command == "pretrain":
             return _pretrain(args)
         if args.command == "show-masks":
@@ -64,6 +71,9 @@ def _pretrain(args) -> int:
 
     config = load_config(args.config, args.overrides)
     console = Console()
+    if config.method.ignored_keys:
+        console.print(f"Note: {', '.join(config.method.ignored_keys)} from {args.config} "
+                      f"ignored: method '{config.method.name}' has no masking axis.")
     summary = pretrain(config, console=console)
     if summary is not None:  # global rank 0
         _print_summary(console, summary, Path(config.out_dir))
@@ -84,19 +94,30 @@ def _show_masks(args) -> int:
 def _print_summary(console, summary: dict, out_dir: Path) -> None:
     from rich.table import Table
 
-    table = Table(title="result (top-1 %, test set)")
-    table.add_column("metric")
-    table.add_column("pretrained", justify="right")
-    table.add_column("random init", justify="right")
+    rows = []
     for key in ("knn_top1", "linear_top1"):
         if key in summary:
             random = summary.get(f"{key}_random_init")
-            table.add_row(key, f"{summary[key]:.2f}", "-" if random is None else f"{random:.2f}")
+            rows.append((key, f"{summary[key]:.2f}", "-" if random is None else f"{random:.2f}"))
     if "probe_top1" in summary:
-        table.add_row("online probe (last epoch)", f"{summary['probe_top1']:.2f}", "-")
-    console.print(table)
-    console.print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s "
-                  f"({summary['images_per_s'] or 0:.0f} training images/s). Run folder: {out_dir}")
+        rows.append(("online probe (last epoch)", f"{summary['probe_top1']:.2f}", "-"))
+    if rows:
+        table = Table(title="result (top-1 %, test set)")
+        table.add_column("metric")
+        table.add_column("pretrained", justify="right")
+        table.add_column("random init", justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print("No evaluation: the dataset has no labels, or the monitors and "
+                      "evaluation are off.")
+    speed = (f"{summary['images_per_s']:.0f} training images/s"
+             if summary.get("images_per_s") else "no training step in this invocation")
+    skipped = summary.get("skipped_steps", 0)
+    skipped_note = f", {skipped} non-finite steps skipped" if skipped else ""
+    console.print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s ({speed}"
+                  f"{skipped_note}). Run folder: {out_dir}")
 
 
 def _evaluate(args) -> int:
@@ -104,7 +125,12 @@ def _evaluate(args) -> int:
 
     from mixmask.config import load_config
     from mixmask.data.splits import load_eval_data
-    from mixmask.engine import load_checkpoint_file, resolve_accelerator
+    from mixmask.engine import (
+        load_checkpoint_file,
+        load_state,
+        nonfinite_tensors,
+        resolve_accelerator,
+    )
     from mixmask.eval import evaluate
     from mixmask.methods import PixelStats, build_method
 
@@ -117,17 +143,19 @@ def _evaluate(args) -> int:
     checkpoint_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint
     if not checkpoint_path.is_file():
         raise MixmaskError(f"no checkpoint at {checkpoint_path}; has the run saved one yet?")
-    checkpoint = load_checkpoint_file(checkpoint_path)
+    checkpoint = load_checkpoint_file(checkpoint_path,
+                                      other="pass another one with --checkpoint PATH")
+    bad = nonfinite_tensors(checkpoint["method"])
+    if bad:
+        raise MixmaskError(f"checkpoint {checkpoint_path} holds non-finite values ({len(bad)} "
+                           f"tensors, e.g. {bad[0]}): it comes from a diverged run; evaluate an "
+                           "earlier one with --checkpoint PATH.")
     eval_data, reason = load_eval_data(config)
     if eval_data is None:
         raise MixmaskError(f"cannot evaluate: {reason}.")
     train_set = eval_data.train.image_set
     method = build_method(config, PixelStats(tuple(train_set.mean), tuple(train_set.std)))
-    try:
-        method.load_state_dict(checkpoint["method"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise MixmaskError(f"{checkpoint_path} does not match the run's config: "
-                           f"{str(error).splitlines()[0]}") from None
+    load_state(method, checkpoint["method"], checkpoint_path)
     device = torch.device(resolve_accelerator(config.train.device))
     torch.manual_seed(config.train.seed)
     results = evaluate(method.to(device), eval_data, config, device,

@@ -13,7 +13,6 @@ composes a recipe with a masking fragment (configs/make_matrix.py).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from mixmask.errors import ConfigError
+from mixmask.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -37,11 +36,12 @@ class DataConfig:
     eval_train_subset: int = 0
     eval_test_subset: int = 0
     image_size: int = 32
-    # mixmask.data.transforms: cifar / mocov2 (MoCo v2 aug+ without / with blur), byol /
-    # byol_cifar (BYOL's asymmetric views, Grill et al. 2020, Table 6; without blur).
+    # The views' preset (mixmask.data.views; the method says how many views): cifar /
+    # mocov2 (MoCo v2 aug+ without / with blur), byol / byol_cifar (BYOL's asymmetric
+    # views, Grill et al. 2020, Table 6; without blur).
     augmentation: Literal["cifar", "mocov2", "byol", "byol_cifar"] = "cifar"
     # cpu: PIL decode + torchvision augmentation in DataLoader workers (any dataset).
-    # device: both views augmented on the training device in one batched call. In-memory
+    # device: every view augmented on the training device in one batched call. In-memory
     # datasets (CIFAR, ImageFolder images up to 96 px) are held there as uint8; larger
     # ImageFolder files are decoded and cropped by DataLoader workers (num_workers).
     pipeline: Literal["cpu", "device"] = "cpu"
@@ -81,10 +81,12 @@ class MethodConfig:
         self.axis = axis if axis is not None or axis_class is None else axis_class()
         self.sections = dict(sections or {})
         self.sections.setdefault(name, method.config_class())
+        # Axis keys of the config file dropped by a command-line method switch (load_config).
+        self.ignored_keys: list[str] = []
 
     def __getattr__(self, key: str) -> Any:
         # Only called when normal lookup fails: the axis's fields, then the sections.
-        if key.startswith("__") or key in ("name", "axis", "sections"):
+        if key.startswith("__") or key in ("name", "axis", "sections", "ignored_keys"):
             raise AttributeError(key)
         axis = self.__dict__.get("axis")
         if axis is not None and key in {f.name for f in dataclasses.fields(axis)}:
@@ -139,8 +141,7 @@ class MethodConfig:
         known = ["name", *sorted(axis_keys), *names]
         for key in raw:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-                hint = f" Did you mean 'method.{close[0]}'?" if close else ""
+                hint = did_you_mean(key, known, "method.", cutoff=0.5)
                 raise ConfigError(f"unknown config key 'method.{key}'.{hint} Valid keys here: "
                                   f"{', '.join(known)}.")
         axis_raw = {key: value for key, value in raw.items() if key in axis_keys}
@@ -180,8 +181,8 @@ class TrainConfig:
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_backend: str = "inductor"  # any torch._dynamo backend, e.g. aot_eager to debug
-    # One fused kernel for the SGD update of all parameters (torch.optim.SGD(fused=True));
-    # false: the multi-tensor (foreach) update. LARS always runs its multi-tensor update.
+    # One fused kernel for the SGD / AdamW update of all parameters (fused=True); false:
+    # the multi-tensor (foreach) update. LARS always runs its multi-tensor update.
     fused_optimizer: bool = True
     # On the CPU (Linux, glibc): keep freed memory in the process for the next step instead of
     # returning it to the OS (see mixmask.runtime: no page faults per step instead of ~80k).
@@ -204,7 +205,13 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     checkpoint_every: int = 10  # epochs; the last epoch always saves
+    # Also save last.ckpt every N steps (0 = off), for long epochs.
+    checkpoint_every_steps: int = 0
     log_every: int = 10  # steps
+    # A non-finite loss or gradient: stop (the run ends; no checkpoint is ever written from
+    # a non-finite state) or skip (that step's update is dropped and counted, at the cost
+    # of one host read per step). Non-finite weights or buffers always stop the run.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     progress_bar: bool = True
     # torch.profiler over this many steps (0: off) from step profile_start_step (past cuDNN
     # autotuning and allocator warm-up): out_dir/profile/ gets trace.json (Perfetto) and
@@ -282,9 +289,36 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw = _read_yaml(Path(path)) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
+    overridden = {override.split("=", 1)[0].strip() for override in overrides}
+    ignored = _drop_inherited_axis_keys(raw, overridden)
     config = _build(Config, raw, prefix="")
+    config.method.ignored_keys = ignored
     validate(config)
     return config
+
+
+def _drop_inherited_axis_keys(raw: dict[str, Any], overridden: set[str]) -> list[str]:
+    """Switching ``method.name`` on the command line to a method without the masking axis
+    drops the axis keys the config file set (they belonged to the file's method); axis
+    keys given on the command line stay, and are an error. Returns the dropped keys."""
+    method = raw.get("method")
+    if "method.name" not in overridden or not isinstance(method, dict):
+        return []
+    from mixmask.methods.registry import method_class, method_names
+
+    name = method.get("name")
+    if not isinstance(name, str) or name not in method_names():
+        return []  # the parser says what is wrong with it
+    if getattr(method_class(name), "axis_config_class", None) is not None:
+        return []
+    axis_keys = {f.name for other in method_names()
+                 for axis in [getattr(method_class(other), "axis_config_class", None)] if axis
+                 for f in dataclasses.fields(axis)}
+    dropped = [key for key in list(method) if key in axis_keys and not any(
+        given == f"method.{key}" or given.startswith(f"method.{key}.") for given in overridden)]
+    for key in dropped:
+        del method[key]
+    return [f"method.{key}" for key in dropped]
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -345,8 +379,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            suggestion = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" Did you mean '{prefix}{suggestion[0]}'?" if suggestion else ""
+            hint = did_you_mean(key, fields, prefix, cutoff=0.5)
             valid = ", ".join(fields)
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'.{hint} Valid keys here: {valid}."
@@ -369,8 +402,7 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
             value = str(value)  # precision: 16 parses as an int
         if value not in choices:
             names = ", ".join(repr(choice) for choice in choices)
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(value, choices)
             raise ConfigError(f"'{key}' must be one of {names}; got {value!r}.{hint}")
         return value
     if origin is tuple:
@@ -421,6 +453,14 @@ def validate(config: Config) -> None:
         "train.lr": config.train.lr,
         "model.width": config.model.width,
         "monitor.knn_k": config.monitor.knn_k,
+        "monitor.knn_every": config.monitor.knn_every,
+        "monitor.knn_temperature": config.monitor.knn_temperature,
+        "monitor.probe_lr": config.monitor.probe_lr,
+        "train.log_every": config.train.log_every,
+        "train.lars_eta": config.train.lars_eta,
+        "eval.linear_epochs": config.eval.linear_epochs,
+        "eval.linear_lr": config.eval.linear_lr,
+        "eval.linear_batch_size": config.eval.linear_batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -431,11 +471,21 @@ def validate(config: Config) -> None:
         "data.num_workers": config.data.num_workers,
         "train.profile_steps": config.train.profile_steps,
         "train.profile_start_step": config.train.profile_start_step,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.checkpoint_every_steps": config.train.checkpoint_every_steps,
+        "data.eval_train_subset": config.data.eval_train_subset,
+        "data.eval_test_subset": config.data.eval_test_subset,
         "train.weight_decay": config.train.weight_decay,
         "train.warmup_epochs": config.train.warmup_epochs,
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")
+    if not 0.0 <= config.train.momentum < 1.0:
+        raise ConfigError(f"'train.momentum' must lie in [0, 1), got {config.train.momentum}.")
+    for milestone in config.eval.linear_milestones:
+        if not 0.0 < milestone <= 1.0:
+            raise ConfigError(f"'eval.linear_milestones' are fractions of the epochs in (0, 1], "
+                              f"got {milestone}.")
     for index, beta in enumerate(config.train.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"'train.betas' must lie in [0, 1), got {beta} at position {index}.")

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,21 @@ from mixmask.methods import PixelStats, build_method
 from mixmask.optim import build_optimizer
 from mixmask.profiling import StepProfiler
 from mixmask.runtime import keep_freed_cpu_memory
-from mixmask.step import set_learning_rate, training_step
+from mixmask.step import all_finite, set_learning_rate, training_step
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+_STATE_FINITE = "_state_finite"  # the finite-state flag, read with each logged row
 
 
 class TrainingDiverged(MixmaskError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the buffers became NaN or infinite."""
+
+
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state_dict holding NaN or infinity."""
+    return [name for name, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point()
+            and not bool(all_finite([value]))]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,18 +89,66 @@ def resume_checkpoint(config: Config) -> Path | None:
     return path
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """torch.load with a clear error for a truncated or foreign file."""
+def load_checkpoint_file(path: Path, *,
+                         other: str = "point resume= at another checkpoint") -> dict[str, Any]:
+    """torch.load with a clear error for a truncated or foreign file; ``other`` says how
+    to choose another checkpoint where the caller takes one (``--checkpoint PATH``)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a mixmask checkpoint ({type(error).__name__})."
-            " Delete it to start over, or point resume= at another checkpoint."
+            f" Delete it to start over, or {other}."
         ) from None
     if not isinstance(checkpoint, dict) or "method" not in checkpoint:
         raise CheckpointError(f"{path} is not a mixmask checkpoint (no 'method' state).")
     return checkpoint
+
+
+def _rank_state(method: nn.Module, generator: torch.Generator) -> dict[str, Any]:
+    """What differs between DDP processes and must resume per process: the device
+    generator and the state of modules flagged ``per_process_state`` (host generators)."""
+    return {"generator": generator.get_state(),
+            "modules": {name: module.get_extra_state() for name, module in method.named_modules()
+                        if getattr(module, "per_process_state", False)}}
+
+
+def _restore_rank_state(rank_state: dict[str, Any], method: nn.Module,
+                        generator: torch.Generator) -> None:
+    generator.set_state(rank_state["generator"].to("cpu"))
+    modules = dict(method.named_modules())
+    for name, module_state in rank_state["modules"].items():
+        modules[name].set_extra_state(module_state)
+
+
+def load_state(module: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``module.load_state_dict(state)`` (strict), with an error that names the first
+    missing and unexpected keys and shape mismatches instead of torch's long report."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+              for key, value in expected.items()
+              if key in state and torch.is_tensor(value) and torch.is_tensor(state[key])
+              and state[key].shape != value.shape]
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches (checkpoint vs this model)", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{what}: {', '.join(items[:3])}{more}")
+    if problems:
+        hint = ("; was it saved with another method, backbone or head size?")
+        if missing and all(key.endswith("_extra_state") for key in missing):
+            hint = ("; it predates BEiT block masks drawn on the host: continue it with "
+                    "method.mask.generator=exact_count")
+        raise CheckpointError(f"checkpoint {path} does not fit this model "
+                              f"({'; '.join(problems)}){hint}.")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{str(error).splitlines()[0]}") from None
 
 
 def versions() -> dict[str, str]:
@@ -217,23 +275,40 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     generator = torch.Generator(device=fabric.device)
     generator.manual_seed(config.train.seed * 1_000 + fabric.global_rank)
 
-    state = {"method": method, "optimizer": optimizer, "epoch": 0, "step": 0}
+    state = {"method": method, "optimizer": optimizer, "epoch": 0, "step": 0,
+             "skipped_steps": 0}
     if probe is not None:
         state.update(probe=probe, probe_optimizer=probe_optimizer)
     elapsed_before = 0.0
     if resume_path is not None:
         checkpoint = load_checkpoint_file(resume_path)
         _check_compatible(checkpoint, config, resume_path)
+        bad = nonfinite_tensors(checkpoint["method"])
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {resume_path} holds non-finite values ({len(bad)} tensors, e.g. "
+                f"{bad[0]}); it comes from a diverged run: resume from an earlier checkpoint "
+                "(resume=PATH) or start a new out_dir.")
+        for key in ("method", "probe"):
+            if key in state and key in checkpoint:
+                load_state(state[key].module, checkpoint[key], resume_path)
         try:
-            for key in ("method", "optimizer", "probe", "probe_optimizer"):
+            for key in ("optimizer", "probe_optimizer"):
                 if key in state and key in checkpoint:
-                    target = state[key].module if key in ("method", "probe") else state[key]
-                    target.load_state_dict(checkpoint[key])
+                    state[key].load_state_dict(checkpoint[key])
         except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"checkpoint {resume_path} does not fit this model: "
-                                  f"{str(error).splitlines()[0]}") from None
+            raise CheckpointError(f"the optimizer state of checkpoint {resume_path} does not "
+                                  f"fit this run: {str(error).splitlines()[0]}") from None
         state["epoch"], state["step"] = checkpoint["epoch"], checkpoint["step"]
+        state["skipped_steps"] = checkpoint.get("skipped_steps", 0)
         generator.set_state(checkpoint["generator"].to("cpu"))
+        rank_states = checkpoint.get("rank_states")
+        if rank_states is not None and len(rank_states) == fabric.world_size:
+            _restore_rank_state(rank_states[fabric.global_rank], method.module, generator)
+        elif rank_states is not None:
+            say(f"Note: the checkpoint was saved by {len(rank_states)} processes and this run "
+                f"has {fabric.world_size}: every process continues from process 0's random "
+                "streams, so the masks and views differ from an uninterrupted run.")
         elapsed_before = checkpoint.get("wall_time_s", 0.0)
         say(f"Resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}.")
 
@@ -243,16 +318,46 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                probe_optimizer=probe_optimizer, generator=generator, loader=loader,
                sampler=sampler, steps_per_epoch=steps_per_epoch, eval_data=eval_data,
                metrics=metrics, state=state, checkpoint_dir=checkpoint_dir, say=say,
-               pixel_stats=pixel_stats, elapsed_before=elapsed_before)
+               pixel_stats=pixel_stats, elapsed_before=elapsed_before,
+               resumed_from=resume_path)
     try:
-        run.fit()
-    except KeyboardInterrupt:
-        run.save_checkpoint("last.ckpt")
-        raise MixmaskError(f"interrupted at step {state['step']}; saved "
-                           f"{checkpoint_dir / 'last.ckpt'}. Continue with resume=auto.") from None
+        with _StopSignals() as stop:
+            run.stop = stop
+            run.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: out now, mid-step, so nothing is saved
+        kept = (f"the last checkpoint, {run.last_good[0]} (step {run.last_good[1]}), is kept"
+                if run.last_good else "no checkpoint was saved")
+        raise MixmaskError(f"interrupted twice, during step {state['step'] + 1}: stopped "
+                           f"without saving; {kept}. Continue with resume=auto.") from None
     finally:
         metrics.close()
     return run.finish()
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C; what SLURM and Kubernetes send) ask the loop to stop at
+    the next step boundary, where the run's state is whole, so the checkpoint saved there
+    resumes exactly; a second SIGINT interrupts at once. Outside the main thread (where
+    Python cannot install handlers) signals keep their default behaviour."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def compile_networks(method: nn.Module, config: Config) -> None:
@@ -299,14 +404,26 @@ class _Run:
                  probe_optimizer, generator: torch.Generator, loader, sampler,
                  steps_per_epoch: int, eval_data: EvalData | None, metrics: MetricsLog,
                  state: dict, checkpoint_dir: Path, say, pixel_stats: PixelStats,
-                 elapsed_before: float = 0.0):
+                 elapsed_before: float = 0.0, resumed_from: Path | None = None):
         self.config, self.fabric, self.method, self.optimizer = config, fabric, method, optimizer
         self.probe, self.probe_optimizer, self.generator = probe, probe_optimizer, generator
         self.loader, self.sampler, self.steps_per_epoch = loader, sampler, steps_per_epoch
         self.eval_data, self.metrics, self.state = eval_data, metrics, state
         self.checkpoint_dir, self.say, self.pixel_stats = checkpoint_dir, say, pixel_stats
+        # The newest checkpoint known to hold a finite state: (path, step), or None.
+        self.last_good = None if resumed_from is None else (resumed_from, state["step"])
+        # Every floating tensor a checkpoint saves, checked for NaN/inf before each save and
+        # at each logging step (one fused reduction, read with the logged scalars).
+        modules = [method] + ([probe] if probe is not None else [])
+        self.state_tensors = [tensor for module in modules
+                              for tensor in (*module.parameters(), *module.buffers())
+                              if tensor.is_floating_point()]
         self.train_images, self.train_seconds = 0, 0.0
         self.elapsed_before, self.started = elapsed_before, time.perf_counter()
+        self.stop: _StopSignals | None = None  # set by pretrain()
+        # The online probe is reported only once it has trained (a method may give no
+        # probe features).
+        self.probe_trained = resumed_from is not None and probe is not None
         self.last_epoch_metrics: dict[str, float] = {}
         self._pending_log = None  # (step, lr, names, values, ready event): see _log_step
         train = config.train
@@ -334,17 +451,41 @@ class _Run:
                 self.state["epoch"] = epoch
                 self.sampler.set_epoch(epoch, self.state["step"] % self.steps_per_epoch)
                 progress.update(task, description=f"epoch {epoch + 1}/{self.config.train.epochs}")
-                self._train_epoch(progress, task)
+                stopping = self._train_epoch(progress, task)
                 epoch_done = self.state["step"] % self.steps_per_epoch == 0
                 if epoch_done:
                     self.state["epoch"] = epoch + 1
                     self._end_of_epoch(epoch + 1, progress, task)
+                if stopping:
+                    if not epoch_done:  # the epoch's end saved it otherwise
+                        self.save_checkpoint("last.ckpt")
+                    path = self.checkpoint_dir / "last.ckpt"
+                    raise MixmaskError(
+                        f"stopped by {self._stop_signal()} after step {self.state['step']}; "
+                        f"saved {path}. Continue with resume=auto (same out_dir): it resumes "
+                        "exactly where this run stopped.")
         if self.profiler is not None:  # the run ended inside the profiled window
             self._report_profile(self.profiler.close(self.state["step"]))
         self.save_checkpoint("last.ckpt")
 
-    def _train_epoch(self, progress, task) -> None:
+    def _stop_signal(self) -> str | None:
+        return None if self.stop is None else self.stop.received
+
+    def _stop_requested(self, step: int) -> bool:
+        """Whether to stop after ``step`` steps. Under DDP every process must stop at the
+        same step: the flag is agreed on at logging steps (one small all-reduce)."""
+        if self.fabric.world_size == 1:
+            return self._stop_signal() is not None
+        if step % self.config.train.log_every and step % self.steps_per_epoch:
+            return False
+        flag = torch.tensor(float(self._stop_signal() is not None), device=self.fabric.device)
+        return bool(self.fabric.all_reduce(flag, reduce_op="max") > 0)
+
+    def _train_epoch(self, progress, task) -> bool:
+        """Train until the epoch ends (or the run does); True when a stop signal ended it
+        early, at a step boundary."""
         config, fabric, method = self.config, self.fabric, self.method
+        stopping = False
         start = time.perf_counter()
         images_seen = 0
         for batch in self.loader:
@@ -357,9 +498,13 @@ class _Run:
                 self.profiler.before_step(step)
             output = training_step(method, self.optimizer, batch, self.generator,
                                    step / self.total_steps, backward=fabric.backward,
-                                   channels_last=config.train.channels_last)
+                                   channels_last=config.train.channels_last,
+                                   skip_nonfinite=config.train.on_nonfinite == "skip")
             logs = dict(output.logs)
-            if self.probe is not None and output.features is not None:
+            if output.skipped:
+                self.state["skipped_steps"] += 1
+            elif self.probe is not None and output.features is not None:
+                self.probe_trained = True
                 probe_loss = F.cross_entropy(self.probe(output.features), batch.labels)
                 fabric.backward(probe_loss)
                 self.probe_optimizer.step()
@@ -373,11 +518,20 @@ class _Run:
             if ((step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps
                     or (step + 1) % self.steps_per_epoch == 0):
                 self._log_step(step + 1, lr, logs, progress, task)
+            every = config.train.checkpoint_every_steps
+            if (every and (step + 1) % every == 0 and (step + 1) % self.steps_per_epoch
+                    and step + 1 < self.total_steps):
+                self._flush_log(progress, task)
+                self.save_checkpoint("last.ckpt")
+            if step + 1 < self.total_steps and self._stop_requested(step + 1):
+                stopping = True
+                break
         self._flush_log(progress, task)  # before any checkpoint: a NaN loss is caught first
         if fabric.device.type == "cuda":
             torch.cuda.synchronize(fabric.device)
         self.train_seconds += time.perf_counter() - start
         self.train_images += images_seen
+        return stopping
 
     def _report_profile(self, summary: dict | None) -> None:
         if summary is None:
@@ -392,8 +546,9 @@ class _Run:
         """Queue a step's scalars: on CUDA they are copied to the host asynchronously and
         read at the next logging step (or the epoch's end), so logging never stalls the
         device; the previous queued row is written now."""
-        names = list(logs)
-        values = torch.stack([logs[name].detach().float() for name in names])
+        names = [*logs, _STATE_FINITE]
+        values = torch.stack([*(logs[name].detach().float() for name in logs),
+                              self._state_finite().float()])
         ready = None
         if values.device.type == "cuda":
             values = values.to("cpu", non_blocking=True)
@@ -411,25 +566,46 @@ class _Run:
         if ready is not None:
             ready.synchronize()
         row = dict(zip(names, values.tolist(), strict=True))
-        if not all(math.isfinite(value) for value in row.values()):
-            raise TrainingDiverged(
-                f"the loss became {row.get('loss')} by step {step}. The last good checkpoint is "
-                f"kept in {self.checkpoint_dir}; lower train.lr, use train.precision=32, or "
-                "check the data, then continue with resume=auto.")
+        state_finite = row.pop(_STATE_FINITE) == 1.0
+        # The loss first: a non-finite loss is usually why the weights went too.
+        if (self.config.train.on_nonfinite == "stop"
+                and not all(math.isfinite(value) for value in row.values())):
+            raise self._diverged(step, f"the loss became {row.get('loss')}")
+        if not state_finite:
+            raise self._diverged(step, "the weights or buffers hold NaN or infinity")
         epoch = round(step / self.steps_per_epoch, 3)  # fractional: where in the schedule
         self.metrics.log({"step": step, "epoch": epoch, "lr": lr, **row})
         if progress is not None:
             progress.update(task, status=f"loss {row['loss']:.3f}")
 
+    def _state_finite(self) -> torch.Tensor:
+        """0-dim bool on the device: every saved tensor finite, on every process."""
+        finite = all_finite(self.state_tensors).to(self.fabric.device)
+        if self.fabric.world_size > 1:
+            finite = self.fabric.all_reduce(finite.float(), reduce_op="min") == 1.0
+        return finite
+
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        if self.last_good is None:
+            where = ("No checkpoint had been saved yet, so nothing is kept; lower train.lr, use "
+                     "train.precision=32, set train.on_nonfinite=skip, or check the data, then "
+                     "start again (delete the run folder or choose another out_dir).")
+        else:
+            path, good_step = self.last_good
+            where = (f"The last good checkpoint is {path} (step {good_step}); lower train.lr, "
+                     "use train.precision=32, set train.on_nonfinite=skip, or check the data, "
+                     "then continue with resume=auto.")
+        return TrainingDiverged(f"training diverged by step {step}: {what}. {where}")
+
     def _end_of_epoch(self, epoch: int, progress, task) -> None:
         config = self.config
         row: dict[str, Any] = {"step": self.state["step"], "epoch": epoch}
         last = epoch == config.train.epochs or self.state["step"] >= self.total_steps
-        if self.eval_data is not None and (config.monitor.knn or self.probe is not None) and (
+        if self.eval_data is not None and (config.monitor.knn or self.probe_trained) and (
                 epoch % config.monitor.knn_every == 0 or last) and self.fabric.is_global_zero:
             row.update(evaluate(self.method.module, self.eval_data, config, self.fabric.device,
                                 knn=config.monitor.knn, linear=False,
-                                probe=None if self.probe is None else self.probe.module))
+                                probe=self.probe.module if self.probe_trained else None))
         if self.train_seconds > 0:
             row["images_per_s"] = self.train_images / self.train_seconds
         # Wall time since the run started (data loading, training, monitors): time-to-accuracy.
@@ -446,15 +622,27 @@ class _Run:
         self.save_checkpoint("last.ckpt")
 
     def save_checkpoint(self, name: str) -> None:
+        """Save the run's state; never from a non-finite state (then the run stops)."""
         fabric = self.fabric
+        if not bool(self._state_finite()):
+            raise self._diverged(self.state["step"],
+                                 "the weights or buffers hold NaN or infinity")
         content = {
             "method": self.method.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.state["epoch"], "step": self.state["step"],
+            "skipped_steps": self.state["skipped_steps"],
             "generator": self.generator.get_state(),
             "config": self.config.to_dict(), "versions": versions(),
             "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
         }
+        rank_state = _rank_state(self.method.module, self.generator)
+        if fabric.world_size > 1:  # every process's random streams, for an exact resume
+            rank_states = [None] * fabric.world_size
+            torch.distributed.all_gather_object(rank_states, rank_state)
+        else:
+            rank_states = [rank_state]
+        content["rank_states"] = rank_states
         if self.probe is not None:
             content["probe"] = self.probe.module.state_dict()
             content["probe_optimizer"] = self.probe_optimizer.state_dict()
@@ -463,6 +651,7 @@ class _Run:
             partial = path.with_suffix(".partial")
             torch.save(content, partial)
             os.replace(partial, path)  # a killed save never leaves a truncated last.ckpt
+        self.last_good = (self.checkpoint_dir / name, self.state["step"])
         fabric.barrier()
 
     def finish(self) -> dict[str, Any] | None:
@@ -492,6 +681,7 @@ class _Run:
         summary["wall_time_s"] = self.elapsed_before + time.perf_counter() - self.started
         summary["images_per_s"] = (self.train_images / self.train_seconds
                                    if self.train_seconds else None)
+        summary["skipped_steps"] = self.state["skipped_steps"]
         summary["versions"] = versions()
         summary["device"] = device_name(fabric.device)
         summary["world_size"] = fabric.world_size

@@ -1,5 +1,16 @@
 """User-facing errors: short sentences that say what was wrong and what to do."""
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(value: object, choices: Iterable[object], prefix: str = "",
+                 cutoff: float = 0.6) -> str:
+    """`` Did you mean '<prefix><closest>'?`` for the closest of ``choices``, or ""."""
+    close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1,
+                                      cutoff=cutoff)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
 
 class MixmaskError(Exception):
     """A mistake in the user's input (config, dataset, checkpoint). The CLI prints the

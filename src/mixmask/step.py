@@ -25,29 +25,58 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool on the tensors' device: no NaN or infinity in any of them (one fused
+    max-abs reduction per tensor, no host read)."""
+    floats = [tensor for tensor in tensors if tensor.is_floating_point()]
+    if not floats:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(torch._foreach_norm(floats, float("inf"))).isfinite().all()
+
+
 def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                   generator: torch.Generator, progress: float, *,
                   backward: Callable[[Tensor], None] | None = None,
                   autocast: contextlib.AbstractContextManager | None = None,
-                  channels_last: bool = False) -> StepOutput:
+                  channels_last: bool = False, skip_nonfinite: bool = False) -> StepOutput:
     """One optimisation step of ``method`` on ``batch``; returns the method's output.
 
     backward: how to backpropagate the loss (the engine passes ``fabric.backward``;
         default ``loss.backward()``).
     autocast: a context for the forward and loss (e.g. ``torch.autocast(...)``), for
         callers without Fabric.
+    skip_nonfinite: when the loss or a gradient is NaN or infinite, drop the step: no
+        optimizer update, no after-step hook, the buffers the forward changed (BN
+        statistics) restored; ``output.skipped`` says so. Costs one host read per step.
     """
     if channels_last:
         batch = batch.channels_last()
+    saved_buffers = None
+    if skip_nonfinite:
+        buffers = list(method.buffers())
+        saved_buffers = [buffer.clone() for buffer in buffers]
     with autocast if autocast is not None else contextlib.nullcontext():
         output = method(batch, generator, progress)
     if backward is None:
         output.loss.backward()
     else:
         backward(output.loss)
+    if skip_nonfinite:
+        gradients = [param.grad for group in optimizer.param_groups
+                     for param in group["params"] if param.grad is not None]
+        finite = torch.isfinite(output.loss.detach()).all() & all_finite(gradients).to(
+            output.loss.device)
+        if not bool(finite):
+            optimizer.zero_grad(set_to_none=True)
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)
+            output.skipped = True
+            return output
     optimizer.step()
     # Gradients freed after the step, not before the next: no memory held between steps
     # (the parameters' size again).
     optimizer.zero_grad(set_to_none=True)
-    method.after_optimizer_step(output, progress)
+    after_step = getattr(method, "after_optimizer_step", None)
+    if after_step is not None:  # a plain model (finetuning) has none
+        after_step(output, progress)
     return output

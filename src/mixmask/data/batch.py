@@ -42,6 +42,18 @@ class Batch:
                 f"views, {len(self.boxes)} boxes and {len(self.flips)} flips."
             )
 
+    @classmethod
+    def from_views(cls, *views: Tensor, labels: Tensor | None = None) -> Batch:
+        """A Batch of views made elsewhere (benchmarks, tests, a notebook): whole-image
+        boxes, no flips, labels -1 unless given."""
+        size, height, width = views[0].shape[0], views[0].shape[-2], views[0].shape[-1]
+        device = views[0].device
+        box = torch.tensor([0, 0, height, width], device=device).expand(size, 4)
+        flip = torch.zeros(size, dtype=torch.bool, device=device)
+        if labels is None:
+            labels = torch.full((size,), UNLABELED, device=device)
+        return cls(list(views), labels, [box] * len(views), [flip] * len(views))
+
     @property
     def size(self) -> int:
         """B, the number of images."""

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from mixmask.data.batch import UNLABELED, Batch
 from mixmask.data.datasets import ImageSet
 from mixmask.data.gpu_augment import BatchedViewAugment
-from mixmask.data.loaders import CropDataset, collate_views
+from mixmask.data.loaders import CropDataset, collate_views, ignore_stop_signals
 from mixmask.data.views import ViewConfig
 
 __all__ = ["DecodedViews", "DeviceViews"]
@@ -108,7 +108,7 @@ class DecodedViews(_DeviceAugmentedViews):
                          channels_last=channels_last)
         crops = CropDataset(image_set, self.augment.views, seed)
         self.loader = DataLoader(crops, batch_sampler=batch_sampler, num_workers=num_workers,
-                                 collate_fn=collate_views,
+                                 collate_fn=collate_views, worker_init_fn=ignore_stop_signals,
                                  pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0)
 

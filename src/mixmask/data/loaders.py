@@ -27,6 +27,7 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -185,6 +186,14 @@ class CropDataset(Dataset):
         return tuple(crops), _label(self.image_set, index), torch.stack(boxes), epoch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT and SIGTERM are the main process's to handle
+    (it stops at a step boundary and saves, then shuts its workers down); a worker killed
+    by them first would fail the step in flight."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate_views(items: list[tuple]) -> tuple:
     """The DataLoader ``collate_fn`` of :class:`MultiViewDataset` and :class:`CropDataset`
     items: ``(views, labels, boxes, last)`` with views a list of V [B, ...] tensors,
@@ -212,6 +221,7 @@ class HostViews:
         self.batch_sampler = batch_sampler
         self.loader = DataLoader(self.dataset, batch_sampler=batch_sampler,
                                  num_workers=num_workers, collate_fn=collate_views,
+                                 worker_init_fn=ignore_stop_signals,
                                  pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0)
 

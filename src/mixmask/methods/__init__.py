@@ -8,15 +8,20 @@ defined elsewhere (a user's file, a test) registers itself with
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from mixmask.methods.base import SiameseMethod
 from mixmask.methods.protocol import Method, PixelStats, StepOutput
 from mixmask.methods.registry import method_class, method_names, register_method
 
-# The built-in methods, registered in this order (the order of method_names()).
+# The Siamese bases first, in this order (the order of method_names()); then every other
+# module of this package, so a new method file registers itself with no edit here.
 BUILTIN_METHODS = ("mocov2", "byol", "simsiam", "barlow_twins", "vicreg")
-for _module in BUILTIN_METHODS:
-    importlib.import_module(f"mixmask.methods.{_module}")
+_SHARED_MODULES = {"base", "masking_axis", "protocol", "registry"}
+for _name in (*BUILTIN_METHODS, *sorted(
+        info.name for info in pkgutil.iter_modules(__path__)
+        if info.name not in _SHARED_MODULES and info.name not in BUILTIN_METHODS)):
+    importlib.import_module(f"mixmask.methods.{_name}")
 
 
 def build_method(config, pixel_stats: PixelStats | None = None) -> Method:

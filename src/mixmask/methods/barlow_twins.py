@@ -37,7 +37,7 @@ class BarlowTwins(SiameseMethod):
 
     def __init__(self, config, pixel_stats=None):
         super().__init__(config, pixel_stats)
-        params = config.method.params
+        params = self.params
         self.lambda_offdiag, self.scale_loss = params.lambda_offdiag, params.scale_loss
         self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,
                                  params.proj_output_dim, batch_norm=True, num_layers=3)

@@ -56,16 +56,35 @@ class Embedding(NamedTuple):
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, for parameters only (MoCo
-    eq. 2, BYOL eq. 1), as MoCo's and BYOL's reference code do. Buffers are left alone:
-    the target runs in train mode, so its BN normalises with batch statistics and its
-    running statistics (updated by its own forward passes) never enter the loss."""
+    """target <- momentum * target + (1 - momentum) * online for parameters (MoCo eq. 2,
+    BYOL eq. 1); buffers (BN running statistics, batch counters) are copied from online.
+
+    MoCo's and BYOL's reference code average the parameters only and leave the target's
+    buffers to its own forward passes. Training cannot tell the difference: the target runs
+    in train mode, so its BN normalises with batch statistics and its running statistics
+    never enter the loss. We copy them so that the target is an evaluable network whose
+    statistics match the network its weights follow, in one multi-tensor copy per step.
+    """
     target_params = list(target.parameters())
     online_params = list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError("the target and online networks differ in their parameters.")
     torch._foreach_mul_(target_params, momentum)
     torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+    target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
+    if len(target_buffers) != len(online_buffers):
+        raise ValueError("the target and online networks differ in their buffers.")
+    if target_buffers:
+        # One multi-tensor copy, not one kernel per BN buffer (a ResNet-18 has ~60).
+        torch._foreach_copy_(target_buffers, online_buffers)
+
+
+def check_unit_interval(params, section: str, *keys: str) -> None:
+    """ConfigError unless each of ``keys`` of ``params`` lies in [0, 1] (EMA momenta)."""
+    for key in keys:
+        value = getattr(params, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"'{section}.{key}' must lie in [0, 1], got {value}.")
 
 
 def cosine_momentum(start: float, end: float, progress: float) -> float:
@@ -101,7 +120,6 @@ class SiameseMethod(Method):
     def __init__(self, config, pixel_stats: PixelStats | None = None):
         super().__init__(config, pixel_stats)
         axis = config.method.axis
-        self.masking_name = axis.masking
         self.online_forward = axis.online_forward
         mean, std = (pixel_stats.mean, pixel_stats.std) if pixel_stats else (None, None)
         self.masking = build_masking(axis, mean, std)

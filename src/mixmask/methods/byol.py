@@ -13,9 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixmask.errors import ConfigError
 from mixmask.losses import byol_loss
-from mixmask.methods.base import SiameseMethod, SymmetricReduction, cosine_momentum, ema_update
+from mixmask.methods.base import (
+    SiameseMethod,
+    SymmetricReduction,
+    check_unit_interval,
+    cosine_momentum,
+    ema_update,
+)
 from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
@@ -42,7 +47,7 @@ class BYOL(SiameseMethod):
 
     def __init__(self, config, pixel_stats=None):
         super().__init__(config, pixel_stats)
-        params = config.method.params
+        params = self.params
         self.symmetric_reduction = params.symmetric_reduction
         self.momentum_start, self.momentum_end = params.momentum_start, params.momentum_end
         self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,
@@ -55,11 +60,7 @@ class BYOL(SiameseMethod):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        params = config.method.params
-        for key in ("momentum_start", "momentum_end"):
-            if not 0.0 <= getattr(params, key) <= 1.0:
-                raise ConfigError(f"'method.byol.{key}' must lie in [0, 1], got "
-                                  f"{getattr(params, key)}.")
+        check_unit_interval(config.method.byol, "method.byol", "momentum_start", "momentum_end")
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

@@ -93,10 +93,13 @@ class HostGenerator(nn.Module):
     reference draws them), kept in the method's ``state_dict`` so a resumed run draws the
     masks the uninterrupted run would have drawn.
 
-    Seeded at its first use from the run's device generator: a function of
-    ``train.seed`` and the process rank (each DDP process draws its own masks, as in the
-    reference), at the cost of one host read at the first step only.
+    Seeded at its first use from the seed of the run's device generator (a host integer:
+    no device read, no draw from it), which is a function of ``train.seed`` and the
+    process rank, so each DDP process draws its own masks, as in the reference.
     """
+
+    # Each DDP process has its own stream: the engine checkpoints it per process.
+    per_process_state = True
 
     def __init__(self):
         super().__init__()
@@ -105,9 +108,9 @@ class HostGenerator(nn.Module):
 
     def get(self, device_generator: torch.Generator) -> torch.Generator:
         if not self.seeded:
-            seed = torch.randint(0, 2**62, (1,), generator=device_generator,
-                                 device=device_generator.device)
-            self.generator.manual_seed(int(seed.item()))
+            # A fixed odd multiplier (an LCG's) keeps this stream apart from the device one.
+            seed = (device_generator.initial_seed() * 6364136223846793005 + 1) % 2**63
+            self.generator.manual_seed(seed)
             self.seeded = True
         return self.generator
 

@@ -17,7 +17,13 @@ from torch import Tensor
 from mixmask.distributed import gather_all, shuffled_forward
 from mixmask.errors import ConfigError
 from mixmask.losses import info_nce
-from mixmask.methods.base import SiameseMethod, SymmetricReduction, cosine_momentum, ema_update
+from mixmask.methods.base import (
+    SiameseMethod,
+    SymmetricReduction,
+    check_unit_interval,
+    cosine_momentum,
+    ema_update,
+)
 from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
@@ -51,7 +57,7 @@ class MoCoV2(SiameseMethod):
 
     def __init__(self, config, pixel_stats=None):
         super().__init__(config, pixel_stats)
-        params = config.method.params
+        params = self.params
         self.symmetric = params.symmetric
         self.symmetric_reduction = params.symmetric_reduction
         self.temperature = params.temperature
@@ -69,15 +75,12 @@ class MoCoV2(SiameseMethod):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        params = config.method.params
+        params = config.method.mocov2
         if params.queue_size < config.train.batch_size:
             raise ConfigError(
                 f"'method.mocov2.queue_size' ({params.queue_size}) must hold at least one "
                 f"batch of keys (train.batch_size={config.train.batch_size}).")
-        for key in ("momentum", "momentum_end"):
-            if not 0.0 <= getattr(params, key) <= 1.0:
-                raise ConfigError(f"'method.mocov2.{key}' must lie in [0, 1], got "
-                                  f"{getattr(params, key)}.")
+        check_unit_interval(params, "method.mocov2", "momentum", "momentum_end")
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

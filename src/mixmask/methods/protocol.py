@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from mixmask.data.batch import Batch
 from mixmask.models.backbones import build_backbone
-from mixmask.optim import no_decay_bias_and_norm, no_decay_bias_norm_and_tokens, parameter_groups
+from mixmask.optim import no_decay_bias_norm_and_tokens, param_groups_for_lars, parameter_groups
 
 if TYPE_CHECKING:
     from mixmask.config import Config
@@ -65,6 +65,9 @@ class StepOutput:
     # What after_optimizer_step needs from this step (e.g. MoCo's keys for its queue),
     # detached: handed back explicitly instead of being stashed on the module.
     targets: list[Tensor] = field(default_factory=list)
+    # Set by mixmask.step.training_step when it dropped this step's update (a non-finite
+    # loss or gradient with skip_nonfinite).
+    skipped: bool = False
 
 
 class Method(nn.Module):
@@ -72,9 +75,10 @@ class Method(nn.Module):
     keys), registers itself with :func:`mixmask.methods.registry.register_method`, and
     implements :meth:`training_step`; the rest has defaults.
 
-    Constructor: ``(config, pixel_stats)``, the whole run config (``config.method.params``
-    is the method's own section) and the dataset's pixel statistics; the base builds
-    ``self.backbone`` (``model.*``, the backbone registry) and ``self.feature_dim``.
+    Constructor: ``(config, pixel_stats)``, the whole run config and the dataset's pixel
+    statistics; the base sets ``self.params`` (the method's own ``method.<name>.*``
+    section) and builds ``self.backbone`` (``model.*``, the backbone registry) and
+    ``self.feature_dim``.
     """
 
     name: ClassVar[str]  # set by register_method
@@ -88,8 +92,12 @@ class Method(nn.Module):
     def __init__(self, config: Config, pixel_stats: PixelStats | None = None):
         super().__init__()
         self.run_config = config
+        # This method's own section, method.<name>.* (whichever method is active; an
+        # unregistered subclass, e.g. in a test, reads the active one).
+        self.params = getattr(config.method, getattr(type(self), "name", config.method.name))
         self.pixel_stats = pixel_stats
-        self.backbone, self.feature_dim = build_backbone(config.model)
+        self.backbone, self.feature_dim = build_backbone(config.model,
+                                                         image_size=config.data.image_size)
 
     # -- what the engine asks before training ----------------------------------------------
     @classmethod
@@ -115,7 +123,7 @@ class Method(nn.Module):
         if optimizer == "sgd":
             return parameter_groups(named)
         if optimizer == "lars":
-            return parameter_groups(named, exclude_from_decay=no_decay_bias_and_norm, lars=True)
+            return param_groups_for_lars(named)
         return parameter_groups(named, exclude_from_decay=no_decay_bias_norm_and_tokens)
 
     # -- evaluation ------------------------------------------------------------------------

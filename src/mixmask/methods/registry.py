@@ -12,7 +12,6 @@ so adding a method is one file plus its config, and the engine never names a met
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 _METHODS: dict[str, type] = {}
@@ -41,6 +40,31 @@ def _load_builtin_methods() -> None:
     import mixmask.methods  # noqa: F401
 
 
+def import_plugin(name: str) -> None:
+    """Import a module that registers methods or backbones: a dotted module name, or the
+    path of a ``.py`` file (``mixmask pretrain --import my_method.py CONFIG``)."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from mixmask.errors import ConfigError
+
+    path = Path(name)
+    try:
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise ConfigError(f"--import {name}: no such file.")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
+    except ImportError as error:
+        raise ConfigError(f"--import {name}: {error}.") from None
+
+
 def method_names() -> tuple[str, ...]:
     _load_builtin_methods()
     return tuple(_METHODS)
@@ -48,12 +72,11 @@ def method_names() -> tuple[str, ...]:
 
 def method_class(name: str) -> Any:
     """The class registered as ``name``; a short error naming the closest valid name."""
-    from mixmask.errors import ConfigError
+    from mixmask.errors import ConfigError, did_you_mean
 
     _load_builtin_methods()
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, list(_METHODS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, _METHODS)
         raise ConfigError(f"'method.name' must be one of {', '.join(map(repr, _METHODS))}; got "
                           f"{name!r}.{hint}")
     return _METHODS[name]

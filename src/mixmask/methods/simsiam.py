@@ -37,7 +37,7 @@ class SimSiam(SiameseMethod):
 
     def __init__(self, config, pixel_stats=None):
         super().__init__(config, pixel_stats)
-        params = config.method.params
+        params = self.params
         self.symmetric_reduction = params.symmetric_reduction
         # CIFAR projector: two layers, BN on the output too (app. D).
         self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,

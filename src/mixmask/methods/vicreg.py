@@ -40,7 +40,7 @@ class VICReg(SiameseMethod):
 
     def __init__(self, config, pixel_stats=None):
         super().__init__(config, pixel_stats)
-        params = config.method.params
+        params = self.params
         self.weights = dict(sim_weight=params.sim_weight, var_weight=params.var_weight,
                             cov_weight=params.cov_weight)
         self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim,

@@ -13,7 +13,6 @@ the classifier is added back (``fc`` is replaced by an identity here).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from torch import nn
@@ -24,8 +23,8 @@ _BACKBONES: dict[str, BackboneBuilder] = {}
 
 
 def register_backbone(name: str):
-    """Decorator: register ``builder(model_config) -> (module, feature_dim)`` as
-    ``model.backbone: <name>``."""
+    """Decorator: register ``builder(model_config, image_size) -> (module, feature_dim)``
+    as ``model.backbone: <name>``."""
 
     def register(builder: BackboneBuilder) -> BackboneBuilder:
         if name in _BACKBONES and _BACKBONES[name] is not builder:
@@ -87,7 +86,7 @@ def _init_like_torchvision(model: nn.Module) -> None:
 
 
 def _resnet_builder(name: str) -> BackboneBuilder:
-    def build(model_config) -> tuple[nn.Module, int]:
+    def build(model_config, image_size: int | None = None) -> tuple[nn.Module, int]:
         return build_resnet(name, stem=model_config.stem, width=model_config.width)
 
     build.__doc__ = f"torchvision's {name} (model.stem, model.width)."
@@ -100,17 +99,16 @@ for _name in _RESNETS:
 
 def validate_backbone(model_config) -> None:
     """A clear error for a name the registry does not hold."""
-    from mixmask.errors import ConfigError
+    from mixmask.errors import ConfigError, did_you_mean
 
     if model_config.backbone not in _BACKBONES:
-        close = difflib.get_close_matches(model_config.backbone, list(_BACKBONES), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(model_config.backbone, _BACKBONES)
         raise ConfigError(f"'model.backbone' must be one of {', '.join(_BACKBONES)}; got "
                           f"{model_config.backbone!r}.{hint}")
 
 
-def build_backbone(model_config) -> tuple[nn.Module, int]:
-    """``(backbone, feature_dim)`` for a :class:`mixmask.config.ModelConfig`, from the
-    registry."""
+def build_backbone(model_config, image_size: int | None = None) -> tuple[nn.Module, int]:
+    """``(backbone, feature_dim)`` for a :class:`mixmask.config.ModelConfig` and the input
+    size (``data.image_size``; a ViT's patch grid depends on it), from the registry."""
     validate_backbone(model_config)
-    return _BACKBONES[model_config.backbone](model_config)
+    return _BACKBONES[model_config.backbone](model_config, image_size=image_size)

@@ -1,0 +1,261 @@
+"""No bad checkpoint is ever called good, every stop resumes exactly, and user mistakes
+get one sentence and exit code 2: real runs on real CIFAR-10 images, real signals."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from mixmask.cli import main
+from mixmask.config import load_config
+from mixmask.engine import nonfinite_tensors, pretrain
+from mixmask.errors import CheckpointError, ConfigError
+from mixmask.methods import Method, StepOutput
+from mixmask.methods.registry import register_method
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "method": {"name": "mocov2", "masking": "mixmask",
+               "mocov2": {"proj_hidden_dim": 64, "queue_size": 256, "symmetric": False}},
+    "data": {"subset": 128, "num_workers": 0, "eval_train_subset": 128,
+             "eval_test_subset": 64},
+    "model": {"width": 0.125},
+    "train": {"batch_size": 32, "epochs": 4, "progress_bar": False, "log_every": 1,
+              "checkpoint_every": 1},
+    "monitor": {"knn": False, "online_probe": False},
+    "eval": {"knn": False, "linear": False},
+}
+
+
+def write_config(tmp_path: Path, root: Path, **sections) -> Path:
+    raw = {key: dict(value) for key, value in TINY.items()}
+    raw["data"]["root"] = str(root)
+    raw["out_dir"] = str(tmp_path / "run")
+    for section, values in sections.items():
+        # A method section replaces the default one (its keys belong to that method).
+        raw[section] = dict(values) if section == "method" else {**raw[section], **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def checkpoint_files(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("*"))
+
+
+def test_divergence_after_a_checkpoint_names_it_and_writes_nothing_non_finite(
+        tmp_path, capsys, cifar10_tarball):
+    # Warm-up from a small lr to a huge one: epoch 1 trains, then the weights blow up.
+    config = write_config(tmp_path, cifar10_tarball,
+                          train={"lr": 1e5, "warmup_epochs": 3, "epochs": 4})
+    assert main(["pretrain", str(config)]) == 2
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert "training diverged by step" in err and "Traceback" not in err
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'last.ckpt'} (step 4)" in err
+    files = checkpoint_files(run)
+    assert [path.name for path in files] == ["epoch=1.ckpt", "last.ckpt"]
+    for path in files:
+        assert nonfinite_tensors(torch.load(path, weights_only=False)["method"]) == []
+
+
+def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path, capsys,
+                                                             cifar10_tarball):
+    config = write_config(tmp_path, cifar10_tarball, train={"lr": 1e5, "epochs": 2},
+                          data={"subset": 640})  # 20 steps per epoch: diverges in epoch 1
+    assert main(["pretrain", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "No checkpoint had been saved yet" in err and "Traceback" not in err
+    assert checkpoint_files(tmp_path / "run") == []
+
+
+@dataclass
+class FlakyLossConfig:
+    nan_every: int = 3  # every third step's loss is NaN
+
+
+@register_method("flaky_loss")
+class FlakyLoss(Method):
+    """A one-view regression whose loss is NaN on every ``nan_every``-th call: a stand-in
+    for the occasional bad batch that ``train.on_nonfinite=skip`` is for. (The count is a
+    plain attribute: a skipped step restores the buffers its forward changed.)"""
+
+    config_class = FlakyLossConfig
+    num_views = 1
+
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        self.head = nn.Linear(self.feature_dim, 3)
+        self.calls = 0
+
+    def training_step(self, batch, generator, progress=0.0):
+        images = batch.views[0]
+        features = self.backbone(images)
+        loss = F.mse_loss(self.head(features), images.mean(dim=(2, 3)))
+        self.calls += 1
+        if self.calls % self.run_config.method.params.nan_every == 0:
+            loss = loss * float("nan")
+        return StepOutput(loss, {"loss": loss.detach()}, features.detach())
+
+
+def test_skip_mode_drops_non_finite_steps_and_counts_them(tmp_path, capsys, cifar10_tarball):
+    config = write_config(tmp_path, cifar10_tarball, method={"name": "flaky_loss"},
+                          train={"on_nonfinite": "skip", "epochs": 3, "lr": 0.01})
+    assert main(["pretrain", str(config)]) == 0
+    run = tmp_path / "run"
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 4  # steps 3, 6, 9, 12
+    assert "4 non-finite steps skipped" in capsys.readouterr().out
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert nonfinite_tensors(state["method"]) == [] and state["skipped_steps"] == 4
+    # The same method in stop mode ends at its first NaN.
+    (tmp_path / "stop").mkdir()
+    stop = write_config(tmp_path / "stop", cifar10_tarball, method={"name": "flaky_loss"},
+                        train={"epochs": 3, "lr": 0.01})
+    assert main(["pretrain", str(stop)]) == 2
+    assert "the loss became nan" in capsys.readouterr().err
+
+
+def test_evaluation_and_resume_refuse_a_non_finite_checkpoint(tmp_path, capsys,
+                                                              cifar10_tarball):
+    config = write_config(tmp_path, cifar10_tarball, train={"epochs": 1})
+    assert main(["pretrain", str(config)]) == 0
+    run = tmp_path / "run"
+    content = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    content["method"]["backbone.bn1.running_var"][0] = float("nan")
+    bad = tmp_path / "bad.ckpt"
+    torch.save(content, bad)
+    assert main(["knn", str(run), "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite values" in err and "backbone.bn1.running_var" in err
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        pretrain(load_config(config, [f"resume={bad}", f"out_dir={tmp_path / 'other'}"]))
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"garbage")
+    assert main(["knn", str(run), "--checkpoint", str(corrupt)]) == 2
+    assert "--checkpoint PATH" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_head_size_names_the_keys_and_shapes(tmp_path, capsys,
+                                                                     cifar10_tarball):
+    config = write_config(tmp_path, cifar10_tarball, train={"epochs": 1})
+    assert main(["pretrain", str(config)]) == 0
+    assert main(["knn", str(tmp_path / "run"), "method.mocov2.proj_output_dim=16"]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatches" in err and "projector.2.weight (128, 64) vs (16, 64)" in err
+    assert main(["knn", str(tmp_path / "run"), "method.name=byol"]) == 2
+    err = capsys.readouterr().err
+    assert "missing keys: projector.1.weight" in err and "unexpected keys: queue" in err
+
+
+@pytest.mark.parametrize("override", ["train.lr=-0.1", "train.weight_decay=-1",
+                                      "train.momentum=1.5", "train.epochs=0",
+                                      "eval.linear_lr=0", "monitor.knn_temperature=0",
+                                      "train.betas=[0.9, 1.2]", "train.checkpoint_every_steps=-1"])
+def test_numeric_ranges_are_validated_before_anything_is_written(tmp_path, capsys, override):
+    assert main(["pretrain", "configs/quickstart.yaml", override,
+                 f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert override.split("=")[0] in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_larger_than_the_dataset_writes_no_run_folder(tmp_path, cifar10_tarball):
+    config = write_config(tmp_path, cifar10_tarball, train={"batch_size": 256})
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        pretrain(load_config(config))
+    assert not (tmp_path / "run").exists()
+
+
+def _read_rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    timing = ("images_per_s", "wall_time_s")
+    return [{key: value for key, value in row.items() if key not in timing} for row in rows]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_epoch_stops_at_a_step_boundary_and_resumes_exactly(
+        tmp_path, cifar10_tarball, signum):
+    """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) or SIGTERM
+    mid-epoch: the run saves at the next step boundary and exits 2; resume=auto then ends
+    with the uninterrupted run's weights, bit for bit, and its metrics rows."""
+    sections = dict(data={"subset": 320, "num_workers": 1},  # 10 steps per epoch
+                    train={"epochs": 2, "checkpoint_every": 0},
+                    monitor={"knn": True, "online_probe": True, "knn_every": 1})
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    reference = write_config(reference_dir, cifar10_tarball, **sections)
+    pretrain(load_config(reference))
+
+    stopped_dir = tmp_path / "stopped"
+    stopped_dir.mkdir()
+    config = write_config(stopped_dir, cifar10_tarball, **sections)
+    run = stopped_dir / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "mixmask.cli", "pretrain", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = run / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 4:  # past step 3
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signum)  # as a terminal's Ctrl-C: every process of the group
+    else:
+        process.send_signal(signum)
+    _out, err = process.communicate(timeout=240)
+    assert process.returncode == 2, err
+    assert f"stopped by {signal.Signals(signum).name} after step" in err
+    assert "Traceback" not in err
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 3 <= saved["step"] < 20 and saved["step"] % 10, saved["step"]  # mid-epoch
+
+    pretrain(load_config(config, ["resume=auto"]))
+    expected = torch.load(reference_dir / "run" / "checkpoints" / "last.ckpt",
+                          weights_only=False)
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    for part in ("method", "probe"):
+        for name, value in expected[part].items():
+            if torch.is_tensor(value):
+                assert torch.equal(final[part][name], value), (part, name)
+    assert torch.equal(final["generator"], expected["generator"])
+    assert _read_rows(run) == _read_rows(reference_dir / "run")
+
+
+def test_checkpoint_every_steps_saves_mid_epoch_and_resumes(tmp_path, cifar10_tarball,
+                                                             monkeypatch):
+    import mixmask.engine
+
+    saves = []
+    original = mixmask.engine._Run.save_checkpoint
+
+    def recording(run, name):
+        saves.append((name, run.state["step"]))
+        original(run, name)
+
+    monkeypatch.setattr(mixmask.engine._Run, "save_checkpoint", recording)
+    config = write_config(tmp_path, cifar10_tarball,
+                          train={"epochs": 2, "checkpoint_every_steps": 3, "max_steps": 7,
+                                 "checkpoint_every": 0})
+    pretrain(load_config(config))  # 4 steps per epoch, stopped at step 7
+    assert saves == [("last.ckpt", 3), ("last.ckpt", 4), ("last.ckpt", 6), ("last.ckpt", 7)]
+    summary = pretrain(load_config(config, ["resume=auto", "train.max_steps=0"]))
+    assert summary["steps"] == 8 and saves[-1] == ("last.ckpt", 8)
