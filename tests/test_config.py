@@ -155,3 +155,17 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert "'train.batch_size' must be an integer" in capsys.readouterr().err
     assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_slurm_script_runs_a_valid_config_with_matching_task_counts():
+    import re
+    import shlex
+
+    script = (CONFIGS / "cluster" / "slurm.sbatch").read_text()
+    command = shlex.split(script[script.rindex("\nsrun ") + 1:].replace("\\\n", " "))
+    assert command[:3] == ["srun", "mixmask", "pretrain"]
+    config = load_config(CONFIGS.parent / command[3], command[4:])
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", script).group(1))
+    tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", script).group(1))
+    assert (config.train.num_nodes, config.train.devices) == (nodes, tasks)
+    assert config.resume == "auto" and "#SBATCH --signal=TERM@" in script

@@ -259,3 +259,99 @@ def test_checkpoint_every_steps_saves_mid_epoch_and_resumes(tmp_path, cifar10_ta
     assert saves == [("last.ckpt", 3), ("last.ckpt", 4), ("last.ckpt", 6), ("last.ckpt", 7)]
     summary = pretrain(load_config(config, ["resume=auto", "train.max_steps=0"]))
     assert summary["steps"] == 8 and saves[-1] == ("last.ckpt", 8)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped with the reason elsewhere)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                             str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'no root'})")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_no_partial_file(tmp_path, small_disk, capsys,
+                                                                cifar10_tarball):
+    config = write_config(tmp_path, cifar10_tarball, train={"epochs": 1})
+    run = small_disk / "run"
+    assert main(["pretrain", str(config), f"out_dir={run}", "train.log_every=100"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left" in err and "MiB are free" in err and "Traceback" not in err
+    assert list((run / "checkpoints").glob("*")) == []  # no .partial left to fill the disk
+
+
+def test_an_out_dir_that_is_a_file_or_read_only_is_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out_dir in (a_file, a_file / "run"):
+        assert main(["pretrain", "configs/quickstart.yaml", f"out_dir={out_dir}"]) == 2
+        err = capsys.readouterr().err
+        assert "is a file, not a folder" in err and "Traceback" not in err
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                             str(read_only)], capture_output=True)
+    if result.returncode != 0:
+        read_only.chmod(0o500)
+        if os.access(read_only, os.W_OK):  # root ignores modes: no read-only folder here
+            pytest.skip("no read-only folder can be made here (root, no mount)")
+    try:
+        assert main(["pretrain", "configs/quickstart.yaml",
+                     f"out_dir={read_only / 'run'}"]) == 2
+        assert "cannot be written" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False, capture_output=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_train_as_two_local_processes(tmp_path):
+    """Multi-node DDP on the existing engine: two torchrun invocations (--nnodes 2, one
+    gloo process each, rendezvous on localhost) with train.num_nodes=2 train the model that
+    train.devices=2 trains on one node, to float tolerance (torchrun sets one OpenMP thread
+    per process, so CPU reductions may round differently)."""
+    common = ["configs/quickstart.yaml", "model.width=0.125", "method.mocov2.proj_hidden_dim=64",
+              "method.mocov2.queue_size=256", "train.batch_size=32", "data.num_workers=0",
+              "train.progress_bar=false", "data.dataset=synthetic", "data.subset=128",
+              "train.epochs=1", "train.device=cpu", "eval.linear=false", "eval.knn=false",
+              "monitor.knn=false", "monitor.online_probe=false"]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "mixmask.cli",
+         "pretrain", *common, "train.num_nodes=2", f"out_dir={tmp_path / 'nodes'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    local = subprocess.run([str(Path(sys.executable).with_name("mixmask")), "pretrain", *common,
+                            "train.devices=2", f"out_dir={tmp_path / 'local'}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-2000:]
+    import json
+
+    summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    multi = torch.load(tmp_path / "nodes/checkpoints/last.ckpt", weights_only=False)["method"]
+    single = torch.load(tmp_path / "local/checkpoints/last.ckpt", weights_only=False)["method"]
+    for name, value in single.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            torch.testing.assert_close(multi[name], value, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_sync_batchnorm_on_cpu_processes_is_a_clear_error(tmp_path, capsys):
+    assert main(["pretrain", "configs/quickstart.yaml", "train.device=cpu", "train.devices=2",
+                 "train.sync_batchnorm=true", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "needs CUDA GPUs" in err and "Traceback" not in err

@@ -172,7 +172,12 @@ class TrainConfig:
     batch_size: int = 512
     max_steps: int = 0  # 0 = no cap
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    devices: int = 1  # processes (GPUs) under DDP
+    devices: int = 1  # processes (GPUs) per node under DDP
+    # Nodes (machines) under multi-node DDP, each running `devices` processes; launched by
+    # torchrun or SLURM (Lightning Fabric's cluster environments; configs/cluster/).
+    num_nodes: int = 1
+    # Convert BatchNorm to SyncBatchNorm under DDP: statistics over the global batch.
+    sync_batchnorm: bool = False
     precision: Literal["32", "bf16", "16"] = "32"
     # NHWC activations: faster convolutions on tensor-core GPUs (same math).
     channels_last: bool = False
@@ -450,6 +455,7 @@ def validate(config: Config) -> None:
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
         "train.devices": config.train.devices,
+        "train.num_nodes": config.train.num_nodes,
         "train.lr": config.train.lr,
         "model.width": config.model.width,
         "monitor.knn_k": config.monitor.knn_k,
@@ -489,6 +495,11 @@ def validate(config: Config) -> None:
     for index, beta in enumerate(config.train.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"'train.betas' must lie in [0, 1), got {beta} at position {index}.")
+    processes = config.train.devices * config.train.num_nodes
+    if config.train.batch_size % processes:
+        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by "
+                          f"the number of processes ({processes} = train.devices x "
+                          "train.num_nodes): it is the global batch, split evenly.")
     validate_backbone(config.model)
     method_class(config.method.name).validate_config(config)
 

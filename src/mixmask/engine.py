@@ -10,10 +10,12 @@ The engine knows no method: it builds the registered class of ``method.name``
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -69,6 +71,21 @@ def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """A clear error, before any work, for an out_dir that is a file or cannot be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file, not a folder; choose another out_dir.")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out_dir {out_dir} lies under {existing}, which is a file, not a "
+                          "folder; choose another out_dir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {out_dir} cannot be written ({existing} is read-only or "
+                          "not yours); choose another out_dir.")
+
+
 def resolve_accelerator(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,6 +120,24 @@ def load_checkpoint_file(path: Path, *,
     if not isinstance(checkpoint, dict) or "method" not in checkpoint:
         raise CheckpointError(f"{path} is not a mixmask checkpoint (no 'method' state).")
     return checkpoint
+
+
+def _disk_full(error: BaseException, folder: Path, needed: int) -> bool:
+    # torch.save reports a full disk as OSError(ENOSPC) or as one of its writer's
+    # RuntimeErrors ("iostream error", "unexpected pos"): judged by the free space left.
+    return (getattr(error, "errno", None) == errno.ENOSPC
+            or shutil.disk_usage(folder).free < needed)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint (its size on disk, roughly)."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
 
 
 def _rank_state(method: nn.Module, generator: torch.Generator) -> dict[str, Any]:
@@ -191,10 +226,15 @@ class MetricsLog:
             return
         self.rows.append(row)
         columns = list(dict.fromkeys(key for entry in self.rows for key in entry))
-        with self.path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        try:
+            with self.path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        except OSError as error:
+            raise MixmaskError(f"cannot write {self.path}: {error.strerror or error}. Free some "
+                               "space (or fix the folder), then continue with resume=auto."
+                               ) from None
         for key, value in row.items():
             if key not in ("step", "epoch") and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, row["step"])
@@ -211,17 +251,20 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     """Pretrain as the config says; returns the summary also written to summary.json
     (None in DDP processes other than global rank 0)."""
     accelerator = resolve_accelerator(config.train.device)
-    if config.train.batch_size % config.train.devices:
-        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by "
-                          f"train.devices ({config.train.devices}).")
+    processes = config.train.devices * config.train.num_nodes
+    if config.train.sync_batchnorm and accelerator != "cuda" and processes > 1:
+        raise ConfigError("train.sync_batchnorm=true needs CUDA GPUs (torch's SyncBatchNorm "
+                          "runs on GPUs only); drop it for CPU processes.")
     fabric = Fabric(accelerator=accelerator, devices=config.train.devices,
+                    num_nodes=config.train.num_nodes,
                     precision=PRECISIONS[config.train.precision],
-                    strategy="ddp" if config.train.devices > 1 else "auto")
+                    strategy="ddp" if processes > 1 else "auto")
     fabric.launch()
     if accelerator == "cpu" and config.train.keep_cpu_memory:
         keep_freed_cpu_memory()
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
+    check_out_dir(out_dir)
     resume_path = resume_checkpoint(config)
     if resume_path is None and (checkpoint_dir / "last.ckpt").is_file():
         raise ConfigError(f"{out_dir} already holds a run. Continue it with resume=auto, or "
@@ -233,8 +276,15 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
         raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
                           f"(train.batch_size={config.train.batch_size}).")
     if fabric.is_global_zero:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            # A save killed by a full disk leaves its .partial file; it would keep the disk full.
+            for partial in checkpoint_dir.glob("*.partial"):
+                partial.unlink()
+            save_config(config, out_dir / "config.yaml")
+        except OSError as error:
+            raise ConfigError(f"cannot write the run folder {out_dir}: {error.strerror or error}; "
+                              "choose another out_dir.") from None
     fabric.seed_everything(config.train.seed)
 
     sampler = EpochBatchSampler(len(train_set), config.train.batch_size,
@@ -256,6 +306,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                                 seed=config.train.seed, rank=fabric.global_rank,
                                 num_workers=config.data.num_workers,
                                 channels_last=config.train.channels_last)
+    if config.train.sync_batchnorm and fabric.world_size > 1:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if config.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if config.train.compile:
@@ -649,10 +701,26 @@ class _Run:
         if fabric.is_global_zero:
             path = self.checkpoint_dir / name
             partial = path.with_suffix(".partial")
-            torch.save(content, partial)
-            os.replace(partial, path)  # a killed save never leaves a truncated last.ckpt
+            try:
+                torch.save(content, partial)
+                os.replace(partial, path)  # a killed save never leaves a truncated last.ckpt
+            except (OSError, RuntimeError) as error:
+                partial.unlink(missing_ok=True)
+                if not _disk_full(error, path.parent, _tensor_bytes(content)):
+                    raise
+                raise CheckpointError(self._disk_full_message(path, content)) from None
         self.last_good = (self.checkpoint_dir / name, self.state["step"])
         fabric.barrier()
+
+    def _disk_full_message(self, path: Path, content: dict[str, Any]) -> str:
+        needed = _tensor_bytes(content)
+        free = shutil.disk_usage(path.parent).free
+        kept = (f"the last good checkpoint, {self.last_good[0]} (step {self.last_good[1]}), is "
+                "intact" if self.last_good else "no earlier checkpoint exists")
+        return (f"no space left on the disk of {path.parent} to save {path.name} at step "
+                f"{self.state['step']}: it needs about {needed / 2**20:.0f} MiB and "
+                f"{free / 2**20:.0f} MiB are free. Free some space, then continue with "
+                f"resume=auto; {kept}.")
 
     def finish(self) -> dict[str, Any] | None:
         config, fabric = self.config, self.fabric

@@ -144,13 +144,15 @@ class SiameseMethod(Method):
                 f"'method.mask.grid_size' ({mask.grid_size}) must be at least 2 and divide "
                 f"data.image_size ({image_size}) into whole cells, e.g. 4 or 8."
             )
-        local_batch = config.train.batch_size // config.train.devices
+        processes = config.train.devices * config.train.num_nodes
+        local_batch = config.train.batch_size // processes
         if method.masking in ("mixmask", "unmix", "both") and local_batch % 2:
             raise ConfigError(
                 f"'{method.masking}' pairs each image with another of the batch (the reversed "
                 f"batch): the per-device batch must be even, got {local_batch} "
                 f"(train.batch_size={config.train.batch_size}, "
-                f"train.devices={config.train.devices})."
+                f"train.devices={config.train.devices}, "
+                f"train.num_nodes={config.train.num_nodes})."
             )
         if method.masking in ("mixmask", "both") and mask.per_sample and cls.batch_level_loss:
             raise ConfigError(
