@@ -355,3 +355,40 @@ def test_sync_batchnorm_on_cpu_processes_is_a_clear_error(tmp_path, capsys):
                  "train.sync_batchnorm=true", f"out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "needs CUDA GPUs" in err and "Traceback" not in err
+
+
+def test_a_corrupt_image_met_in_training_is_one_sentence_and_the_run_is_saved(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "train" / "only"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(96):  # over 96 px: the files stay on disk, decoded by the workers
+        pixels = torch.randint(0, 255, (100, 100, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{index:03d}.png")
+    (folder / "050.png").write_bytes(b"not a png")  # met in epoch 1, after some steps
+    config = write_config(tmp_path, tmp_path / "images",
+                          data={"dataset": "imagefolder", "num_workers": 1, "subset": 0,
+                                "image_size": 32},
+                          train={"epochs": 2, "batch_size": 8})
+    assert main(["pretrain", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Could not read image" in err and "050.png" in err
+    assert "Traceback" not in err and "worker" not in err
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 0 < saved["step"] < 12 and f"saved at step {saved['step']}" in err
+
+
+def test_every_unreadable_small_image_is_named_at_once(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "train" / "only"
+    folder.mkdir(parents=True)
+    for index in range(8):
+        Image.new("RGB", (32, 32), (index * 30, 0, 0)).save(folder / f"{index}.png")
+    for index in (2, 5):
+        (folder / f"{index}.png").write_bytes(b"broken")
+    config = write_config(tmp_path, tmp_path / "images", data={"dataset": "imagefolder"})
+    assert main(["pretrain", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "2 images could not be read" in err and "2.png" in err and "5.png" in err

@@ -30,8 +30,9 @@ from torch import nn
 from mixmask import __version__
 from mixmask.config import Config, save_config
 from mixmask.data import EpochBatchSampler, build_train_loader
+from mixmask.data.loaders import worker_error_message
 from mixmask.data.splits import EvalData, load_eval_data, load_split
-from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.errors import CheckpointError, ConfigError, DatasetError, MixmaskError
 from mixmask.eval import evaluate
 from mixmask.methods import PixelStats, build_method
 from mixmask.optim import build_optimizer
@@ -540,7 +541,19 @@ class _Run:
         stopping = False
         start = time.perf_counter()
         images_seen = 0
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except DatasetError as error:  # an unreadable image: stop here, whole, and save
+                self._flush_log(progress, task)
+                self.save_checkpoint("last.ckpt")
+                raise DatasetError(
+                    f"{worker_error_message(error)} The run was saved at step "
+                    f"{self.state['step']} ({self.checkpoint_dir / 'last.ckpt'}); continue it "
+                    "with resume=auto once the file is fixed.") from None
             step = self.state["step"]
             if step >= self.total_steps:
                 break

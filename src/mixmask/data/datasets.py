@@ -438,11 +438,21 @@ def _decode_all(paths: list[str], size: tuple[int, int]) -> torch.Tensor | None:
     """
     width, height = size
     images = np.empty((len(paths), 3, height, width), dtype=np.uint8)
+    unreadable = []  # every bad file in one message, not one per run
     for index, path in enumerate(paths):
-        image = _open_rgb(path)
+        try:
+            image = _open_rgb(path)
+        except DatasetError:
+            unreadable.append(path)
+            continue
         if image.size != size:
             return None
         images[index] = np.asarray(image).transpose(2, 0, 1)
+    if unreadable:
+        shown = ", ".join(repr(path) for path in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        raise DatasetError(f"{len(unreadable)} images could not be read: {shown}{more}. "
+                           "Remove or replace them.")
     return torch.from_numpy(images)
 
 

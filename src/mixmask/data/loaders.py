@@ -186,6 +186,17 @@ class CropDataset(Dataset):
         return tuple(crops), _label(self.image_set, index), torch.stack(boxes), epoch
 
 
+def worker_error_message(error: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's
+    traceback that the DataLoader folds into it (its last line is the original error)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: SIGINT and SIGTERM are the main process's to handle
     (it stops at a step boundary and saves, then shuts its workers down); a worker killed
