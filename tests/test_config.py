@@ -169,3 +169,14 @@ def test_the_slurm_script_runs_a_valid_config_with_matching_task_counts():
     tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", script).group(1))
     assert (config.train.num_nodes, config.train.devices) == (nodes, tasks)
     assert config.resume == "auto" and "#SBATCH --signal=TERM@" in script
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method.mocov2.temperature=0"], "'method.mocov2.temperature' must be positive"),
+    (["method.name=byol", "method.byol.pred_hidden_dim=0"], "'method.byol.pred_hidden_dim'"),
+    (["data.num_views=3"], "takes 2 view"),
+    (["data.num_views=-1"], "'data.num_views' must be 0 or more"),
+])
+def test_method_sections_and_view_counts_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

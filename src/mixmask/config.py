@@ -40,6 +40,9 @@ class DataConfig:
     # mocov2 (MoCo v2 aug+ without / with blur), byol / byol_cifar (BYOL's asymmetric
     # views, Grill et al. 2020, Table 6; without blur).
     augmentation: Literal["cifar", "mocov2", "byol", "byol_cifar"] = "cifar"
+    # Views per image (0 = the method's own count); a method with a fixed count (every
+    # Siamese base: 2; MAE / A2MIM: 1) refuses another.
+    num_views: int = 0
     # cpu: PIL decode + torchvision augmentation in DataLoader workers (any dataset).
     # device: every view augmented on the training device in one batched call. In-memory
     # datasets (CIFAR, ImageFolder images up to 96 px) are held there as uint8; larger
@@ -475,6 +478,7 @@ def validate(config: Config) -> None:
         "data.subset": config.data.subset,
         "train.max_steps": config.train.max_steps,
         "data.num_workers": config.data.num_workers,
+        "data.num_views": config.data.num_views,
         "train.profile_steps": config.train.profile_steps,
         "train.profile_start_step": config.train.profile_start_step,
         "train.checkpoint_every": config.train.checkpoint_every,

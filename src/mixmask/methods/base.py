@@ -26,6 +26,7 @@ mask (one lambda) serves the whole batch and q_sw is a row permutation of q_mix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal, NamedTuple
 
@@ -130,7 +131,15 @@ class SiameseMethod(Method):
 
     @classmethod
     def validate_config(cls, config) -> None:
-        """Mask parameters that cannot work, said before any data is loaded."""
+        """Mask parameters that cannot work, said before any data is loaded; head sizes
+        (every ``*_dim`` of the base's section) must be positive."""
+        super().validate_config(config)
+        section = getattr(config.method, config.method.name)
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if field.name.endswith("_dim") and value <= 0:
+                raise ConfigError(f"'method.{config.method.name}.{field.name}' must be "
+                                  f"positive, got {value}.")
         method, mask = config.method, config.method.mask
         if not 0.0 < mask.mask_ratio < 1.0:
             raise ConfigError(

@@ -81,6 +81,9 @@ class MoCoV2(SiameseMethod):
                 f"'method.mocov2.queue_size' ({params.queue_size}) must hold at least one "
                 f"batch of keys (train.batch_size={config.train.batch_size}).")
         check_unit_interval(params, "method.mocov2", "momentum", "momentum_end")
+        if params.temperature <= 0:
+            raise ConfigError(f"'method.mocov2.temperature' must be positive, got "
+                              f"{params.temperature}.")
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

@@ -86,8 +86,10 @@ class Method(nn.Module):
     # A dataclass of extra ``method.*`` keys shared by a family of methods (the Siamese
     # masking axis), or None.
     axis_config_class: ClassVar[type | None] = None
-    # Views per image (count); their augmentation is data.augmentation's preset.
+    # Views per image (count); their augmentation is data.augmentation's preset. A method
+    # that takes any count (multi-crop) sets variable_views and reads data.num_views.
     num_views: ClassVar[int] = 2
+    variable_views: ClassVar[bool] = False
 
     def __init__(self, config: Config, pixel_stats: PixelStats | None = None):
         super().__init__()
@@ -103,15 +105,23 @@ class Method(nn.Module):
     @classmethod
     def validate_config(cls, config: Config) -> None:
         """Raise :class:`mixmask.errors.ConfigError` for settings this method cannot run,
-        before any data loads."""
+        before any data loads. Subclasses call ``super().validate_config(config)``."""
+        from mixmask.errors import ConfigError
+
+        wanted = config.data.num_views
+        if wanted and wanted != cls.num_views and not cls.variable_views:
+            raise ConfigError(f"method '{config.method.name}' takes {cls.num_views} view(s) "
+                              f"per image; data.num_views={wanted} cannot change that (0 = "
+                              "the method's count).")
 
     def view_configs(self) -> list[ViewConfig]:
-        """The augmentation of each view the method needs (``num_views`` views of the
+        """The augmentation of each view the method needs (``num_views`` views, or
+        ``data.num_views`` for a method with ``variable_views``, of the
         ``data.augmentation`` preset at ``data.image_size``)."""
         from mixmask.data.views import preset_views
 
         data = self.run_config.data
-        return preset_views(data.augmentation, data.image_size, self.num_views)
+        return preset_views(data.augmentation, data.image_size, data.num_views or self.num_views)
 
     def parameter_groups(self, optimizer: str) -> list[dict[str, Any]]:
         """Parameter groups for ``train.optimizer`` (:func:`mixmask.optim.build_optimizer`):
