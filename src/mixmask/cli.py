@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   mixmask knn runs/quickstart
   mixmask linear runs/quickstart eval.linear_epochs=50
   mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
+  mixmask --import my_method.py pretrain my_method.yaml     # a method defined in your file
 """
 
 
