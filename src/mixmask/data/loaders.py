@@ -27,6 +27,7 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -198,11 +199,18 @@ def worker_error_message(error: BaseException) -> str:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SIGINT and SIGTERM are the main process's to handle
-    (it stops at a step boundary and saves, then shuts its workers down); a worker killed
-    by them first would fail the step in flight."""
+    """DataLoader ``worker_init_fn``. SIGINT (Ctrl-C reaches the whole process group) is
+    the main process's to handle: it stops at a step boundary, saves, then shuts its
+    workers down. SIGTERM (SLURM signals every process of a job; the DataLoader's own
+    shutdown and multiprocessing's exit handler terminate workers with it) ends the worker
+    cleanly, with exit code 0, so the main process's SIGCHLD check does not fail the step
+    in flight."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)
 
 
 def collate_views(items: list[tuple]) -> tuple:
