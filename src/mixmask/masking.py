@@ -271,8 +271,7 @@ def beit_block_mask(
     whatever the masks look like: its state is a pure function of the number of calls,
     which makes a resumed run draw the same masks.
 
-    Cost. Host time per mask: a few hundred Python operations (one 8 x 8 mask, draw
-    included, about 0.03 ms; 512 masks 8-11 ms, measured on one CPU core). One mask
+    Cost. Host time per mask: a few hundred Python operations. One mask
     per batch, the reference's setting, is cheap; per-sample masks cost host time per
     image on every step, so for per-sample masks at large batches prefer :func:`block_mask`
     (``block_generator="exact_count"``), which runs on the device.

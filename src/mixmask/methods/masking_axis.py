@@ -33,7 +33,7 @@ class MaskConfig:
     mode: Literal["block", "discrete"] = "block"
     # Block masks: beit is the MixMask reference's generator (BEiT's MaskingGenerator,
     # arXiv 2106.08254, Alg. 1, drawn on the host: it may stop short of the target and
-    # draws 1-3 cell blocks near the end, so lambda is 0.5 in about 95% of draws at g=8);
+    # draws 1-3 cell blocks near the end, so lambda is not always exactly 0.5);
     # exact_count is ours, vectorised on the device, always exactly the target count.
     generator: Literal["beit", "exact_count"] = "beit"
     # The reference draws one mask per step for the whole batch; per-sample is an ablation.
