@@ -25,7 +25,11 @@ from mixmask.errors import ConfigError, did_you_mean
 
 @dataclass
 class DataConfig:
-    dataset: Literal["cifar10", "cifar100", "imagefolder", "synthetic"] = "cifar10"
+    # cifar10 / cifar100 / stl10 (torchvision; STL-10 pretrains on unlabeled + train),
+    # tinyimagenet (the official folder layout), imagefolder (ImageNet and any class-folder
+    # tree or tarball), synthetic (smoke tests).
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder",
+                     "synthetic"] = "cifar10"
     root: str = "data"
     download: bool = False
     # Use only the first N training images (0 = all). ImageFolder data is ordered
@@ -49,6 +53,9 @@ class DataConfig:
     # ImageFolder files are decoded and cropped by DataLoader workers (num_workers).
     pipeline: Literal["cpu", "device"] = "cpu"
     num_workers: int = 2
+    # Unreadable image files are skipped with a warning and counted in summary.json; a
+    # split with more than this fraction of them stops with their list.
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -242,7 +249,7 @@ class MonitorConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation at the end of pretraining (and defaults for `mixmask knn|linear`)."""
+    """Evaluation at the end of pretraining and the `mixmask knn|linear|finetune` protocols."""
 
     knn: bool = True
     linear: bool = False
@@ -254,6 +261,26 @@ class EvalConfig:
     linear_batch_size: int = 256
     # Step decays (x0.1) at these fractions of the epochs (MoCo: 60/80 of 100).
     linear_milestones: tuple[float, ...] = (0.6, 0.8)
+    # `mixmask linear --protocol moco` (MoCo's main_lincls.py: raw features, lr 30, wd 0).
+    linear_moco_lr: float = 30.0
+    linear_weight_decay: float = 0.0
+    # `mixmask knn` (InstDisc weighted kNN; the pretraining monitor has its own monitor.knn_*).
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    # `mixmask finetune`: Barlow Twins' semi-supervised recipe (evaluate.py and its README:
+    # --weights finetune --epochs 20 --lr-backbone 0.002 --lr-classifier 0.5
+    # --weight-decay 0; SGD momentum 0.9, cosine over epochs, batch 256), the protocol the
+    # MixMask paper's semi-supervised tables most likely follow (its code is unreleased).
+    finetune_epochs: int = 20
+    finetune_batch_size: int = 256
+    finetune_lr_backbone: float = 0.002
+    finetune_lr_head: float = 0.5
+    finetune_weight_decay: float = 0.0
+    # Label subsets (1%, 10%): class-balanced, drawn with this seed from the train split.
+    label_seed: int = 0
+    # ImageNet: SimCLR's 1percent.txt / 10percent.txt (one file name per line), used
+    # instead of the drawn subset when given.
+    label_split_file: str = ""
 
 
 @dataclass
@@ -470,6 +497,12 @@ def validate(config: Config) -> None:
         "eval.linear_epochs": config.eval.linear_epochs,
         "eval.linear_lr": config.eval.linear_lr,
         "eval.linear_batch_size": config.eval.linear_batch_size,
+        "eval.linear_moco_lr": config.eval.linear_moco_lr,
+        "eval.knn_k": config.eval.knn_k,
+        "eval.knn_temperature": config.eval.knn_temperature,
+        "eval.finetune_epochs": config.eval.finetune_epochs,
+        "eval.finetune_batch_size": config.eval.finetune_batch_size,
+        "eval.finetune_lr_head": config.eval.finetune_lr_head,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -487,11 +520,17 @@ def validate(config: Config) -> None:
         "data.eval_test_subset": config.data.eval_test_subset,
         "train.weight_decay": config.train.weight_decay,
         "train.warmup_epochs": config.train.warmup_epochs,
+        "eval.linear_weight_decay": config.eval.linear_weight_decay,
+        "eval.finetune_lr_backbone": config.eval.finetune_lr_backbone,
+        "eval.finetune_weight_decay": config.eval.finetune_weight_decay,
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")
     if not 0.0 <= config.train.momentum < 1.0:
         raise ConfigError(f"'train.momentum' must lie in [0, 1), got {config.train.momentum}.")
+    if not 0.0 <= config.data.max_bad_fraction <= 1.0:
+        raise ConfigError("'data.max_bad_fraction' must lie in [0, 1], got "
+                          f"{config.data.max_bad_fraction}.")
     for milestone in config.eval.linear_milestones:
         if not 0.0 < milestone <= 1.0:
             raise ConfigError(f"'eval.linear_milestones' are fractions of the epochs in (0, 1], "
