@@ -22,19 +22,63 @@ included), the epoch time taken from benchmarks/epoch_time.py --scale gpu (``--e
 thins the monitors).
 
 ``data.dataset=cifar100 data.root=...`` measures CIFAR-100 where a copy is present.
+
+Against lightly (``--peer lightly``; needs ``pip install 'lightly>=1.5,<2'``, a
+benchmark-only package that mixmask itself does not depend on)::
+
+    python benchmarks/time_to_accuracy.py --peer lightly --budget-s 600 \
+        data.root=../shared/data/cifar10_jpeg_q75.tar.gz
+
+runs three pipelines one after another, in this process, on the same CPU, each for the
+same wall-clock budget (default 600 s, counted from the pipeline's start: data split,
+model, loader, training) or until the recipe's cosine schedule ends (``train.epochs``),
+whichever comes first:
+
+1. lightly MoCo v2: lightly's own building blocks in lightly's documented loop
+   (MoCoV2Transform, a torch DataLoader with every core as a worker, MoCoProjectionHead,
+   NTXentLoss with a memory bank, update_momentum), on our backbone module and the
+   quickstart's recipe (queue, temperature, momentum, SGD, cosine, batch, width);
+2. mixmask MoCo v2: ``mixmask pretrain`` of the quickstart with ``method.masking=none``;
+3. mixmask MixMask: the quickstart as it is.
+
+Training only (monitors and end-of-run evaluation off; the engine still saves last.ckpt
+each epoch). A budget stops a mixmask run the way SLURM does, by SIGTERM, at the next
+step boundary, with last.ckpt saved. Afterwards every backbone gets the same kNN: our
+weighted kNN (``monitor.knn_k`` = 200, ``monitor.knn_temperature`` = 0.1) on the same
+eval images. Prints a table and writes JSON (machine, versions, settings, rows) to
+``--out``/lightly_seed<seed>.json. Overrides apply to all three pipelines; our runs
+load with ``data.num_workers`` workers (the quickstart's 1: on 2 cores the main process
+trains), lightly's with ``os.cpu_count()``, as its examples do (the JSON records both).
+The quickstart's 10 epochs may end before 600 s on a fast machine; ``train.epochs=N``
+(a longer schedule) makes the budget the limit for every pipeline alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
+import os
+import platform
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.data.splits import load_eval_data, load_split
+from mixmask.engine import load_checkpoint_file, pretrain, resolve_accelerator, versions
+from mixmask.errors import MixmaskError
+from mixmask.eval.features import extract_features
+from mixmask.eval.knn import knn_top1
+from mixmask.models.backbones import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -56,6 +100,316 @@ def read_epochs(run_dir: Path) -> list[dict[str, float]]:
             for row in rows]
 
 
+# --------------------------------------------------------------------------- --peer lightly
+
+PEER_BUDGET_S = 600.0
+LIGHTLY_MISSING = ("--peer lightly needs the lightly package: pip install 'lightly>=1.5,<2' "
+                   "(a benchmark-only dependency, not installed with mixmask).")
+# Training only: the per-epoch monitors and the end-of-run evaluation would spend the
+# budget of our runs on work the lightly loop does not do; every backbone is measured
+# with the same kNN afterwards instead.
+PEER_TRAINING_ONLY = ["monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
+                      "eval.linear=false", "eval.compare_random_init=false"]
+
+
+class LightlyViews(Dataset):
+    """An ImageSet as lightly's examples feed it: (the transform's views of a PIL image,
+    label)."""
+
+    def __init__(self, image_set, transform):
+        self.image_set, self.transform = image_set, transform
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    def __getitem__(self, index: int):
+        image, label = self.image_set.load_item(index)
+        return self.transform(image), label
+
+
+def knn_of(backbone: torch.nn.Module, eval_data, config, device: torch.device) -> float:
+    """kNN top-1 (percent) of a backbone's pooled features: our monitor's weighted kNN
+    (InstDisc; ``monitor.knn_k``, ``monitor.knn_temperature``), for every pipeline."""
+    train_features, train_labels = extract_features(backbone, eval_data.train, device=device)
+    test_features, test_labels = extract_features(backbone, eval_data.test, device=device)
+    return knn_top1(train_features, train_labels, test_features, test_labels,
+                    num_classes=eval_data.num_classes, k=config.monitor.knn_k,
+                    temperature=config.monitor.knn_temperature)
+
+
+def lightly_moco_v2(config, *, budget_s: float, max_steps: int | None = None, eval_data=None,
+                    num_workers: int | None = None) -> dict[str, Any]:
+    """Train lightly's MoCo v2 on ``config``'s data and recipe until ``budget_s`` seconds
+    have passed since the call (data, model, loader and training), the cosine schedule
+    over ``train.epochs`` has ended, or ``max_steps`` steps are done (None:
+    ``train.max_steps``; 0: no cap); then measure the kNN top-1 on ``eval_data``
+    (default: ``load_eval_data(config)``). Returns the table row.
+
+    lightly's pieces in lightly's MoCo example loop (momentum update, query, key, loss);
+    the backbone is ours (``build_backbone``: same module as our runs, so only the
+    pipeline differs), and every setting comes from the config: queue size, temperature,
+    projector sizes, momentum, SGD lr / momentum / weight decay, cosine schedule, batch.
+    """
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import MoCoV2Transform
+    from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
+
+    started = time.perf_counter()
+    train, params = config.train, config.method.mocov2
+    device = torch.device(resolve_accelerator(train.device))
+    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    train_set = load_split(config, "pretrain", config.data.subset)
+    # lightly's CIFAR-10 benchmark (docs/source/getting_started/benchmarks/
+    # cifar10_benchmark.py) turns the Gaussian blur off at 32 px, where it destroys most
+    # of the image; the rest of MoCoV2Transform's defaults (crop scale 0.2-1, jitter
+    # 0.4/0.4/0.4/0.1 with p=0.8, grayscale 0.2, flip 0.5) are then our "cifar" preset.
+    # Normalised with the dataset's statistics, as the kNN's eval transform is (lightly
+    # defaults to ImageNet's).
+    transform = MoCoV2Transform(input_size=config.data.image_size, gaussian_blur=0.0,
+                                normalize={"mean": list(train_set.mean),
+                                           "std": list(train_set.std)})
+    # Persistent workers, as our loader has: no worker restart at every epoch.
+    loader = DataLoader(LightlyViews(train_set, transform), batch_size=train.batch_size,
+                        shuffle=True, drop_last=True, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(train.seed))
+    torch.manual_seed(train.seed)  # the initial weights of our runs (the engine seeds so)
+    backbone, feature_dim = build_backbone(config.model, config.data.image_size)
+    projection_head = MoCoProjectionHead(feature_dim, params.proj_hidden_dim,
+                                         params.proj_output_dim)
+    backbone_momentum = copy.deepcopy(backbone)
+    projection_head_momentum = copy.deepcopy(projection_head)
+    deactivate_requires_grad(backbone_momentum)
+    deactivate_requires_grad(projection_head_momentum)
+    for module in (backbone, projection_head, backbone_momentum, projection_head_momentum):
+        module.to(device).train()
+    criterion = NTXentLoss(temperature=params.temperature,
+                           memory_bank_size=(params.queue_size, params.proj_output_dim)).to(device)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *projection_head.parameters()],
+                                lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise MixmaskError(f"the training set has {len(train_set)} images, fewer than one "
+                           f"batch (train.batch_size={train.batch_size}).")
+    schedule_steps = train.epochs * steps_per_epoch  # the schedule ours follows
+    # Stepped per step, as our engine's; ends at 0 like ours (lightly's default: 0.001).
+    scheduler = CosineWarmupScheduler(optimizer, int(train.warmup_epochs * steps_per_epoch),
+                                      schedule_steps, end_value=0.0)
+    cap = train.max_steps if max_steps is None else max_steps
+    total_steps = min(schedule_steps, cap) if cap else schedule_steps
+
+    def query_and_key(query_view, key_view):
+        query = projection_head(backbone(query_view.to(device, non_blocking=True)))
+        with torch.no_grad():
+            key = projection_head_momentum(backbone_momentum(key_view.to(device,
+                                                                         non_blocking=True)))
+        return query, key
+
+    setup_s = time.perf_counter() - started
+    step, loss = 0, torch.tensor(float("nan"))
+    while step < total_steps and time.perf_counter() - started < budget_s:
+        for (view_0, view_1), _ in loader:
+            momentum = (params.momentum if params.momentum_schedule == "constant" else
+                        cosine_schedule(step, total_steps, params.momentum, params.momentum_end))
+            update_momentum(backbone, backbone_momentum, m=momentum)
+            update_momentum(projection_head, projection_head_momentum, m=momentum)
+            loss = criterion(*query_and_key(view_0, view_1))
+            if params.symmetric:
+                other = criterion(*query_and_key(view_1, view_0))
+                loss = loss + other if params.symmetric_reduction == "sum" else (loss + other) / 2
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if step >= total_steps or time.perf_counter() - started >= budget_s:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall_s = time.perf_counter() - started
+    del loader  # its workers
+    knn_started = time.perf_counter()
+    eval_data = eval_data if eval_data is not None else _eval_data(config)
+    knn = knn_of(backbone, eval_data, config, device)
+    return _row("lightly MoCo v2", steps=step, batch_size=train.batch_size,
+                steps_per_epoch=steps_per_epoch, wall_s=wall_s, train_s=wall_s - setup_s,
+                knn=knn, knn_s=time.perf_counter() - knn_started, loss=float(loss.detach()),
+                workers=workers)
+
+
+class BudgetStop:
+    """Stop a ``pretrain`` in this process once ``budget_s`` seconds have passed since
+    entering: SIGTERM to this process, which the engine's handler turns into a stop at the
+    next step boundary, last.ckpt saved (how SLURM ends a job). It is sent only once the
+    engine's handler is installed; a no-op handler of ours catches one that comes before
+    (not sent) or after the run (a race at its very end), so it never kills the process."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.fired = budget_s, False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> BudgetStop:
+        self.deadline = time.perf_counter() + self.budget_s
+        self._previous = signal.signal(signal.SIGTERM, self._ignore)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _ignore(self, signum, frame) -> None:
+        pass
+
+    def _watch(self) -> None:
+        if self._done.wait(max(0.0, self.deadline - time.perf_counter())):
+            return
+        while not self._done.is_set():
+            if signal.getsignal(signal.SIGTERM) != self._ignore:  # the engine's handler
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self._done.wait(0.05)
+
+
+def mixmask_run(config, pipeline: str, *, budget_s: float, eval_data=None) -> dict[str, Any]:
+    """``mixmask pretrain`` of ``config`` (into a fresh ``out_dir``), stopped after
+    ``budget_s`` seconds if its schedule (or ``train.max_steps``) has not ended by then;
+    then the kNN top-1 of its last.ckpt's backbone. Returns the table row."""
+    run_dir = Path(config.out_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark starts afresh
+    train_images = len(load_split(config, "pretrain", config.data.subset))
+    steps_per_epoch = train_images // config.train.batch_size
+    started = time.perf_counter()
+    with BudgetStop(budget_s) as stop:
+        try:
+            pretrain(config)
+        except MixmaskError:  # "stopped by SIGTERM after step N; saved last.ckpt"
+            if not stop.fired:
+                raise
+    wall_s = time.perf_counter() - started
+    checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
+    backbone, _ = build_backbone(config.model, config.data.image_size)
+    backbone.load_state_dict({key.removeprefix("backbone."): value
+                              for key, value in checkpoint["method"].items()
+                              if key.startswith("backbone.")})
+    device = torch.device(resolve_accelerator(config.train.device))
+    knn_started = time.perf_counter()
+    eval_data = eval_data if eval_data is not None else _eval_data(config)
+    knn = knn_of(backbone.to(device), eval_data, config, device)
+    # The checkpoint's wall time runs from the engine's training start (after data and model).
+    return _row(pipeline, steps=checkpoint["step"], batch_size=config.train.batch_size,
+                steps_per_epoch=steps_per_epoch, wall_s=wall_s,
+                train_s=checkpoint["wall_time_s"], knn=knn,
+                knn_s=time.perf_counter() - knn_started, loss=_last_loss(run_dir),
+                workers=config.data.num_workers, stopped_by_budget=stop.fired)
+
+
+def _row(pipeline: str, *, steps: int, batch_size: int, steps_per_epoch: int, wall_s: float,
+         train_s: float, knn: float, knn_s: float, loss: float, workers: int,
+         stopped_by_budget: bool | None = None) -> dict[str, Any]:
+    # Throughput: images (not views) per second of training, setup excluded, alike for all.
+    row = {"pipeline": pipeline, "images_per_s": steps * batch_size / train_s if train_s else 0.0,
+           "epochs": steps / steps_per_epoch, "steps": steps, "knn_top1": knn,
+           "wall_s": wall_s, "train_s": train_s, "setup_s": wall_s - train_s, "knn_s": knn_s,
+           "last_loss": loss, "loader_workers": workers}
+    if stopped_by_budget is not None:
+        row["stopped_by_budget"] = stopped_by_budget
+    return row
+
+
+def _last_loss(run_dir: Path) -> float:
+    if not (run_dir / "metrics.csv").is_file():  # stopped before its first logged step
+        return float("nan")
+    with (run_dir / "metrics.csv").open() as handle:
+        losses = [row["loss"] for row in csv.DictReader(handle) if row.get("loss")]
+    return float(losses[-1]) if losses else float("nan")
+
+
+def _eval_data(config):
+    eval_data, reason = load_eval_data(config)
+    if eval_data is None:
+        raise MixmaskError(f"cannot measure kNN: {reason}.")
+    return eval_data
+
+
+def compare_with_lightly(args) -> None:
+    try:
+        import lightly
+    except ImportError:
+        print(LIGHTLY_MISSING, file=sys.stderr)
+        raise SystemExit(2) from None
+    budget = PEER_BUDGET_S if args.budget_s is None else args.budget_s
+    out = Path(args.out)
+    run_root = out / f"lightly_seed{args.seed}"
+    common = [*SCALES[args.scale], *PEER_TRAINING_ONLY, *args.overrides,
+              f"train.seed={args.seed}", "train.progress_bar=false"]
+    try:
+        configs = {
+            "lightly MoCo v2": load_config(CONFIG, [*common, "method.masking=none",
+                                                    f"out_dir={run_root / 'lightly'}"]),
+            "mixmask MoCo v2": load_config(CONFIG, [*common, "method.masking=none",
+                                                    f"out_dir={run_root / 'mocov2'}"]),
+            "mixmask MixMask": load_config(CONFIG, [*common, f"out_dir={run_root / 'mixmask'}"]),
+        }
+        reference = configs["lightly MoCo v2"]
+        if reference.method.name != "mocov2" or reference.train.optimizer != "sgd":
+            raise MixmaskError("--peer lightly compares MoCo v2 with SGD (the quickstart's "
+                               "recipe); drop the method.name / train.optimizer override.")
+        # Decoded (and unpacked) once here, so no pipeline's budget pays the first decode.
+        load_split(reference, "pretrain", reference.data.subset)
+        eval_data = _eval_data(reference)
+        # lightly first: our engine sets process-wide malloc options (mixmask.runtime) that
+        # would otherwise speed up the lightly loop too.
+        rows = [lightly_moco_v2(configs["lightly MoCo v2"], budget_s=budget, eval_data=eval_data)]
+        for pipeline in ("mixmask MoCo v2", "mixmask MixMask"):
+            rows.append(mixmask_run(configs[pipeline], pipeline, budget_s=budget,
+                                    eval_data=eval_data))
+    except MixmaskError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
+
+    model = reference.model
+    print(f"\n{reference.data.dataset} ({len(eval_data.train)} kNN bank / "
+          f"{len(eval_data.test)} test images), {model.backbone} width {model.width}, batch "
+          f"{reference.train.batch_size}, budget {budget:.0f} s each, "
+          f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores")
+    print(f"kNN: weighted, k={reference.monitor.knn_k}, t={reference.monitor.knn_temperature}, "
+          "same eval images for all")
+    print(f"{'pipeline':<16} {'img/s':>7} {'epochs':>7} {'kNN top-1':>9} {'wall s':>7}")
+    for row in rows:
+        print(f"{row['pipeline']:<16} {row['images_per_s']:7.1f} {row['epochs']:7.2f} "
+              f"{row['knn_top1']:9.2f} {row['wall_s']:7.1f}")
+    result = {
+        "peer": "lightly",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": str(resolve_accelerator(reference.train.device)),
+                    "versions": {**versions(), "lightly": lightly.__version__}},
+        "settings": {
+            "budget_s": budget, "config": str(CONFIG), "scale": args.scale,
+            "overrides": args.overrides, "seed": args.seed,
+            "budget_counts": "data split, model, loader and training; kNN afterwards",
+            "knn": {"k": reference.monitor.knn_k,
+                    "temperature": reference.monitor.knn_temperature,
+                    "bank_images": len(eval_data.train), "test_images": len(eval_data.test)},
+            "lightly_transform": "MoCoV2Transform(input_size, gaussian_blur=0.0, dataset "
+                                 "mean/std)",
+            "resolved_config": {name: config.to_dict() for name, config in configs.items()},
+        },
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"lightly_seed{args.seed}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,10 +417,16 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--every", type=int, default=1, help="monitor every N epochs")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="report the accuracy reached within this wall time")
+                        help="report the accuracy reached within this wall time (--peer: "
+                             f"train each pipeline for it; default {PEER_BUDGET_S:.0f})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/benchmarks/time_to_accuracy")
+    parser.add_argument("--peer", choices=["lightly"], default=None,
+                        help="compare with another library's MoCo v2 (see above)")
     args = parser.parse_args()
+    if args.peer == "lightly":
+        compare_with_lightly(args)
+        return
 
     out = Path(args.out)
     run_dir = out / f"{args.scale}_seed{args.seed}"

@@ -128,7 +128,9 @@ def test_base_inheritance_and_round_trip(tmp_path):
     assert load_config(tmp_path / "config.yaml") == config
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+# configs/transfer/ holds detectron2's configs, not ours.
+@pytest.mark.parametrize("path", sorted(path for path in CONFIGS.rglob("*.yaml")
+                                        if "transfer" not in path.parts), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(path)
 

@@ -58,10 +58,10 @@ def test_real_pretrain_writes_a_complete_run_folder_and_resumes(tmp_path, cifar1
 
     # Offline evaluation of the finished run from the command line.
     assert main(["knn", str(run)]) == 0
-    offline = json.loads((run / "eval_knn.json").read_text())
-    assert offline["knn_top1"] == pytest.approx(saved["knn_top1"]) and offline["step"] == 8
-    assert main(["linear", str(run), "eval.linear_epochs=1"]) == 0
-    assert 0 <= json.loads((run / "eval_linear.json").read_text())["linear_top1"] <= 100
+    offline = json.loads((run / "eval" / "knn.json").read_text())
+    assert offline["top1"] == pytest.approx(saved["knn_top1"]) and offline["pretrain_step"] == 8
+    assert main(["linear", str(run), "--protocol", "cached", "eval.linear_epochs=1"]) == 0
+    assert 0 <= json.loads((run / "eval" / "linear_cached.json").read_text())["top1"] <= 100
 
     # Extend the finished run to 3 epochs: it continues from step 8, not from 0.
     resumed = pretrain(tiny_config(tmp_path, cifar10_tarball, "train.epochs=3", "resume=auto"))

@@ -4,7 +4,6 @@ sentence, no traceback."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -14,7 +13,11 @@ EXAMPLES = """examples:
   mixmask pretrain configs/quickstart.yaml data.root=~/data/cifar10
   mixmask pretrain configs/cifar100/mixmask_mocov2_r18.yaml train.device=cuda train.precision=bf16
   mixmask knn runs/quickstart
-  mixmask linear runs/quickstart eval.linear_epochs=50
+  mixmask linear runs/quickstart --protocol moco eval.linear_epochs=10
+  mixmask finetune runs/quickstart --labels 10% --config configs/eval/semisup_10pct.yaml
+  mixmask finetune runs/quickstart --labels 10% --from-scratch
+  mixmask export runs/quickstart --format torchvision --out r18.pth
+  mixmask results runs/
   mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
   mixmask --import my_method.py pretrain my_method.yaml     # a method defined in your file
 """
@@ -31,12 +34,30 @@ def _parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone from a YAML config")
     pretrain.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    for name, what in (("knn", "weighted kNN top-1"), ("linear", "linear-probe top-1")):
-        command = commands.add_parser(name, help=f"{what} of a pretrained run's backbone")
-        command.add_argument("run", help="a run folder written by `mixmask pretrain`")
-        command.add_argument("overrides", nargs="*",
-                             help="section.key=value overrides of the run's config")
-        command.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    knn = _evaluation_parser(commands, "knn", "weighted kNN top-1/top-5 -> RUN/eval/knn.json")
+    knn.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    linear = _evaluation_parser(commands, "linear", "linear classifier on the frozen backbone "
+                                "-> RUN/eval/linear_<protocol>.json")
+    linear.add_argument("--protocol", choices=("moco", "cached"), default="moco",
+                        help="moco: MoCo's protocol (per-epoch augmentation, lr 30); cached: "
+                             "standardised cached features (fast); default moco")
+    linear.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    finetune = _evaluation_parser(commands, "finetune", "finetune the whole network with a "
+                                  "share of the labels -> RUN/eval/finetune_<N>pct.json")
+    finetune.add_argument("--labels", required=True, help="1%%, 10%% or 100%%")
+    finetune.add_argument("--from-scratch", action="store_true",
+                          help="the same recipe from the random init of train.seed (baseline)")
+    finetune.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    export = commands.add_parser("export", help="backbone weights for torchvision, timm or "
+                                 "detectron2")
+    export.add_argument("run", help="a run folder written by `mixmask pretrain`")
+    export.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    export.add_argument("--format", required=True, choices=("torchvision", "timm", "detectron2"))
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    results = commands.add_parser("results", help="one table of every evaluation of the runs")
+    results.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
+    results.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     show = commands.add_parser(
         "show-masks", help="write a PNG of what a config feeds the model: originals, masks, "
                            "mixed and switched views, erased and Un-Mix views")
@@ -47,8 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _evaluation_parser(commands, name: str, what: str):
+    command = commands.add_parser(name, help=what)
+    command.add_argument("run", help="a run folder written by `mixmask pretrain`")
+    command.add_argument("overrides", nargs="*",
+                         help="section.key=value overrides of the run's config")
+    command.add_argument("--config", dest="protocol_file", metavar="YAML",
+                         help="a protocol's settings merged over the run's config before the "
+                              "overrides, e.g. configs/eval/cifar_linear_moco.yaml")
+    return command
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow the flags (`finetune RUN --labels 10% eval.finetune_epochs=1`):
+    # argparse gives the positional list only what precedes the first flag.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         from mixmask.methods.registry import import_plugin
 
@@ -58,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args)
         if args.command == "show-masks":
             return _show_masks(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "results":
+            return _results(args)
         return _evaluate(args)
     except MixmaskError as error:
         print(f"mixmask: error: {error}", file=sys.stderr)
@@ -122,50 +165,54 @@ def _print_summary(console, summary: dict, out_dir: Path) -> None:
 
 
 def _evaluate(args) -> int:
-    import torch
+    from rich.console import Console
 
-    from mixmask.config import load_config
-    from mixmask.data.splits import load_eval_data
-    from mixmask.engine import (
-        load_checkpoint_file,
-        load_state,
-        nonfinite_tensors,
-        resolve_accelerator,
-    )
-    from mixmask.eval import evaluate
-    from mixmask.methods import PixelStats, build_method
+    from mixmask.eval import protocols
+
+    console = Console()
+    run = Path(args.run)
+    common = dict(checkpoint=args.checkpoint, protocol_file=args.protocol_file,
+                  console=console)
+    if args.command == "knn":
+        path, result = protocols.run_knn(run, args.overrides, **common)
+    elif args.command == "linear":
+        path, result = protocols.run_linear(run, args.overrides, protocol=args.protocol,
+                                            **common)
+    else:
+        path, result = protocols.run_finetune(run, args.overrides, labels=args.labels,
+                                              from_scratch=args.from_scratch, **common)
+    best = (f"; best epoch {result['best_epoch']}: top-1 {result['best_top1']:.2f}"
+            if "best_epoch" in result else "")
+    last = " (last epoch)" if "best_epoch" in result else ""
+    console.print(f"{result['protocol']}: top-1 {result['top1']:.2f}%, top-5 "
+                  f"{result['top5']:.2f}%{last}{best}. Protocol: {result['description']}. "
+                  f"Written to {path}")
+    return 0
+
+
+def _export(args) -> int:
+    from mixmask.eval.protocols import build_run_method, load_run_checkpoint, load_run_config
+    from mixmask.export import backbone_state, export_backbone
 
     run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise MixmaskError(f"{run} is not a run folder (no config.yaml); pass the out_dir of "
-                           "`mixmask pretrain`.")
-    config = load_config(run / "config.yaml", args.overrides)
-    default_checkpoint = run / "checkpoints" / "last.ckpt"
-    checkpoint_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint
-    if not checkpoint_path.is_file():
-        raise MixmaskError(f"no checkpoint at {checkpoint_path}; has the run saved one yet?")
-    checkpoint = load_checkpoint_file(checkpoint_path,
-                                      other="pass another one with --checkpoint PATH")
-    bad = nonfinite_tensors(checkpoint["method"])
-    if bad:
-        raise MixmaskError(f"checkpoint {checkpoint_path} holds non-finite values ({len(bad)} "
-                           f"tensors, e.g. {bad[0]}): it comes from a diverged run; evaluate an "
-                           "earlier one with --checkpoint PATH.")
-    eval_data, reason = load_eval_data(config)
-    if eval_data is None:
-        raise MixmaskError(f"cannot evaluate: {reason}.")
-    train_set = eval_data.train.image_set
-    method = build_method(config, PixelStats(tuple(train_set.mean), tuple(train_set.std)))
-    load_state(method, checkpoint["method"], checkpoint_path)
-    device = torch.device(resolve_accelerator(config.train.device))
-    torch.manual_seed(config.train.seed)
-    results = evaluate(method.to(device), eval_data, config, device,
-                       knn=args.command == "knn", linear=args.command == "linear")
-    results.update(checkpoint=str(checkpoint_path), step=checkpoint["step"])
-    (run / f"eval_{args.command}.json").write_text(json.dumps(results, indent=2))
-    key = f"{args.command}_top1"
-    print(f"{key}: {results[key]:.2f}% (checkpoint step {checkpoint['step']}); "
-          f"written to {run / f'eval_{args.command}.json'}")
+    config = load_run_config(run, args.overrides)
+    checkpoint_path, content = load_run_checkpoint(run, args.checkpoint)
+    method = build_run_method(config, None, checkpoint_path, content)
+    report = export_backbone(backbone_state(method), config.model, args.format, args.out)
+    print(f"wrote {report['out']}: {report['tensors']} tensors for {report['target']}.")
+    for note in report["notes"]:
+        print(f"  {note}")
+    return 0
+
+
+def _results(args) -> int:
+    from mixmask.eval.results import find_runs, format_table, result_rows
+
+    rows = result_rows(find_runs(args.runs))
+    if not rows:
+        raise MixmaskError("no evaluation results (RUN/eval/*.json) in the given runs; run "
+                           "`mixmask knn|linear|finetune RUN` first.")
+    sys.stdout.write(format_table(rows, args.format))
     return 0
 
 

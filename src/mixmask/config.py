@@ -319,9 +319,14 @@ def _to_plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                layers: list[str | Path] | tuple[str | Path, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), merge the ``layers``
+    files over it in order (an evaluation protocol's settings over a run's config), then
+    apply overrides."""
     raw = _read_yaml(Path(path)) if path is not None else {}
+    for layer in layers:
+        _deep_merge(raw, _read_yaml(Path(layer)))
     for override in overrides:
         _apply_override(raw, override)
     overridden = {override.split("=", 1)[0].strip() for override in overrides}

@@ -29,7 +29,7 @@ from torch import nn
 
 from mixmask import __version__
 from mixmask.config import Config, save_config
-from mixmask.data import EpochBatchSampler, build_train_loader
+from mixmask.data import UNLABELED, EpochBatchSampler, ImageSet, build_train_loader
 from mixmask.data.loaders import worker_error_message
 from mixmask.data.splits import EvalData, load_eval_data, load_split
 from mixmask.errors import CheckpointError, ConfigError, DatasetError, MixmaskError
@@ -272,7 +272,10 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                           "choose another out_dir (or delete that folder) to start afresh.")
     say = _printer(fabric, console)
     # The data is checked before anything is written, so a mistake leaves no run folder.
-    train_set = load_split(config, "train", config.data.subset)
+    train_set = load_split(config, "pretrain", config.data.subset)
+    if train_set.bad_files:
+        say(f"Warning: skipped {len(train_set.bad_files)} unreadable image files of the "
+            f"training split (e.g. {train_set.bad_files[0]}); summary.json lists them.")
     if len(train_set) < config.train.batch_size:
         raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
                           f"(train.batch_size={config.train.batch_size}).")
@@ -372,7 +375,7 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
                sampler=sampler, steps_per_epoch=steps_per_epoch, eval_data=eval_data,
                metrics=metrics, state=state, checkpoint_dir=checkpoint_dir, say=say,
                pixel_stats=pixel_stats, elapsed_before=elapsed_before,
-               resumed_from=resume_path)
+               resumed_from=resume_path, train_set=train_set)
     try:
         with _StopSignals() as stop:
             run.stop = stop
@@ -457,7 +460,8 @@ class _Run:
                  probe_optimizer, generator: torch.Generator, loader, sampler,
                  steps_per_epoch: int, eval_data: EvalData | None, metrics: MetricsLog,
                  state: dict, checkpoint_dir: Path, say, pixel_stats: PixelStats,
-                 elapsed_before: float = 0.0, resumed_from: Path | None = None):
+                 elapsed_before: float = 0.0, resumed_from: Path | None = None,
+                 train_set: ImageSet | None = None):
         self.config, self.fabric, self.method, self.optimizer = config, fabric, method, optimizer
         self.probe, self.probe_optimizer, self.generator = probe, probe_optimizer, generator
         self.loader, self.sampler, self.steps_per_epoch = loader, sampler, steps_per_epoch
@@ -478,6 +482,11 @@ class _Run:
         # probe features).
         self.probe_trained = resumed_from is not None and probe is not None
         self.last_epoch_metrics: dict[str, float] = {}
+        # The files it skips as unreadable go to summary.json; whether it holds unlabelled
+        # images (STL-10's pretraining split) decides whether the probe checks for labels.
+        self.train_set = train_set
+        self.unlabelled_in_train = train_set is not None and (
+            train_set.labels is None or bool((train_set.labels < 0).any()))
         self._pending_log = None  # (step, lr, names, values, ready event): see _log_step
         train = config.train
         self.profiler = (StepProfiler(Path(config.out_dir) / "profile", fabric.device,
@@ -568,9 +577,14 @@ class _Run:
             logs = dict(output.logs)
             if output.skipped:
                 self.state["skipped_steps"] += 1
-            elif self.probe is not None and output.features is not None:
+            elif (self.probe is not None and output.features is not None
+                    and self._any_labelled(batch.labels)):
                 self.probe_trained = True
-                probe_loss = F.cross_entropy(self.probe(output.features), batch.labels)
+                # The mean over this process's labelled images (the sum over none is 0, not
+                # the NaN of a mean over none, when another process holds the labels).
+                labelled = (batch.labels != UNLABELED).sum().clamp(min=1)
+                probe_loss = F.cross_entropy(self.probe(output.features), batch.labels,
+                                             ignore_index=UNLABELED, reduction="sum") / labelled
                 fabric.backward(probe_loss)
                 self.probe_optimizer.step()
                 self.probe_optimizer.zero_grad(set_to_none=True)
@@ -597,6 +611,18 @@ class _Run:
         self.train_seconds += time.perf_counter() - start
         self.train_images += images_seen
         return stopping
+
+    def _any_labelled(self, labels: torch.Tensor) -> bool:
+        """Whether any process's batch holds a labelled image, so the online probe has
+        something to learn from. Read on the host, and agreed on under DDP (every process
+        skips the same probe steps), so only training sets with unlabelled images (STL-10
+        mixes 100k of them with its 5k labelled ones) pay for it."""
+        if not self.unlabelled_in_train:
+            return True
+        found = (labels != UNLABELED).any().float()
+        if self.fabric.world_size > 1:
+            found = self.fabric.all_reduce(found, reduce_op="max")
+        return bool(found > 0)
 
     def _report_profile(self, summary: dict | None) -> None:
         if summary is None:
@@ -725,6 +751,18 @@ class _Run:
         self.last_good = (self.checkpoint_dir / name, self.state["step"])
         fabric.barrier()
 
+    def _skipped_files(self) -> list[str]:
+        """The training split's unreadable files: left out when loading, or met by the
+        DataLoader workers (flags in shared memory, merged over DDP processes, which read
+        different files)."""
+        if self.train_set is None:
+            return []
+        flags = self.train_set.read_failures
+        if flags is not None and self.fabric.world_size > 1:
+            flags = self.fabric.all_reduce(flags.to(self.fabric.device, torch.float32),
+                                           reduce_op="max")
+        return self.train_set.skipped_files(flags)
+
     def _disk_full_message(self, path: Path, content: dict[str, Any]) -> str:
         needed = _tensor_bytes(content)
         free = shutil.disk_usage(path.parent).free
@@ -737,6 +775,7 @@ class _Run:
 
     def finish(self) -> dict[str, Any] | None:
         config, fabric = self.config, self.fabric
+        bad_files = self._skipped_files()
         summary: dict[str, Any] = {
             "method": config.method.name,
             "masking": config.method.axis.masking if config.method.axis is not None else "none",
@@ -763,6 +802,11 @@ class _Run:
         summary["images_per_s"] = (self.train_images / self.train_seconds
                                    if self.train_seconds else None)
         summary["skipped_steps"] = self.state["skipped_steps"]
+        summary["bad_images"] = len(bad_files)
+        summary["bad_image_files"] = bad_files[:100]
+        if bad_files:
+            self.say(f"Warning: {len(bad_files)} unreadable image files were skipped (e.g. "
+                     f"{bad_files[0]}); summary.json lists them under bad_image_files.")
         summary["versions"] = versions()
         summary["device"] = device_name(fabric.device)
         summary["world_size"] = fabric.world_size

@@ -23,6 +23,11 @@ seed, the epoch and the index (batch), so the views are a pure function of those
 identical across worker counts, and a run resumed mid-epoch
 (``EpochBatchSampler.set_epoch(epoch, start_batch)``) draws exactly the views the
 uninterrupted run would have drawn.
+
+Every item is read with :meth:`~mixmask.data.datasets.ImageSet.load_item`: a file that
+cannot be decoded in a worker is replaced by the next readable file (the same one every
+time), warned about once and flagged in ``ImageSet.read_failures``, shared memory the
+main process reads for ``summary.json``.
 """
 
 from __future__ import annotations
@@ -56,12 +61,9 @@ __all__ = [
 ]
 
 
-def _label(image_set: ImageSet, index: int) -> int:
-    return UNLABELED if image_set.labels is None else int(image_set.labels[index])
-
-
 class EvalDataset(Dataset):
-    """Items are (image, label); label is -1 for unlabeled data."""
+    """Items are (image, label); label is -1 for unlabeled data. An unreadable file is
+    replaced by the next readable one, with its label (:meth:`ImageSet.load_item`)."""
 
     def __init__(self, image_set: ImageSet, transform: Callable[[PIL.Image.Image], torch.Tensor]):
         self.image_set = image_set
@@ -71,7 +73,8 @@ class EvalDataset(Dataset):
         return len(self.image_set)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.image_set.load_pil(index)), _label(self.image_set, index)
+        image, label = self.image_set.load_item(index)
+        return self.transform(image), label
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -139,12 +142,12 @@ class MultiViewDataset(Dataset):
     ) -> tuple[tuple[torch.Tensor, ...], int, torch.Tensor, torch.Tensor]:
         index, epoch = key
         torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
-        image = self.image_set.load_pil(index)
+        image, label = self.image_set.load_item(index)
         drawn = [transform(image) for transform in self.transforms]
         views = tuple(view for view, _, _ in drawn)
         boxes = torch.tensor([box for _, box, _ in drawn], dtype=torch.int64)
         flips = torch.tensor([flipped for _, _, flipped in drawn], dtype=torch.bool)
-        return views, _label(self.image_set, index), boxes, flips
+        return views, label, boxes, flips
 
 
 class CropDataset(Dataset):
@@ -174,7 +177,7 @@ class CropDataset(Dataset):
     ) -> tuple[tuple[torch.Tensor, ...], int, torch.Tensor, int]:
         index, epoch = key
         generator = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
-        image = self.image_set.load_pil(index)
+        image, label = self.image_set.load_item(index)
         width, height = image.size
         crops, boxes = [], []
         for view in self.views:
@@ -184,7 +187,7 @@ class CropDataset(Dataset):
                                    interpolation=InterpolationMode.BILINEAR, antialias=True)
             crops.append(TF.pil_to_tensor(crop))
             boxes.append(box)
-        return tuple(crops), _label(self.image_set, index), torch.stack(boxes), epoch
+        return tuple(crops), label, torch.stack(boxes), epoch
 
 
 def worker_error_message(error: BaseException) -> str:

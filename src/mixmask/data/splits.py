@@ -14,16 +14,20 @@ _TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100
 
 
 def load_split(config, split: str, subset: int) -> ImageSet:
-    """One split of ``data.dataset``. A CIFAR dataset whose ``data.root`` is an ImageFolder
+    """One split of ``data.dataset``: "pretrain" (what pretraining reads: STL-10's unlabeled
+    + train images, the train split of every other dataset), "train" or "test" (the
+    labelled evaluation sets). A CIFAR dataset whose ``data.root`` is an ImageFolder
     tree or tarball (a copy of CIFAR as image files) is read as such, with CIFAR's
     normalisation statistics, so one ``data.root=`` override is all an offline user needs."""
     data = config.data
     name, root = data.dataset, os.path.expanduser(data.root)
     if name in _TORCHVISION_FOLDERS and _looks_like_imagefolder(root, name):
-        image_set = load_image_set("imagefolder", root, split, subset=subset)
+        image_set = load_image_set("imagefolder", root, split, subset=subset,
+                                   max_bad_fraction=data.max_bad_fraction)
         image_set.mean, image_set.std = DATASET_STATS[name]
         return image_set
-    return load_image_set(name, root, split, download=data.download, subset=subset)
+    return load_image_set(name, root, split, download=data.download, subset=subset,
+                          max_bad_fraction=data.max_bad_fraction)
 
 
 def _looks_like_imagefolder(root: str, name: str) -> bool:

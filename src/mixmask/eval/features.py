@@ -12,12 +12,13 @@ from torch.utils.data import DataLoader, Dataset
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, *, device: torch.device,
                      batch_size: int = 256, num_workers: int = 0,
-                     encode: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                     encode: Callable[[Tensor], Tensor] | None = None,
+                     progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
     """Features [N, D] (float32, on ``device``) and labels [N] of a labelled dataset.
 
     ``model`` is put in eval mode for the extraction (and back after); ``encode`` maps a
     batch of images to pooled features (default: ``model`` itself; for a method, its
-    ``features``)."""
+    ``features``); ``progress(images)`` is called after each batch."""
     encode = model if encode is None else encode
     was_training = model.training
     model.eval()
@@ -29,6 +30,8 @@ def extract_features(model: nn.Module, dataset: Dataset, *, device: torch.device
             images = images.to(device, non_blocking=True)
             features.append(encode(images).float())
             labels.append(targets.to(device, non_blocking=True))
+            if progress is not None:
+                progress(len(targets))
     finally:
         model.train(was_training)
     return torch.cat(features), torch.cat(labels)

@@ -1,0 +1,224 @@
+"""Finetuning the whole network with a linear classifier: semi-supervised (1% / 10% of the
+labels) and full (100%), from the pretrained backbone or, for the baseline, from the
+random init of the same seed.
+
+The recipe is Barlow Twins' ``evaluate.py --weights finetune`` (Zbontar et al. 2021,
+sec. 4 and its README's semi-supervised commands), the semi-supervised protocol of the
+papers the MixMask paper compares with (its own code is unreleased): SGD with momentum
+0.9, one lr for the head (0.5) and one for the backbone (0.002), weight decay 0, cosine
+decay per epoch over 20 epochs, batch 256, BN in train mode, RandomResizedCrop + flip
+(CIFAR: pad-crop-flip), the head initialised N(0, 0.01) with zero bias, the centre-crop
+test after every epoch (evaluate.py reports the best epoch; we report the last and the
+best, and say which is which).
+
+Training runs on Fabric (devices, precision, DDP) through :func:`mixmask.step.training_step`,
+as pretraining does; the state is saved at every epoch's end, every
+``train.checkpoint_every_steps`` steps and on a stop signal, and the same command
+continues it exactly (the batches and augmentation are a pure function of seed, epoch and
+image).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mixmask.data.batch import Batch
+from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.eval.accuracy import EpochRecord, topk_accuracy
+from mixmask.eval.data import AugmentedLabelled, EpochBatches, train_loader
+from mixmask.methods.protocol import StepOutput
+from mixmask.step import all_finite, training_step
+
+
+class Classifier(nn.Module):
+    """A backbone and a linear head; its forward is a training step (cross-entropy on the
+    batch's first view), so :func:`mixmask.step.training_step` and Fabric drive it as they
+    drive a pretraining method."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+        # evaluate.py: head.weight ~ N(0, 0.01), head.bias = 0.
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def scores(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None,
+                progress: float = 0.0) -> StepOutput:
+        loss = F.cross_entropy(self.scores(batch.views[0]), batch.labels)
+        return StepOutput(loss, {"loss": loss.detach()})
+
+
+def cosine_epoch_lr(base: float, epoch: int, epochs: int) -> float:
+    """torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch (evaluate.py):
+    the lr of epoch ``epoch`` (0-based)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def parameter_groups(classifier: Classifier, *, lr_backbone: float, lr_head: float
+                     ) -> list[dict[str, Any]]:
+    return [{"params": list(classifier.head.parameters()), "base_lr": lr_head, "lr": lr_head},
+            {"params": list(classifier.backbone.parameters()), "base_lr": lr_backbone,
+             "lr": lr_backbone}]
+
+
+@torch.no_grad()
+def test_accuracy(model: Classifier, test_set: Dataset, *, device: torch.device,
+                  batch_size: int = 256, num_workers: int = 0,
+                  autocast: Callable[[], Any] | None = None) -> dict[int, float]:
+    """Top-1 / top-5 (percent) of ``model`` on ``test_set`` in eval mode (then back)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(test_set, batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    scores, labels = [], []
+    try:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            if autocast is not None:
+                with autocast():
+                    scores.append(model.scores(images).float())
+            else:
+                scores.append(model.scores(images).float())
+            labels.append(targets.to(device))
+    finally:
+        model.train(was_training)
+    return topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+
+class FinetuneStopped(MixmaskError):
+    """A stop signal ended finetuning at a step boundary; the state was saved."""
+
+
+def finetune(*, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabelled,
+             test_set: Dataset, epochs: int, batch_size: int, lr_backbone: float,
+             lr_head: float, weight_decay: float, seed: int, checkpoint_path: Path,
+             settings: dict[str, Any], num_workers: int = 0, checkpoint_every_steps: int = 0,
+             stop=None, say: Callable[[str], None] = print,
+             progress: Callable[[int], None] | None = None,
+             on_epoch: Callable[[int, dict[str, float]], None] | None = None
+             ) -> tuple[EpochRecord, float]:
+    """Finetune ``classifier`` (resuming from ``checkpoint_path`` when it holds the same
+    ``settings``); returns the test record of every epoch and the wall time spent, resumed
+    parts included. ``stop.received`` (a signal name) ends it at the next step boundary,
+    saved, with :class:`FinetuneStopped`."""
+    optimizer = torch.optim.SGD(
+        parameter_groups(classifier, lr_backbone=lr_backbone, lr_head=lr_head),
+        lr=lr_head, momentum=0.9, weight_decay=weight_decay)
+    model, optimizer = fabric.setup(classifier, optimizer)
+    batches = EpochBatches(len(train_set), batch_size, seed=seed, rank=fabric.global_rank,
+                           world_size=fabric.world_size)
+    loader = train_loader(train_set, batches, num_workers=num_workers,
+                          pin_memory=fabric.device.type == "cuda")
+    steps_per_epoch = batches.batches_per_epoch
+    total_steps = epochs * steps_per_epoch
+    state = {"step": 0, "history": [], "wall_time_s": 0.0}
+    if checkpoint_path.is_file():
+        _resume(checkpoint_path, settings, model, optimizer, state)
+        say(f"Resumed {checkpoint_path} at step {state['step']} of {total_steps}.")
+    record = EpochRecord(list(state["history"]))
+    started = time.perf_counter()
+    state_tensors = [tensor for tensor in (*model.parameters(), *model.buffers())
+                     if tensor.is_floating_point()]
+
+    def save() -> None:
+        if not bool(all_finite(state_tensors)):
+            raise MixmaskError(
+                f"finetuning diverged by step {state['step']}: the weights hold NaN or "
+                f"infinity, so nothing was saved; lower eval.finetune_lr_backbone / "
+                f"eval.finetune_lr_head or use train.precision=32 (the last good state is "
+                f"{checkpoint_path if checkpoint_path.is_file() else 'none'}).")
+        content = {"classifier": model.module.state_dict(),
+                   "optimizer": optimizer.state_dict(), "step": state["step"],
+                   "history": record.history, "settings": settings,
+                   "wall_time_s": state["wall_time_s"] + time.perf_counter() - started}
+        if fabric.is_global_zero:
+            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = checkpoint_path.with_suffix(".partial")
+            try:
+                torch.save(content, partial)
+                os.replace(partial, checkpoint_path)
+            except (OSError, RuntimeError) as error:
+                partial.unlink(missing_ok=True)
+                raise CheckpointError(
+                    f"cannot save {checkpoint_path} at step {state['step']} ({error}); free "
+                    "some space and run the same command again to continue.") from None
+        fabric.barrier()
+
+    generator = torch.Generator(device=fabric.device).manual_seed(seed)
+    while state["step"] < total_steps:
+        epoch, start_batch = divmod(state["step"], steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_epoch_lr(group["base_lr"], epoch, epochs)
+        batches.set_epoch(epoch, start_batch)
+        model.train()
+        for images, labels in loader:
+            batch = Batch.from_views(images.to(fabric.device, non_blocking=True),
+                                     labels=labels.to(fabric.device, non_blocking=True))
+            training_step(model, optimizer, batch, generator, state["step"] / total_steps,
+                          backward=fabric.backward)
+            state["step"] += 1
+            if progress is not None:
+                progress(len(labels) * fabric.world_size)
+            at_epoch_end = state["step"] % steps_per_epoch == 0
+            if stop is not None and stop.received is not None and not at_epoch_end:
+                save()
+                raise FinetuneStopped(
+                    f"stopped by {stop.received} after step {state['step']} of {total_steps}; "
+                    f"saved {checkpoint_path}. Run the same command again to continue "
+                    "exactly where it stopped.")
+            if (checkpoint_every_steps and state["step"] % checkpoint_every_steps == 0
+                    and not at_epoch_end):
+                save()
+        accuracy = {1: 0.0, 5: 0.0}
+        if fabric.is_global_zero:
+            autocast = getattr(fabric, "autocast", None)
+            accuracy = test_accuracy(model.module, test_set, device=fabric.device,
+                                     num_workers=num_workers, autocast=autocast)
+        accuracy = fabric.broadcast(accuracy, src=0)
+        record.add(epoch + 1, accuracy[1], accuracy[5])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, {"top1": accuracy[1], "top5": accuracy[5]})
+        save()
+        if stop is not None and stop.received is not None and state["step"] < total_steps:
+            raise FinetuneStopped(
+                f"stopped by {stop.received} after epoch {epoch + 1} of {epochs}; saved "
+                f"{checkpoint_path}. Run the same command again to continue.")
+    return record, state["wall_time_s"] + time.perf_counter() - started
+
+
+def _resume(path: Path, settings: dict[str, Any], model, optimizer, state: dict) -> None:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt
+        raise CheckpointError(f"{path} is corrupt ({type(error).__name__}); delete it to "
+                              "finetune from the start.") from None
+    if not isinstance(checkpoint, dict) or "classifier" not in checkpoint:
+        raise CheckpointError(f"{path} is not a mixmask finetune checkpoint; delete it to "
+                              "finetune from the start.")
+    saved = checkpoint.get("settings", {})
+    differing = sorted(key for key in set(saved) | set(settings)
+                       if saved.get(key) != settings.get(key))
+    if differing:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {settings.get(key)!r} now"
+                          for key in differing[:3])
+        raise ConfigError(f"{path.parent} holds a finetune with other settings ({shown}); "
+                          "delete that folder to finetune afresh with these.")
+    model.module.load_state_dict(checkpoint["classifier"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    state.update(step=checkpoint["step"], history=checkpoint["history"],
+                 wall_time_s=checkpoint.get("wall_time_s", 0.0))

@@ -1,0 +1,369 @@
+"""The evaluation commands on a run folder: ``mixmask knn | linear | finetune``.
+
+Each loads the run's resolved config (``config.yaml``, then an optional protocol file from
+``configs/eval/``, then ``key=value`` overrides), a checkpoint of the run, and writes one
+``RUN/eval/<protocol>.json`` that names its protocol beside its numbers, so results of
+different protocols never overwrite each other and ``mixmask results`` can tabulate them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from mixmask.config import Config, load_config
+from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.eval.accuracy import EpochRecord
+from mixmask.eval.data import (
+    LABEL_FRACTIONS,
+    AugmentedLabelled,
+    classifier_train_transform,
+    label_subset,
+)
+from mixmask.eval.features import extract_features
+from mixmask.eval.knn import knn_accuracy
+from mixmask.eval.linear import linear_moco, train_linear_probe
+from mixmask.progress import image_progress
+
+PROTOCOL_DESCRIPTIONS = {
+    "knn": "weighted kNN (InstDisc): k={k}, t={t}, cosine similarity, centre-crop features",
+    "linear_moco": "linear, MoCo protocol: frozen backbone (BN eval), per-epoch augmentation, "
+                   "SGD lr {lr} m0.9 wd {wd}, {epochs} epochs, steps at {steps}",
+    "linear_cached": "linear on cached standardised centre-crop features: SGD lr {lr} m0.9, "
+                     "{epochs} epochs, steps at {steps}",
+    "finetune": "finetune (Barlow Twins semi-supervised recipe): {labels} labels, "
+                "lr backbone {lr_backbone} / head {lr_head}, wd {wd}, {epochs} epochs cosine, "
+                "{init}",
+}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def load_run_config(run: Path, overrides: list[str], protocol_file: str | None = None
+                    ) -> Config:
+    if not (run / "config.yaml").is_file():
+        raise MixmaskError(f"{run} is not a run folder (no config.yaml); pass the out_dir of "
+                           "`mixmask pretrain`.")
+    layers = [protocol_file] if protocol_file else []
+    return load_config(run / "config.yaml", overrides, layers=layers)
+
+
+def load_run_checkpoint(run: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any]]:
+    from mixmask.engine import load_checkpoint_file, nonfinite_tensors
+
+    path = Path(checkpoint) if checkpoint else run / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; has the run saved one yet?")
+    content = load_checkpoint_file(path, other="pass another one with --checkpoint PATH")
+    bad = nonfinite_tensors(content["method"])
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values ({len(bad)} tensors, "
+                              f"e.g. {bad[0]}): it comes from a diverged run; evaluate an "
+                              "earlier one with --checkpoint PATH.")
+    return path, content
+
+
+def build_run_method(config: Config, pixel_stats, checkpoint_path: Path | None,
+                     checkpoint: dict[str, Any] | None):
+    """The run's method, with the checkpoint's weights, or (no checkpoint) the random init
+    of ``train.seed``: the init pretraining started from (the engine seeds the same way)."""
+    from mixmask.engine import load_state
+    from mixmask.methods import build_method
+
+    torch.manual_seed(config.train.seed)
+    method = build_method(config, pixel_stats)
+    if checkpoint is not None:
+        load_state(method, checkpoint["method"], checkpoint_path)
+    return method
+
+
+def _device(config: Config) -> torch.device:
+    from mixmask.engine import resolve_accelerator
+
+    return torch.device(resolve_accelerator(config.train.device))
+
+
+def _eval_sets(config: Config):
+    from mixmask.data.splits import load_eval_data
+
+    eval_data, reason = load_eval_data(config)
+    if eval_data is None:
+        raise MixmaskError(f"cannot evaluate: {reason}.")
+    return eval_data
+
+
+def write_result(run: Path, name: str, result: dict[str, Any]) -> Path:
+    """``RUN/eval/<name>.json``, written atomically."""
+    folder = run / "eval"
+    path = folder / f"{name}.json"
+    partial = path.with_suffix(".partial")
+    try:
+        folder.mkdir(exist_ok=True)
+        partial.write_text(json.dumps(result, indent=2))
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise MixmaskError(f"cannot write {path}: {error.strerror or error}.") from None
+    return path
+
+
+def _common(config: Config, run: Path, protocol: str, description: str,
+            checkpoint_path: Path | None, checkpoint: dict[str, Any] | None, device,
+            wall_time_s: float) -> dict[str, Any]:
+    from mixmask.engine import device_name, versions
+
+    return {
+        "protocol": protocol, "description": description,
+        "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
+        "pretrain_step": None if checkpoint is None else checkpoint.get("step"),
+        "run": str(run), "method": config.method.name,
+        "masking": config.method.axis.masking if config.method.axis is not None else "none",
+        "backbone": config.model.backbone, "dataset": config.data.dataset,
+        "wall_time_s": wall_time_s, "device": device_name(device), "versions": versions(),
+        "seed": config.train.seed,
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _say(console: Console | None, message: str) -> None:
+    (console.print if console is not None else print)(message)
+
+
+# --------------------------------------------------------------------------- kNN
+
+
+def run_knn(run: Path, overrides: list[str], *, checkpoint: str | None = None,
+            protocol_file: str | None = None, console: Console | None = None
+            ) -> tuple[Path, dict[str, Any]]:
+    config = load_run_config(run, overrides, protocol_file)
+    checkpoint_path, content = load_run_checkpoint(run, checkpoint)
+    eval_data = _eval_sets(config)
+    started = time.perf_counter()
+    method, device = _pretrained(config, eval_data, checkpoint_path, content)
+    train_features, train_labels, test_features, test_labels = _features(
+        method, eval_data, config, device, console)
+    k, t = config.eval.knn_k, config.eval.knn_temperature
+    accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
+                            num_classes=eval_data.num_classes, k=k, temperature=t)
+    description = PROTOCOL_DESCRIPTIONS["knn"].format(k=k, t=t)
+    result = _common(config, run, "knn", description, checkpoint_path, content, device,
+                     time.perf_counter() - started)
+    result.update(top1=accuracy[1], top5=accuracy[5],
+                  settings={"k": k, "temperature": t},
+                  train_images=len(train_labels), test_images=len(test_labels))
+    return write_result(run, "knn", result), result
+
+
+def _pretrained(config: Config, eval_data, checkpoint_path, content):
+    from mixmask.methods import PixelStats
+
+    train_set = eval_data.train.image_set
+    method = build_run_method(config, PixelStats(tuple(train_set.mean), tuple(train_set.std)),
+                              checkpoint_path, content)
+    device = _device(config)
+    return method.to(device), device
+
+
+def _features(method, eval_data, config: Config, device, console, *, train: bool = True):
+    workers = config.data.num_workers
+    out = []
+    for name, dataset in (("train", eval_data.train), ("test", eval_data.test)):
+        if name == "train" and not train:
+            continue
+        with image_progress(f"features ({name})", len(dataset),
+                            enabled=config.train.progress_bar, console=console) as advance:
+            out.extend(extract_features(method, dataset, device=device, num_workers=workers,
+                                        encode=method.features, progress=advance))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def run_linear(run: Path, overrides: list[str], *, protocol: str,
+               checkpoint: str | None = None, protocol_file: str | None = None,
+               console: Console | None = None) -> tuple[Path, dict[str, Any]]:
+    if protocol not in ("moco", "cached"):
+        raise ConfigError(f"--protocol must be moco or cached, got {protocol!r}.")
+    config = load_run_config(run, overrides, protocol_file)
+    checkpoint_path, content = load_run_checkpoint(run, checkpoint)
+    eval_data = _eval_sets(config)
+    started = time.perf_counter()
+    method, device = _pretrained(config, eval_data, checkpoint_path, content)
+    evaluation = config.eval
+    steps = [int(fraction * evaluation.linear_epochs)
+             for fraction in evaluation.linear_milestones]
+
+    def say(message: str) -> None:
+        _say(console, message)
+
+    if protocol == "cached":
+        lr = evaluation.linear_lr
+        (train_features, train_labels, test_features, test_labels) = _features(
+            method, eval_data, config, device, console)
+        record = EpochRecord()
+        train_linear_probe(train_features, train_labels, num_classes=eval_data.num_classes,
+                           epochs=evaluation.linear_epochs, lr=lr,
+                           batch_size=evaluation.linear_batch_size,
+                           milestones=evaluation.linear_milestones, seed=config.train.seed,
+                           test_features=test_features, test_labels=test_labels,
+                           record=record)
+        train_images = len(train_labels)
+        settings = {"lr": lr, "momentum": 0.9, "weight_decay": 0.0, "standardised": True}
+    else:
+        lr = evaluation.linear_moco_lr
+        (test_features, test_labels) = _features(method, eval_data, config, device, console,
+                                                 train=False)
+        image_set = eval_data.train.image_set
+        train_set = AugmentedLabelled(
+            image_set, torch.arange(len(image_set)),
+            classifier_train_transform(config.data.image_size, image_set.mean, image_set.std),
+            seed=config.train.seed)
+        train_images = len(train_set)
+        total = evaluation.linear_epochs * train_images
+        with image_progress("linear (moco)", total, enabled=config.train.progress_bar,
+                            console=console) as advance:
+            record = linear_moco(
+                method, method.features, train_set, test_features, test_labels,
+                feature_dim=method.feature_dim, num_classes=eval_data.num_classes,
+                epochs=evaluation.linear_epochs, lr=lr,
+                weight_decay=evaluation.linear_weight_decay,
+                batch_size=evaluation.linear_batch_size,
+                milestones=evaluation.linear_milestones, seed=config.train.seed,
+                device=device, num_workers=config.data.num_workers,
+                on_epoch=lambda epoch, row: say(
+                    f"linear (moco) epoch {epoch}/{evaluation.linear_epochs}: loss "
+                    f"{row['loss']:.3f}, test top-1 {row['top1']:.2f}, top-5 {row['top5']:.2f}"),
+                progress=advance)
+        settings = {"lr": lr, "momentum": 0.9, "weight_decay": evaluation.linear_weight_decay,
+                    "augmentation": "pad-4 crop + flip" if config.data.image_size <= 32
+                    else "RandomResizedCrop + flip", "bn": "eval (frozen)",
+                    "init": "N(0, 0.01), bias 0"}
+    settings.update(epochs=evaluation.linear_epochs, batch_size=evaluation.linear_batch_size,
+                    milestone_epochs=steps)
+    name = f"linear_{protocol}"
+    description = PROTOCOL_DESCRIPTIONS[name].format(
+        lr=lr, wd=evaluation.linear_weight_decay, epochs=evaluation.linear_epochs, steps=steps)
+    result = _common(config, run, name, description, checkpoint_path, content, device,
+                     time.perf_counter() - started)
+    result.update(record.summary(), settings=settings, history=record.history,
+                  train_images=train_images, test_images=len(test_labels))
+    return write_result(run, name, result), result
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def finetune_name(labels: str, from_scratch: bool) -> str:
+    """``finetune_10pct`` / ``finetune_10pct_scratch``: the JSON and checkpoint folder."""
+    return f"finetune_{labels.rstrip('%')}pct" + ("_scratch" if from_scratch else "")
+
+
+def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: bool = False,
+                 checkpoint: str | None = None, protocol_file: str | None = None,
+                 console: Console | None = None, stop=None) -> tuple[Path, dict[str, Any]]:
+    from lightning.fabric import Fabric
+
+    from mixmask.data.splits import load_split
+    from mixmask.engine import PRECISIONS, _StopSignals, resolve_accelerator
+    from mixmask.eval.finetune import Classifier, finetune
+    from mixmask.methods import PixelStats
+
+    if labels not in LABEL_FRACTIONS:
+        raise ConfigError(f"--labels must be one of {', '.join(LABEL_FRACTIONS)}, got "
+                          f"{labels!r}.")
+    config = load_run_config(run, overrides, protocol_file)
+    checkpoint_path, content = (None, None) if from_scratch else load_run_checkpoint(
+        run, checkpoint)
+    evaluation, train = config.eval, config.train
+    # The labelled split, whole (the label subset is drawn from it), and the test split.
+    train_images = load_split(config, "train", config.data.eval_train_subset)
+    if train_images.labels is None:
+        raise MixmaskError("cannot finetune: the dataset has no labels (no class folders).")
+    eval_data = _eval_sets(config)
+    indices, chosen = label_subset(train_images, labels, seed=evaluation.label_seed,
+                                   split_file=evaluation.label_split_file)
+    processes = train.devices * train.num_nodes
+    if evaluation.finetune_batch_size % processes:
+        raise ConfigError(f"eval.finetune_batch_size={evaluation.finetune_batch_size} does not "
+                          f"divide over {processes} processes.")
+    accelerator = resolve_accelerator(train.device)
+    fabric = Fabric(accelerator=accelerator, devices=train.devices, num_nodes=train.num_nodes,
+                    precision=PRECISIONS[train.precision],
+                    strategy="ddp" if processes > 1 else "auto")
+    fabric.launch()
+    pixel_stats = PixelStats(tuple(train_images.mean), tuple(train_images.std))
+    method = build_run_method(config, pixel_stats, checkpoint_path, content)
+    classifier = Classifier(method.backbone, method.feature_dim, train_images.num_classes)
+    train_set = AugmentedLabelled(
+        train_images, indices,
+        classifier_train_transform(config.data.image_size, train_images.mean, train_images.std),
+        seed=train.seed)
+    name = finetune_name(labels, from_scratch)
+    init = ("random init (train.seed=" f"{train.seed})" if from_scratch
+            else f"pretrained ({checkpoint_path.name}, step {content.get('step')})")
+    settings = {"labels": labels, "label_subset": chosen, "train_images": len(indices),
+                "epochs": evaluation.finetune_epochs,
+                "batch_size": evaluation.finetune_batch_size,
+                "lr_backbone": evaluation.finetune_lr_backbone,
+                "lr_head": evaluation.finetune_lr_head,
+                "weight_decay": evaluation.finetune_weight_decay, "momentum": 0.9,
+                "schedule": "cosine per epoch", "bn": "train",
+                "augmentation": "pad-4 crop + flip" if config.data.image_size <= 32
+                else "RandomResizedCrop + flip", "init": init, "seed": train.seed,
+                "precision": train.precision, "world_size": fabric.world_size}
+
+    def say(message: str) -> None:
+        if fabric.is_global_zero:
+            _say(console, message)
+
+    total = evaluation.finetune_epochs * len(indices)
+    stop_context = _StopSignals() if stop is None else _Given(stop)
+    with stop_context as stop_signals, image_progress(
+            name.replace("_", " "), total, enabled=train.progress_bar and fabric.is_global_zero,
+            console=console) as advance:
+        record, wall_time_s = finetune(
+            fabric=fabric, classifier=classifier, train_set=train_set,
+            test_set=eval_data.test, epochs=evaluation.finetune_epochs,
+            batch_size=evaluation.finetune_batch_size,
+            lr_backbone=evaluation.finetune_lr_backbone, lr_head=evaluation.finetune_lr_head,
+            weight_decay=evaluation.finetune_weight_decay, seed=train.seed,
+            checkpoint_path=run / "eval" / name / "last.ckpt", settings=settings,
+            num_workers=config.data.num_workers,
+            checkpoint_every_steps=train.checkpoint_every_steps, stop=stop_signals, say=say,
+            progress=advance,
+            on_epoch=lambda epoch, row: say(
+                f"{name} epoch {epoch}/{evaluation.finetune_epochs}: test top-1 "
+                f"{row['top1']:.2f}, top-5 {row['top5']:.2f}"))
+    description = PROTOCOL_DESCRIPTIONS["finetune"].format(
+        labels=labels, lr_backbone=evaluation.finetune_lr_backbone,
+        lr_head=evaluation.finetune_lr_head, wd=evaluation.finetune_weight_decay,
+        epochs=evaluation.finetune_epochs, init=init)
+    result = _common(config, run, name, description, checkpoint_path, content, fabric.device,
+                     wall_time_s)
+    result.update(record.summary(), settings=settings, history=record.history,
+                  from_scratch=from_scratch, test_images=len(eval_data.test))
+    if not fabric.is_global_zero:
+        return run / "eval" / f"{name}.json", result
+    return write_result(run, name, result), result
+
+
+class _Given:
+    """A stop flag given by the caller (tests), in place of the signal handlers."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __enter__(self):
+        return self.stop
+
+    def __exit__(self, *exc) -> None:
+        return None

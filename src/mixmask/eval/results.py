@@ -1,0 +1,78 @@
+"""``mixmask results RUN...``: one table of every evaluation found in ``RUN/eval/*.json``,
+the protocol named in a column, as markdown or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from mixmask.errors import MixmaskError
+
+COLUMNS = ("run", "method", "masking", "backbone", "dataset", "protocol", "top1", "top5",
+           "best_top1", "init", "pretrain_step", "wall_time_s")
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run folders (holding config.yaml) among ``paths``; a folder that is not a run but
+    holds runs (``runs/``) stands for those below it."""
+    runs: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if (path / "config.yaml").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            below = sorted(config.parent for config in path.rglob("config.yaml"))
+            if not below:
+                raise MixmaskError(f"{path} holds no run folder (no config.yaml below it).")
+            runs.extend(below)
+        else:
+            raise MixmaskError(f"{path} is not a run folder.")
+    return runs
+
+
+def result_rows(runs: list[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        for path in sorted((run / "eval").glob("*.json")):
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise MixmaskError(f"{path} is not a readable result ({error}).") from None
+            if not isinstance(result, dict) or "protocol" not in result:
+                continue  # not a protocol result
+            rows.append({
+                "run": str(run), "method": result.get("method"),
+                "masking": result.get("masking"), "backbone": result.get("backbone"),
+                "dataset": result.get("dataset"), "protocol": result["protocol"],
+                "top1": result.get("top1"), "top5": result.get("top5"),
+                "best_top1": result.get("best_top1"),
+                "init": "random" if result.get("from_scratch") else "pretrained",
+                "pretrain_step": result.get("pretrain_step"),
+                "wall_time_s": result.get("wall_time_s")})
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if fmt != "markdown":
+        raise MixmaskError(f"--format must be markdown or csv, got {fmt!r}.")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[column]) for column in COLUMNS) + " |"
+              for row in rows]
+    return "\n".join(lines) + "\n"
