@@ -7,7 +7,7 @@ would, each command on it: ``mixmask knn``, ``mixmask linear --protocol cached``
 --labels 1% | 10% | 100%``, each beside ``--from-scratch``. Prints the table of
 ``mixmask results`` and writes JSON with the machine, the commands and every result.
 
-CPU scale (default; about 25 minutes on a 2-core CPU, pretraining included)::
+CPU scale (default; 19 minutes on a 2-core CPU, pretraining included: docs/results.md)::
 
     python benchmarks/eval_protocols.py data.root=../shared/data/cifar10_jpeg_q75.tar.gz
 

@@ -63,3 +63,25 @@ def test_epoch_time_reports_epochs_and_the_profiled_busy_share(tmp_path):
     assert result["profile"]["steps"] == 2 and 0 < result["profile"]["busy_fraction"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["epoch_seconds"] == \
         result["epoch_seconds"]
+
+
+def test_eval_protocols_benchmark_runs_the_contract_commands_with_valid_overrides():
+    import argparse
+    from pathlib import Path
+
+    from mixmask.cli import _parser
+
+    benchmark = load_benchmark("eval_protocols")
+    options = argparse.Namespace(linear_epochs=30, moco_epochs=10, finetune_epochs=20,
+                                 finetune_epochs_full=5)
+    commands = benchmark.protocol_commands(Path("RUN"), options)
+    assert [command[0] for command in commands] == ["knn", "linear", "linear", *["finetune"] * 6]
+    flags = [" ".join(item for item in command[2:] if "=" not in item) for command in commands]
+    assert flags == ["", "--protocol cached", "--protocol moco", "--labels 1%",
+                     "--labels 1% --from-scratch", "--labels 10%", "--labels 10% --from-scratch",
+                     "--labels 100%", "--labels 100% --from-scratch"]
+    for command in commands:  # each parses as the CLI's contract form, overrides included
+        args, extra = _parser().parse_known_args([*command, *benchmark.EVALUATION])
+        assert args.run == "RUN" and all("=" in item for item in extra)
+        load_config(benchmark.CONFIG, [*benchmark.PRETRAIN, *benchmark.EVALUATION,
+                                       *[item for item in command if "=" in item]])

@@ -358,6 +358,8 @@ def test_every_protocol_command_writes_its_json_and_results_tabulates_them(tiny_
 
 @pytest.mark.parametrize("argv, message", [
     (["finetune", "{run}", "--labels", "5%"], "--labels must be one of"),
+    (["finetune", "{run}", "--labels", "1%", "--from-scratch", "--checkpoint", "x.ckpt"],
+     "takes no --checkpoint"),
     (["knn", "{run}", "eval.knn_k=0"], "eval.knn_k"),
     (["linear", "{run}", "--protocol", "cached", "eval.linear_lr=-1"], "eval.linear_lr"),
     (["knn", "{missing}"], "is not a run folder"),
@@ -399,3 +401,24 @@ def test_export_command_writes_weights_that_load_strictly_into_torchvision(tmp_p
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit code 2
         main(["export", str(run), "--format", "onnx", "--out", str(out)])
     assert exit_info.value.code == 2
+
+
+def test_an_evaluation_over_files_with_a_bad_one_completes_and_counts_it(tmp_path):
+    from test_datasets_layouts import folder_with_bad_files
+
+    root, bad = folder_with_bad_files(tmp_path / "data", 100, [41], size=100, fmt="png")
+    for i in range(20):  # a readable test split
+        path = root / "test" / "ab"[i % 2] / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (100, 100), (5 * i, 50, 0)).save(path)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="Skipped"):  # pretraining meets it too
+        pretrain(load_config(None, [*TINY, "data.dataset=imagefolder", f"data.root={root}",
+                                    "data.subset=0", "data.eval_train_subset=0",
+                                    "data.eval_test_subset=0", "train.batch_size=50",
+                                    "train.max_steps=1", f"out_dir={run}"]))
+    with pytest.warns(UserWarning, match="Skipped"):
+        assert main(["knn", str(run)]) == 0
+    result = json.loads((run / "eval" / "knn.json").read_text())
+    assert result["bad_images"] == 1 and result["bad_image_files"] == bad
+    assert result["train_images"] == 100  # the bad file's neighbour took its place

@@ -133,6 +133,13 @@ def _common(config: Config, run: Path, protocol: str, description: str,
     }
 
 
+def _bad_images(eval_data) -> dict[str, Any]:
+    """The evaluation sets' unreadable files (skipped, each replaced by its readable
+    neighbour: ImageSet.load_item), as summary.json reports the training split's."""
+    files = [*eval_data.train.image_set.skipped_files(), *eval_data.test.image_set.skipped_files()]
+    return {"bad_images": len(files), "bad_image_files": files[:100]}
+
+
 def _say(console: Console | None, message: str) -> None:
     (console.print if console is not None else print)(message)
 
@@ -158,7 +165,8 @@ def run_knn(run: Path, overrides: list[str], *, checkpoint: str | None = None,
                      time.perf_counter() - started)
     result.update(top1=accuracy[1], top5=accuracy[5],
                   settings={"k": k, "temperature": t},
-                  train_images=len(train_labels), test_images=len(test_labels))
+                  train_images=len(train_labels), test_images=len(test_labels),
+                  **_bad_images(eval_data))
     return write_result(run, "knn", result), result
 
 
@@ -255,7 +263,8 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
     result = _common(config, run, name, description, checkpoint_path, content, device,
                      time.perf_counter() - started)
     result.update(record.summary(), settings=settings, history=record.history,
-                  train_images=train_images, test_images=len(test_labels))
+                  train_images=train_images, test_images=len(test_labels),
+                  **_bad_images(eval_data))
     return write_result(run, name, result), result
 
 
@@ -272,7 +281,6 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
                  console: Console | None = None, stop=None) -> tuple[Path, dict[str, Any]]:
     from lightning.fabric import Fabric
 
-    from mixmask.data.splits import load_split
     from mixmask.engine import PRECISIONS, _StopSignals, resolve_accelerator
     from mixmask.eval.finetune import Classifier, finetune
     from mixmask.methods import PixelStats
@@ -280,15 +288,16 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     if labels not in LABEL_FRACTIONS:
         raise ConfigError(f"--labels must be one of {', '.join(LABEL_FRACTIONS)}, got "
                           f"{labels!r}.")
+    if from_scratch and checkpoint:
+        raise ConfigError("--from-scratch trains from the random init of train.seed; it takes "
+                          "no --checkpoint.")
     config = load_run_config(run, overrides, protocol_file)
     checkpoint_path, content = (None, None) if from_scratch else load_run_checkpoint(
         run, checkpoint)
     evaluation, train = config.eval, config.train
-    # The labelled split, whole (the label subset is drawn from it), and the test split.
-    train_images = load_split(config, "train", config.data.eval_train_subset)
-    if train_images.labels is None:
-        raise MixmaskError("cannot finetune: the dataset has no labels (no class folders).")
+    # The labelled train split (the label subset is drawn from it) and the test split.
     eval_data = _eval_sets(config)
+    train_images = eval_data.train.image_set
     indices, chosen = label_subset(train_images, labels, seed=evaluation.label_seed,
                                    split_file=evaluation.label_split_file)
     processes = train.devices * train.num_nodes
@@ -308,7 +317,7 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
         classifier_train_transform(config.data.image_size, train_images.mean, train_images.std),
         seed=train.seed)
     name = finetune_name(labels, from_scratch)
-    init = ("random init (train.seed=" f"{train.seed})" if from_scratch
+    init = (f"random init (train.seed={train.seed})" if from_scratch
             else f"pretrained ({checkpoint_path.name}, step {content.get('step')})")
     settings = {"labels": labels, "label_subset": chosen, "train_images": len(indices),
                 "epochs": evaluation.finetune_epochs,
@@ -350,7 +359,8 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     result = _common(config, run, name, description, checkpoint_path, content, fabric.device,
                      wall_time_s)
     result.update(record.summary(), settings=settings, history=record.history,
-                  from_scratch=from_scratch, test_images=len(eval_data.test))
+                  from_scratch=from_scratch, test_images=len(eval_data.test),
+                  **_bad_images(eval_data))
     if not fabric.is_global_zero:
         return run / "eval" / f"{name}.json", result
     return write_result(run, name, result), result
