@@ -444,7 +444,8 @@ def draw_views(transforms, image) -> list[torch.Tensor]:
 
 
 def test_preset_views_names_counts_and_cycling():
-    assert AUGMENTATION_PRESETS == ("mocov2", "cifar", "byol", "byol_cifar")
+    assert AUGMENTATION_PRESETS == ("mocov2", "cifar", "byol", "byol_cifar", "conservative",
+                                    "mae", "a2mim_vit", "a2mim_resnet")
     for preset in AUGMENTATION_PRESETS:
         for num_views in (1, 2, 3, 5):
             views = preset_views(preset, 48, num_views)

@@ -42,8 +42,10 @@ class DataConfig:
     image_size: int = 32
     # The views' preset (mixmask.data.views; the method says how many views): cifar /
     # mocov2 (MoCo v2 aug+ without / with blur), byol / byol_cifar (BYOL's asymmetric
-    # views, Grill et al. 2020, Table 6; without blur).
-    augmentation: Literal["cifar", "mocov2", "byol", "byol_cifar"] = "cifar"
+    # views, Grill et al. 2020, Table 6; without blur), conservative (PixMIM's resize + pad
+    # crop + flip), mae (RRC 0.2-1 + flip), a2mim_vit / a2mim_resnet (RRC 0.67-1 / 0.8-1).
+    augmentation: Literal["cifar", "mocov2", "byol", "byol_cifar", "conservative", "mae",
+                          "a2mim_vit", "a2mim_resnet"] = "cifar"
     # Views per image (0 = the method's own count); a method with a fixed count (every
     # Siamese base: 2; MAE / A2MIM: 1) refuses another.
     num_views: int = 0
@@ -60,12 +62,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # A name of the backbone registry (mixmask.models.backbones): resnet18, resnet34, resnet50.
+    # A name of the backbone registry (mixmask.models.backbones): resnet18, resnet34, resnet50,
+    # vit_tiny, vit_small, vit_base (mixmask.models.vit; needs timm).
     backbone: str = "resnet18"
     # ResNets: cifar: 3x3 stride-1 stem, no max-pool (for 32-96 px); imagenet: torchvision's 7x7/2.
     stem: Literal["cifar", "imagenet"] = "cifar"
     # Multiplies every stage's channel count (1.0 = the standard ResNet): CPU-sized runs.
     width: float = 1.0
+    # ViTs (vit_tiny / vit_small / vit_base; ResNets ignore the next three keys): the patch
+    # side in pixels; it must divide data.image_size. 0 = by image size: 4 below 64 px, 8
+    # below 224 px, 16 from 224 px (4 at 32 px and 8 at 64 px give an 8x8 grid as the
+    # small-scale MAE / A2MIM setups of the notes; 16 at 224 px is ViT-B/16).
+    patch_size: int = 0
+    # The pooled feature: token = the cls token after the final LayerNorm (MAE pretraining,
+    # linear probe); avg = the mean of the patch tokens, then a LayerNorm (timm's fc_norm,
+    # MAE's fine-tuning with global_pool), in which case the tokens are not normalised.
+    global_pool: Literal["token", "avg"] = "token"
+    # Stochastic depth, rising linearly over the blocks to this rate (timm); in [0, 1).
+    drop_path_rate: float = 0.0
 
 
 class MethodConfig:
@@ -484,6 +498,7 @@ def validate(config: Config) -> None:
     (its class's ``validate_config``) and the backbone registry's."""
     from mixmask.methods.registry import method_class
     from mixmask.models.backbones import validate_backbone
+    from mixmask.models.vit import validate_vit
 
     positive = {
         "data.image_size": config.data.image_size,
@@ -517,6 +532,7 @@ def validate(config: Config) -> None:
         "train.max_steps": config.train.max_steps,
         "data.num_workers": config.data.num_workers,
         "data.num_views": config.data.num_views,
+        "model.patch_size": config.model.patch_size,
         "train.profile_steps": config.train.profile_steps,
         "train.profile_start_step": config.train.profile_start_step,
         "train.checkpoint_every": config.train.checkpoint_every,
@@ -531,6 +547,9 @@ def validate(config: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")
+    if not 0.0 <= config.model.drop_path_rate < 1.0:
+        raise ConfigError("'model.drop_path_rate' must lie in [0, 1), got "
+                          f"{config.model.drop_path_rate}.")
     if not 0.0 <= config.train.momentum < 1.0:
         raise ConfigError(f"'train.momentum' must lie in [0, 1), got {config.train.momentum}.")
     if not 0.0 <= config.data.max_bad_fraction <= 1.0:
@@ -549,6 +568,7 @@ def validate(config: Config) -> None:
                           f"the number of processes ({processes} = train.devices x "
                           "train.num_nodes): it is the global batch, split evenly.")
     validate_backbone(config.model)
+    validate_vit(config.model, config.data.image_size)
     method_class(config.method.name).validate_config(config)
 
 

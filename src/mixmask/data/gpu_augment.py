@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixmask.data.views import ViewConfig, preset_views
+from mixmask.data.views import ViewConfig, preset_views, require_device_support
 
 __all__ = [
     "BatchedViewAugment",
@@ -722,6 +722,7 @@ class BatchedViewAugment:
         views = tuple(views)
         if not views:
             raise ValueError("BatchedViewAugment needs at least one view.")
+        require_device_support(views)
         first = views[0]
         for name in ("image_size", "antialias", "kernel_size", "solarize_threshold"):
             for other in views[1:]:

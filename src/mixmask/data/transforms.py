@@ -25,6 +25,7 @@ __all__ = [
     "AUGMENTATION_PRESETS",
     "RandomHorizontalFlipWithFlag",
     "RandomResizedCropWithBox",
+    "ResizePadCropWithBox",
     "ViewTransform",
     "eval_transform",
     "preset_views",
@@ -44,6 +45,41 @@ class RandomResizedCropWithBox(T.RandomResizedCrop):
         image = TF.resized_crop(img, *box, self.size, self.interpolation,
                                 antialias=self.antialias)
         return image, box
+
+
+class ResizePadCropWithBox:
+    """PixMIM's conservative crop, as mmselfsup's
+    ``configs/selfsup/pixmim/pixmim_vit-base-p16_8xb512-amp-coslr-300e_in1k.py`` has it:
+    ``T.Resize(size)`` of the shorter side, then ``T.RandomCrop(size, padding,
+    padding_mode=...)``, returning ``(image, (top, left, height, width))``. Same draws from
+    torch's global RNG as that pair (``RandomCrop.get_params``), same pixels.
+
+    The box is in source pixels, rounded: the crop's offset in the padded, resized image
+    minus the padding, scaled back by the resize. It may reach up to ``padding`` resized
+    pixels past the image's edges (negative top or left), where the crop shows padding.
+    """
+
+    def __init__(self, size: int, padding: int = 4, padding_mode: str = "reflect",
+                 antialias: bool = True):
+        self.size, self.padding, self.padding_mode = size, padding, padding_mode
+        self.resize = T.Resize(size, antialias=antialias)
+
+    def __call__(self, img: PIL.Image.Image) -> tuple[PIL.Image.Image, Box]:
+        width, height = img.size
+        resized = self.resize(img)
+        resized_width, resized_height = resized.size
+        padded = TF.pad(resized, self.padding, padding_mode=self.padding_mode)
+        top, left, crop_height, crop_width = T.RandomCrop.get_params(padded,
+                                                                      (self.size, self.size))
+        image = TF.crop(padded, top, left, crop_height, crop_width)
+        scale_y, scale_x = height / resized_height, width / resized_width
+        box = (round((top - self.padding) * scale_y), round((left - self.padding) * scale_x),
+               round(crop_height * scale_y), round(crop_width * scale_x))
+        return image, box
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, padding={self.padding}, "
+                f"padding_mode={self.padding_mode!r})")
 
 
 class RandomHorizontalFlipWithFlag(T.RandomHorizontalFlip):
@@ -67,14 +103,22 @@ class ViewTransform:
     :class:`RandomResizedCropWithBox` and :class:`RandomHorizontalFlipWithFlag`, which draw
     from torch's global RNG exactly as torchvision's ``RandomResizedCrop`` and
     ``RandomHorizontalFlip`` do, so under the same torch seed the tensor is that of a
-    plain ``T.Compose`` of the same steps with those two. A class, not a closure, so
-    DataLoader workers can pickle it.
+    plain ``T.Compose`` of the same steps with those two. For ``view.crop == "padded"``
+    the crop is :class:`ResizePadCropWithBox` (likewise equal to ``T.Resize`` then
+    ``T.RandomCrop``). A class, not a closure, so DataLoader workers can pickle it.
     """
 
     def __init__(self, view: ViewConfig, mean: Sequence[float], std: Sequence[float]):
         self.view = view
-        self.crop = RandomResizedCropWithBox(view.image_size, scale=view.scale,
-                                             ratio=view.ratio, antialias=view.antialias)
+        self.crop: RandomResizedCropWithBox | ResizePadCropWithBox
+        if view.crop == "padded":
+            self.crop = ResizePadCropWithBox(view.image_size, view.padding, view.padding_mode,
+                                             antialias=view.antialias)
+        elif view.crop == "resized":
+            self.crop = RandomResizedCropWithBox(view.image_size, scale=view.scale,
+                                                 ratio=view.ratio, antialias=view.antialias)
+        else:
+            raise ValueError(f"ViewConfig.crop must be 'resized' or 'padded', got {view.crop!r}.")
         photometric: list[Callable] = []
         if view.jitter_p > 0:
             jitter = T.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)

@@ -21,6 +21,19 @@ Presets:
   view 2.
 * "byol_cifar": solo-learn's CIFAR recipe for BYOL and Barlow Twins
   (``scripts/pretrain/cifar/{byol,barlow}.yaml``): "byol" without the blur.
+* "conservative": PixMIM's conservative transform (Liu et al., arXiv 2303.02416; mmselfsup
+  ``configs/selfsup/pixmim/pixmim_vit-base-p16_8xb512-amp-coslr-300e_in1k.py``), one view:
+  ``Resize(S)`` of the shorter side, ``RandomCrop(S, padding=4, padding_mode="reflect")``,
+  horizontal flip; no scale jitter, no colour. At 32 px the resize is a no-op and this is
+  the CIFAR pad-4 crop and flip, with PixMIM's reflect padding (torchvision's
+  ``RandomCrop(32, padding=4)`` of the usual CIFAR recipe pads with zeros:
+  ``padding_mode="constant"``). CPU pipeline only (:func:`require_device_support`).
+
+* "mae": MAE's one view (He et al. 2022, ``main_pretrain.py``): RandomResizedCrop with
+  scale (0.2, 1) and a flip, no colour ops (torchvision's bilinear resize here; MAE's
+  bicubic).
+* "a2mim_vit", "a2mim_resnet": A2MIM's one view (openmixup ``configs/selfsup/a2mim``):
+  RandomResizedCrop with scale (0.67, 1) for ViTs, (0.8, 1) for ResNets, a flip, no colour.
 
 More views than a preset defines (``num_views`` > 2 for BYOL's two, > 1 for the others)
 cycle through the preset's views: view k (counting from 0) is the preset's view
@@ -30,10 +43,13 @@ view 1, view 2, view 1, ..., so any even number of views holds as many of each.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["AUGMENTATION_PRESETS", "ViewConfig", "preset_views"]
+from mixmask.errors import ConfigError
+
+__all__ = ["AUGMENTATION_PRESETS", "ViewConfig", "preset_views", "require_device_support"]
 
 
 def _blur_kernel_size(image_size: int) -> int:
@@ -46,11 +62,14 @@ def _blur_kernel_size(image_size: int) -> int:
 class ViewConfig:
     """One view's augmentation: torchvision's parameters, with each op's probability.
 
-    The ops, in order: RandomResizedCrop(image_size, scale, ratio) with bilinear
-    resampling (antialiased when downscaling), ColorJitter(brightness, contrast,
-    saturation, hue) with probability jitter_p, grayscale with grayscale_p, Gaussian blur
-    (blur_kernel_size, sigma ~ U(blur_sigma)) with blur_p, solarize (pixels >=
-    solarize_threshold, in [0, 1] units) with solarize_p, horizontal flip with flip_p.
+    The ops, in order: the crop, ColorJitter(brightness, contrast, saturation, hue) with
+    probability jitter_p, grayscale with grayscale_p, Gaussian blur (blur_kernel_size,
+    sigma ~ U(blur_sigma)) with blur_p, solarize (pixels >= solarize_threshold, in [0, 1]
+    units) with solarize_p, horizontal flip with flip_p. The crop: ``crop="resized"``,
+    RandomResizedCrop(image_size, scale, ratio) with bilinear resampling (antialiased when
+    downscaling); ``crop="padded"`` (PixMIM's conservative transform; ``scale`` and
+    ``ratio`` unused), Resize(image_size) of the shorter side (bilinear, antialiased),
+    then RandomCrop(image_size, padding, padding_mode).
 
     Defaults are the "cifar" preset (MoCo v2 aug+ without blur). The views of one
     :class:`~mixmask.data.gpu_augment.BatchedViewAugment` must share ``image_size``,
@@ -59,6 +78,7 @@ class ViewConfig:
     """
 
     image_size: int
+    crop: Literal["resized", "padded"] = "resized"
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     antialias: bool = True
@@ -74,6 +94,8 @@ class ViewConfig:
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
     flip_p: float = 0.5
+    padding: int = 4
+    padding_mode: Literal["constant", "edge", "reflect", "symmetric"] = "reflect"
 
     @property
     def kernel_size(self) -> int:
@@ -91,6 +113,14 @@ _PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     # BYOL, Table 6: view 1 is always blurred and never solarized; view 2 the reverse, mostly.
     "byol": ({**_BYOL, "blur_p": 1.0}, {**_BYOL, "blur_p": 0.1, "solarize_p": 0.2}),
     "byol_cifar": (dict(_BYOL), {**_BYOL, "solarize_p": 0.2}),
+    # PixMIM's conservative transform: no colour ops at all (its train_pipeline has none).
+    "conservative": ({"crop": "padded", "jitter_p": 0.0, "grayscale_p": 0.0},),
+    # MAE (main_pretrain.py): RandomResizedCrop(scale=(0.2, 1.0), bicubic) + flip, no colour.
+    "mae": ({"scale": (0.2, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
+    # A2MIM (configs/selfsup/a2mim/imagenet/*): RandomResizedCrop (0.67, 1) for ViTs and
+    # (0.8, 1) for ResNets, flip, no colour jitter.
+    "a2mim_vit": ({"scale": (0.67, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
+    "a2mim_resnet": ({"scale": (0.8, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
 }
 
 AUGMENTATION_PRESETS = tuple(_PRESETS)
@@ -110,3 +140,11 @@ def preset_views(preset: str, image_size: int, num_views: int = 2) -> list[ViewC
         raise ValueError(f"num_views must be at least 1, got {num_views}.")
     fields = _PRESETS[preset]
     return [ViewConfig(image_size, **fields[k % len(fields)]) for k in range(num_views)]
+
+
+def require_device_support(views: Sequence[ViewConfig]) -> None:
+    """A ConfigError if a view needs an op the device pipeline does not implement (today
+    the padded crop of the "conservative" preset), so it stops before any batch."""
+    if any(view.crop != "resized" for view in views):
+        raise ConfigError("data.augmentation=conservative (PixMIM's resize and padded crop) "
+                          "runs on the cpu pipeline only; set data.pipeline=cpu.")

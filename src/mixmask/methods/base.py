@@ -66,10 +66,14 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     never enter the loss. We copy them so that the target is an evaluable network whose
     statistics match the network its weights follow, in one multi-tensor copy per step.
     """
-    target_params = list(target.parameters())
-    online_params = list(online.parameters())
+    target_params, online_params = list(target.parameters()), list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError("the target and online networks differ in their parameters.")
+    # Frozen online parameters (a ViT's fixed sin-cos position embedding) are equal in
+    # both networks; averaging them would only add rounding drift.
+    pairs = [(t, o) for t, o in zip(target_params, online_params, strict=True)
+             if o.requires_grad]
+    target_params, online_params = [t for t, _ in pairs], [o for _, o in pairs]
     torch._foreach_mul_(target_params, momentum)
     torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
     target_buffers, online_buffers = list(target.buffers()), list(online.buffers())

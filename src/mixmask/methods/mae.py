@@ -1,0 +1,157 @@
+"""MAE (He et al. 2022, arXiv 2111.06377) and PixMIM on top of it (Liu et al., arXiv
+2303.02416): what is special about them.
+
+MAE (facebookresearch/mae ``models_mae.py``): per-sample random masking of 75% of the
+patches by argsort of uniform noise; the ViT encoder sees the visible patches only; a
+light decoder (``decoder_depth`` blocks of width ``decoder_dim``) gets the encoded tokens
+plus one shared mask token per masked patch, unshuffled into place, with fixed sin-cos
+position embeddings, and predicts every patch's pixels; the loss is the MSE on the masked
+patches only, against the per-patch normalised pixels (``norm_pix``, sec. 3 "Reconstruction
+target").
+
+PixMIM (``method.mae.target=lowpass`` + ``data.augmentation=conservative``): the target is
+the ideal low-pass filtered image (radius 40 x S / 224) before patchify and ``norm_pix``
+(mmselfsup ``pixmim.py``); ``lowpass_mode`` picks the reference's exact path (``faithful``)
+or the DC-centred one (``clean``): :func:`mixmask.frequency.ideal_lowpass`.
+
+Optimiser (``train.optimizer=adamw``): the protocol's AdamW groups leave norms, biases and
+the tokens (cls, mask, position) undecayed, as the MAE paper's recipe and timm's ViTs do;
+MAE's ``main_pretrain.py`` excludes only 1-d parameters, so its cls and mask tokens (3-d)
+are decayed there, a small difference from the code, kept on purpose for one rule across
+methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mixmask.frequency import ideal_lowpass, lowpass_radius
+from mixmask.methods.protocol import Method, StepOutput
+from mixmask.methods.registry import register_method
+from mixmask.mim_losses import masked_mse_per_patch, norm_pix_target
+from mixmask.mim_masking import mae_random_masking, unshuffle
+from mixmask.models.vit import VIT_ARCHS, patchify, sincos_2d_position_embedding
+
+
+@dataclass
+class MAEConfig:
+    # The share of patches masked (MAE: 0.75).
+    mask_ratio: float = 0.75
+    # The decoder: MAE's ViT-B recipe is 8 blocks of width 512 with 16 heads.
+    decoder_depth: int = 8
+    decoder_dim: int = 512
+    decoder_heads: int = 16
+    # Per-patch normalised pixel target (MAE sec. 3; its released models use it).
+    norm_pix: bool = True
+    # pixels: MAE; lowpass: PixMIM's low-frequency target.
+    target: Literal["pixels", "lowpass"] = "pixels"
+    # faithful: mmselfsup's low_freq_generator.py path exactly; clean: centred on DC.
+    lowpass_mode: Literal["faithful", "clean"] = "faithful"
+    # 0: PixMIM's 40 at 224 px, scaled to data.image_size (r = 40 x S / 224).
+    lowpass_radius: float = 0.0
+
+
+class MAEDecoder(nn.Module):
+    """MAE's decoder: embed, mask tokens unshuffled into place, fixed sin-cos positions,
+    transformer blocks, norm, a linear map to each patch's p x p x 3 pixels."""
+
+    def __init__(self, *, encoder_dim: int, grid: int, patch_size: int, dim: int, depth: int,
+                 heads: int):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid, grid, dim)[None],
+                             persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio=4.0, qkv_bias=True,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_size * patch_size * 3)
+        # models_mae.py initialize_weights: mask token N(0, 0.02), Linear xavier, LN 1/0.
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, encoded: Tensor, restore_indices: Tensor) -> Tensor:
+        """encoded [B, 1 + K, D_enc] (cls first) -> predicted patches [B, N, p*p*3]."""
+        tokens = self.embed(encoded)
+        batch, kept = tokens.shape[0], tokens.shape[1] - 1
+        num_patches = restore_indices.shape[1]
+        masks = self.mask_token.expand(batch, num_patches - kept, -1)
+        patches = unshuffle(torch.cat([tokens[:, 1:], masks], dim=1), restore_indices)
+        tokens = torch.cat([tokens[:, :1], patches], dim=1) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.pred(self.norm(tokens))[:, 1:]
+
+
+@register_method("mae")
+class MAE(Method):
+    config_class = MAEConfig
+    num_views = 1
+
+    def __init__(self, config, pixel_stats=None):
+        super().__init__(config, pixel_stats)
+        params = self.params
+        self.patch_size = self.backbone.patch_size
+        self.grid = config.data.image_size // self.patch_size
+        self.decoder = MAEDecoder(encoder_dim=self.feature_dim, grid=self.grid,
+                                  patch_size=self.patch_size, dim=params.decoder_dim,
+                                  depth=params.decoder_depth, heads=params.decoder_heads)
+        self.radius = params.lowpass_radius or lowpass_radius(config.data.image_size)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        from mixmask.errors import ConfigError
+
+        if config.model.backbone not in VIT_ARCHS:
+            raise ConfigError(f"method 'mae' needs a ViT backbone (model.backbone=vit_tiny, "
+                              f"vit_small or vit_base), got {config.model.backbone}.")
+        params = config.method.mae
+        if not 0.0 < params.mask_ratio < 1.0:
+            raise ConfigError(f"method.mae.mask_ratio must lie in (0, 1), got "
+                              f"{params.mask_ratio}.")
+        if params.decoder_dim % params.decoder_heads:
+            raise ConfigError(f"method.mae.decoder_dim={params.decoder_dim} must be a multiple "
+                              f"of method.mae.decoder_heads={params.decoder_heads}.")
+        for key in ("decoder_depth", "decoder_dim", "decoder_heads"):
+            if getattr(params, key) < 1:
+                raise ConfigError(f"method.mae.{key} must be at least 1.")
+        if params.lowpass_radius < 0:
+            raise ConfigError("method.mae.lowpass_radius must be 0 (auto) or positive.")
+
+    def target_patches(self, images: Tensor) -> Tensor:
+        """What the decoder regresses: patches of the image (PixMIM: of its low-pass),
+        per-patch normalised under ``norm_pix``; no gradient."""
+        with torch.no_grad():
+            if self.params.target == "lowpass":
+                stats = self.pixel_stats
+                images = ideal_lowpass(images, self.radius, mode=self.params.lowpass_mode,
+                                       mean=None if stats is None else stats.mean,
+                                       std=None if stats is None else stats.std)
+            patches = patchify(images.float(), self.patch_size)
+            return norm_pix_target(patches) if self.params.norm_pix else patches
+
+    def training_step(self, batch, generator, progress: float = 0.0) -> StepOutput:
+        images = batch.views[0]
+        keep, mask, restore = mae_random_masking(images.shape[0], self.grid * self.grid,
+                                                 self.params.mask_ratio, generator,
+                                                 images.device)
+        encoded = self.backbone.forward_visible(images, keep)
+        predicted = self.decoder(encoded, restore)
+        loss = masked_mse_per_patch(predicted.float(), self.target_patches(images), mask)
+        return StepOutput(loss, {"loss": loss.detach()}, encoded[:, 0].detach())
