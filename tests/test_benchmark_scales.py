@@ -85,3 +85,15 @@ def test_eval_protocols_benchmark_runs_the_contract_commands_with_valid_override
         assert args.run == "RUN" and all("=" in item for item in extra)
         load_config(benchmark.CONFIG, [*benchmark.PRETRAIN, *benchmark.EVALUATION,
                                        *[item for item in command if "=" in item]])
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_mim_ablation_variants_are_valid_configs(scale):
+    benchmark = load_benchmark("mim_ablation")
+    for name, (recipe, variant) in benchmark.VARIANTS.items():
+        config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
+                                                          *benchmark.EVALUATION[scale]])
+        assert config.method.name in ("mae", "a2mim", "mocov2"), name
+    pixmim = load_config(benchmark.CONFIGS / "pixmim_vit_tiny.yaml",
+                         benchmark.VARIANTS["pixmim_clean"][1])
+    assert (pixmim.method.mae.target, pixmim.method.mae.lowpass_mode) == ("lowpass", "clean")
