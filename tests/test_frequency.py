@@ -160,7 +160,7 @@ def test_faithful_is_non_negative_in_pixel_space():
 
 def test_faithful_versus_clean_gap_is_small_at_224_and_large_at_32():
     # Measured on smooth random images in [0, 1] (mean |faithful - clean| in pixel units),
-    # as in the related-methods notes 4.3: ~0.0011-0.0014 at 224, 0.007-0.024 at 32.
+    # (mmselfsup low_freq_generator.py's off-centre mask against the DC-centred one).
     mean, std = stats()
     gaps, effects = {}, {}
     for size, low in ((224, 8), (64, 8), (32, 8)):

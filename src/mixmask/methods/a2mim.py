@@ -1,7 +1,7 @@
 """A2MIM (Li et al., "Architecture-Agnostic Masked Image Modeling", arXiv 2205.13943, ICML
 2023): what is special about it, as its reference runs (Westlake-AI/openmixup
 ``models/algorithms/a2mim.py``, ``backbones/mim_resnet.py``, ``backbones/mim_vit.py``,
-``necks/mim_neck.py``, ``heads/mim_head.py``; related-methods notes sec. 3).
+``necks/mim_neck.py``, ``heads/mim_head.py``).
 
 One view. SimMIM blocks (``mask_block_size`` px, ``mask_ratio`` of them) are masked; the
 masked input pixels take the image's per-channel mean (normalised space; ``a2mim.py``); a
@@ -101,7 +101,7 @@ def resnet_stage_geometry(resnet: nn.Module) -> tuple[list[int], int, list[int]]
     """(stride of each stage's input, stride of the last map, channels of each stage's
     input) of a torchvision ResNet, read from its modules. The channels replace the
     reference's ``ARCH_DIMS`` table (``mim_resnet.py``), which is wrong for ResNet-18/34 at
-    ``mask_layer >= 1`` (notes 3.9): 64, 64, 128, 256 for a basic-block ResNet-18."""
+    ``mask_layer >= 1``: 64, 64, 128, 256 for a basic-block ResNet-18."""
     stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
     stem_stride = _module_stride(resnet.conv1) * (
         _module_stride(resnet.maxpool) if isinstance(resnet.maxpool, nn.MaxPool2d) else 1)
@@ -120,7 +120,7 @@ def add_mask_token(features: Tensor, mask: Tensor, mask_token: Tensor,
 
     features [B, C, h, w]; mask [B, h, w], 1 = masked; mask_token, mask_gamma [1, C, 1, 1].
     The code scales the masked *features* by gamma and adds the token unscaled (the gain
-    nearly zeroes the masked features at the start), as the notes 3.3 describe."""
+    nearly zeroes the masked features at the start), as mim_resnet.py's forward_mask does."""
     weight = mask.to(features.dtype).unsqueeze(1)
     if mask_gamma is not None:
         features = features * (1.0 - weight) + features * weight * mask_gamma
@@ -285,7 +285,7 @@ class A2MIM(Method):
         return feature_map, feature_map.mean(dim=(2, 3))
 
     def target_images(self, images: Tensor) -> Tensor:
-        """The unfilled normalised image (notes 3.9), or its low-pass (ours); no gradient."""
+        """The unfilled normalised image, or its low-pass (ours); no gradient."""
         if self.params.target != "lowpass":
             return images
         with torch.no_grad():
