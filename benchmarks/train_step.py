@@ -1,4 +1,5 @@
-"""One training step, MoCo v2 and MoCo v2 + MixMask: ours vs lightly's equivalent.
+"""One training step, MoCo v2 and MoCo v2 + MixMask: ours vs lightly's equivalent; and
+beside them the masked-image-modeling recipes (MAE, PixMIM, A2MIM ViT-Tiny and ResNet-18).
 
 Measures images/s and peak memory of ONE pretraining step (forward, loss, backward,
 optimizer step, EMA and queue / memory-bank update) on pre-made device tensors: no data
@@ -24,6 +25,11 @@ loading, no augmentation. Rows:
   a CUDA step stays free of host syncs), one extra online
   forward gives q_mix, and ``loss = L(q, k) + lam L(q_mix, k) + (1 - lam) L(flip(q_mix), k)``
   with lightly's NTXentLoss as L (one mask per batch, so lam is one number).
+* ``ours mae | pixmim | a2mim_vit | a2mim_r18`` (``--recipes``): the CIFAR-10 recipes
+  ``configs/cifar10/{mae,pixmim,a2mim}_vit_tiny.yaml`` and ``a2mim_r18.yaml`` as they are
+  (AdamW, their decoders and losses; PixMIM's low-pass FFTs included), at ``--batch``,
+  ``--image-size`` and (ResNet) ``--width``, on the first pre-made view only: one view per
+  image, as these methods train. No peer rows (lightly's MAE uses its own ViT).
 
   lightly's NTXentLoss enqueues its keys into the memory bank on every call whose query
   requires grad (``memory_bank.forward(out1, update=out0.requires_grad)``), so three calls
@@ -134,6 +140,13 @@ from augment import machine_info, resolve_device, synchronize, write_result  # n
 LIBRARIES = ("ours", "lightly")
 MASKINGS = ("none", "mixmask")
 ROW_NAMES = {"none": "mocov2", "mixmask": "mixmask"}
+# Masked-image-modeling rows (ours only): each CIFAR-10 recipe as it is, at --batch and
+# --image-size (ResNets at --width), one view (the first of the pre-made pair), the
+# recipe's optimizer (AdamW), the engine's step function.
+RECIPES = {"mae": "mae_vit_tiny.yaml", "pixmim": "pixmim_vit_tiny.yaml",
+           "a2mim_vit": "a2mim_vit_tiny.yaml", "a2mim_r18": "a2mim_r18.yaml"}
+ROW_NAMES.update({name: name for name in RECIPES})
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
 THEORY_MIX_COST = 7 / 4
 MIB = 2**20
 
@@ -296,6 +309,37 @@ def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
         return output.loss.detach()
 
     return Row("ours", masking, step, f"mixmask MoCoV2 (masking={masking})",
+               modules={"method": method}, optimizer=optimizer)
+
+
+def build_recipe(recipe: str, views: tuple[Tensor, Tensor], device: torch.device,
+                 args: argparse.Namespace) -> Row:
+    """A MIM recipe's step (:data:`RECIPES`), built and stepped as the engine does."""
+    config = load_config(CONFIGS / RECIPES[recipe], [
+        f"data.image_size={args.image_size}", f"train.batch_size={args.batch}",
+        f"model.width={args.width}", f"train.compile={str(args.compile).lower()}",
+        "data.root=unused"])
+    torch.manual_seed(args.seed)
+    method = build_method(config).to(device)
+    if args.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_networks(method, config)
+    train = config.train
+    optimizer = build_optimizer(train.optimizer, method.parameter_groups(train.optimizer),
+                                lr=train.lr, momentum=train.momentum, betas=train.betas,
+                                weight_decay=train.weight_decay,
+                                fused=train.fused_optimizer and not args.foreach)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    batch = Batch.from_views(views[0])
+
+    def step() -> Tensor:
+        output = training_step(method, optimizer, batch, generator, 0.0,
+                               autocast=autocast(device, args.precision))
+        return output.loss.detach()
+
+    return Row("ours", recipe, step, f"mixmask {config.method.name} "
+               f"({config.model.backbone}, configs/cifar10/{RECIPES[recipe]})",
                modules={"method": method}, optimizer=optimizer)
 
 
@@ -466,9 +510,10 @@ def add_ratios(results: list[dict]) -> None:
     by_key = {(r["library"], r["masking"]): r for r in results}
     for result in results:
         base = by_key.get((result["library"], "none"))
+        # MixMask's and each MIM recipe's step time over MoCo v2's of the same library.
         result["mix_cost_vs_mocov2"] = (
             result["median_step_s"] / base["median_step_s"]
-            if result["masking"] == "mixmask" and base else None)
+            if result["masking"] != "none" and base else None)
         peer = by_key.get(("lightly", result["masking"]))
         result["ours_vs_lightly"] = (
             result["images_per_s"] / peer["images_per_s"]
@@ -481,7 +526,7 @@ def add_ratios(results: list[dict]) -> None:
 
 def print_table(results: list[dict], memory_method: str) -> None:
     print(f"\n{'row':<16} {'batch':>5} {'images/s':>10} {'ms/step':>9} {'state MiB':>10} "
-          f"{'peak MiB':>9} {'faults/step':>11} {'MixMask cost':>13} {'ours/lightly':>13}"
+          f"{'peak MiB':>9} {'faults/step':>11} {'vs MoCo v2':>13} {'ours/lightly':>13}"
           + (f" {'burst im/s':>10}" if any(r["burst_images_per_s"] for r in results) else ""))
     for r in results:
         peak = f"{r['peak_mib']:9,.0f}" if r["peak_mib"] is not None else f"{'n/a':>9}"
@@ -494,8 +539,9 @@ def print_table(results: list[dict], memory_method: str) -> None:
               f"{r['page_faults_per_step']:11,.0f} {cost_cell} "
               f"{ratio_cell}" + (f" {r['burst_images_per_s']:10,.1f}"
                                   if r["burst_images_per_s"] else ""))
-    print(f"images/s: batch / median step time. MixMask cost: step-time ratio over MoCo v2 of "
-          f"the same library (theory {THEORY_MIX_COST:.2f}x).\nstate MiB: parameters, "
+    print(f"images/s: batch / median step time. vs MoCo v2: step-time ratio over MoCo v2 of "
+          f"the same library (MixMask: theory {THEORY_MIX_COST:.2f}x; the MIM rows see one "
+          f"view, not two).\nstate MiB: parameters, "
           f"gradients, buffers, optimizer state held between steps; peak MiB: state + the "
           f"increase within one step ({memory_method}).\nfaults/step: the process's minor "
           f"page faults per timed step (median): memory the OS maps in afresh.")
@@ -540,6 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue", type=int, default=4096, help="queue / memory bank size")
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     parser.add_argument("--masking", nargs="+", choices=MASKINGS, default=list(MASKINGS))
+    parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=list(RECIPES),
+                        help="MIM rows of ours (default: all; none with an empty list)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/benchmarks/train_step")
     args = parser.parse_args(argv)
@@ -601,6 +649,14 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(f"  built {row.name} ({row.description}); warm-up done", flush=True)
 
+    for recipe in args.recipes:
+        row = build_recipe(recipe, views, device, args)
+        for _ in range(args.warmup + (1 if args.warmup == 0 and args.compile else 0)):
+            row.step()
+        row.state_bytes = state_bytes(row)
+        rows.append(row)
+        print(f"  built {row.name} ({row.description}); warm-up done", flush=True)
+
     for _ in range(args.steps):  # interleaved: step i of every row, then step i + 1
         for row in rows:
             seconds, faults = time_step(row.step, device)
@@ -625,7 +681,7 @@ def main(argv: list[str] | None = None) -> dict:
               f" s/step over {len(r['step_seconds'])} steps", flush=True)
     print_table(results, meter.method)
     for r in results:
-        if r["mix_cost_vs_mocov2"] is not None:
+        if r["mix_cost_vs_mocov2"] is not None and r["masking"] == "mixmask":
             print(f"{r['library']}: MixMask step / MoCo v2 step = {r['mix_cost_vs_mocov2']:.2f}x "
                   f"(theory {THEORY_MIX_COST:.2f}x)")
         if r["ours_vs_lightly"] is not None:

@@ -207,7 +207,11 @@ def test_every_config_loads():
     vit_b = load_config("configs/imagenet/a2mim_vit_base.yaml")
     assert (vit_b.train.batch_size, vit_b.train.lr, vit_b.train.scale_lr_by_batch) == (
         2048, 4e-4, False)
+    # openmixup's step schedule (x0.1 at epoch 700 of 800) and gradient clip at 5.0.
+    assert (vit_b.train.schedule, vit_b.train.lr_milestones, vit_b.train.grad_clip) == (
+        "step", (700.0,), 5.0)
     r50 = load_config("configs/imagenet/a2mim_r50.yaml")
     assert (r50.train.epochs, r50.train.lr, r50.method.a2mim.mask_token_lr_scale) == (
         300, 1.2e-3, 0.1)
+    assert (r50.train.schedule, r50.train.min_lr) == ("cosine", 1e-5)
     assert r50.method.a2mim.mask_block_size == 32 and r50.method.a2mim.mask_ratio == 0.6

@@ -8,7 +8,7 @@ import torch
 from scripts import load_script
 
 TINY = ["--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "0", "--width", "0.125",
-        "--queue", "64"]
+        "--queue", "64", "--recipes"]
 
 
 def load_benchmark():
@@ -39,6 +39,18 @@ def test_all_rows_with_lightly(tmp_path):
     for name in ("ours mocov2", "ours mixmask"):
         assert rows[name]["ours_vs_lightly"] > 0
     assert result["versions"]["lightly"] and not result["notes"]
+
+
+def test_mim_recipe_rows_step_their_recipes_beside_mocov2(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightly", None)
+    result = load_benchmark().main([*TINY, "mae", "a2mim_r18", "--masking", "none",
+                                    "--steps", "2", "--out", str(tmp_path)])
+    rows = {row["row"]: row for row in result["results"]}
+    assert list(rows) == ["ours mocov2", "ours mae", "ours a2mim_r18"]
+    assert "configs/cifar10/mae_vit_tiny.yaml" in rows["ours mae"]["description"]
+    for name in ("ours mae", "ours a2mim_r18"):
+        assert rows[name]["images_per_s"] > 0 and rows[name]["state_mib"] > 0
+        assert rows[name]["mix_cost_vs_mocov2"] > 0
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

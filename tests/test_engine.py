@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,66 @@ def test_learning_rate_warmup_then_cosine():
     assert learning_rate(config, 9, 10) == pytest.approx(1.0)
     assert learning_rate(config, 55, 10) == pytest.approx(0.5)  # halfway through the cosine
     assert learning_rate(config, 100, 10) == pytest.approx(0.0)
+
+
+def test_learning_rate_step_and_cosine_to_a_floor():
+    step = load_config(None, ["train.lr=1.0", "train.epochs=4", "train.schedule=step",
+                              "train.lr_milestones=[2, 3]", "train.lr_gamma=0.1"])
+    # 10 steps an epoch: x0.1 from epoch 2 (step 20), x0.01 from epoch 3 (step 30).
+    assert [learning_rate(step, index, 10) for index in (0, 19, 20, 29, 30, 39)] == \
+        pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    floor = load_config(None, ["train.lr=1.0", "train.epochs=1", "train.min_lr=0.1"])
+    assert learning_rate(floor, 5, 10) == pytest.approx(0.1 + 0.9 * 0.5)  # cos(pi / 2) = 0
+    assert learning_rate(floor, 10, 10) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.schedule=step", "needs train.lr_milestones"),
+    ("train.lr_milestones=[500]", "lr_milestones"),
+    ("train.grad_clip=-1", "grad_clip"),
+])
+def test_schedule_mistakes_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["train.epochs=10", override])
+
+
+class _Linear(torch.nn.Module):
+    """A 'method' whose loss 10 * sum(w) has the gradient 10 in each of 3 coordinates."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, batch, generator, progress):
+        from mixmask.methods.protocol import StepOutput
+
+        loss = 10 * self.weight.sum()
+        return StepOutput(loss, {"loss": loss.detach()})
+
+
+def test_gradient_clipping_bounds_the_update_and_logs_the_norm_before_it():
+    from mixmask.data.batch import Batch
+    from mixmask.step import training_step
+
+    method = _Linear()
+    optimizer = torch.optim.SGD(method.parameters(), lr=1.0)
+    output = training_step(
+        method, optimizer, Batch.from_views(torch.zeros(1, 3, 2, 2)), torch.Generator(), 0.0,
+        clip_gradients=lambda: torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0))
+    # |g| = 10 sqrt(3) is clipped to 1: each coordinate moves by 1 / sqrt(3).
+    assert output.logs["grad_norm"].item() == pytest.approx(10 * 3 ** 0.5)
+    assert torch.allclose(method.weight.detach(), torch.full((3,), -1 / 3 ** 0.5))
+
+
+def test_a_run_with_gradient_clipping_logs_grad_norm(tmp_path):
+    config = load_config(None, [*TINY, "data.dataset=synthetic", "data.subset=64",
+                                "train.epochs=1", "train.grad_clip=0.5", "eval.linear=false",
+                                "eval.compare_random_init=false", "monitor.knn=false",
+                                "eval.knn=false", f"out_dir={tmp_path / 'run'}"])
+    pretrain(config)
+    norms = [float(row["grad_norm"]) for row in read_metrics(tmp_path / "run")
+             if row.get("grad_norm")]
+    assert len(norms) == 2 and all(norm > 0 and math.isfinite(norm) for norm in norms)
 
 
 def test_a_new_run_never_overwrites_an_existing_one(tmp_path, cifar10_tarball):

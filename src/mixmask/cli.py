@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   mixmask export runs/quickstart --format torchvision --out r18.pth
   mixmask results runs/
   mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
+  mixmask show-masks configs/cifar10/pixmim_vit_tiny.yaml --out pixmim.png
+  mixmask reconstruct runs/mae --out reconstruction.png
   mixmask --import my_method.py pretrain my_method.yaml     # a method defined in your file
 """
 
@@ -65,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="section.key=value overrides")
     show.add_argument("--out", help="PNG path (default: OUT_DIR/mask_gallery.png)")
     show.add_argument("--num-images", type=int, default=8, help="even; default 8")
+    reconstruct = commands.add_parser(
+        "reconstruct", help="write a PNG of a MAE / PixMIM / A2MIM run's predictions on test "
+                            "images: original, mask, input, low-pass, reconstruction")
+    reconstruct.add_argument("run", help="a run folder written by `mixmask pretrain`")
+    reconstruct.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    reconstruct.add_argument("--out", required=True, help="PNG path")
+    reconstruct.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    reconstruct.add_argument("--num-images", type=int, default=8, help="default 8")
     return parser
 
 
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args)
         if args.command == "show-masks":
             return _show_masks(args)
+        if args.command == "reconstruct":
+            return _reconstruct(args)
         if args.command == "export":
             return _export(args)
         if args.command == "results":
@@ -126,12 +138,26 @@ def _pretrain(args) -> int:
 
 def _show_masks(args) -> int:
     from mixmask.config import load_config
+    from mixmask.mim_gallery import is_mim_method, mim_gallery_from_config
     from mixmask.viz import GALLERY_ROWS, gallery_from_config
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(config.out_dir) / "mask_gallery.png"
+    if is_mim_method(config.method.name):
+        path = mim_gallery_from_config(config, out, num_images=args.num_images)
+        print(f"wrote {path} (rows: original, mask, input, low-pass)")
+        return 0
     path = gallery_from_config(config, out, num_images=args.num_images)
     print(f"wrote {path} (rows: {', '.join(GALLERY_ROWS)})")
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from mixmask.mim_gallery import reconstruct_run
+
+    path = reconstruct_run(Path(args.run), args.out, overrides=args.overrides,
+                           checkpoint=args.checkpoint, num_images=args.num_images)
+    print(f"wrote {path} (rows: original, mask, input, low-pass, reconstruction, + visible)")
     return 0
 
 

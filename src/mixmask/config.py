@@ -13,6 +13,7 @@ composes a recipe with a masking fragment (configs/make_matrix.py).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,15 @@ class TrainConfig:
     # Scale lr linearly with batch size: lr * batch_size / 256.
     scale_lr_by_batch: bool = False
     warmup_epochs: float = 0.0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # After the warm-up: cosine to train.min_lr, constant, or step (x train.lr_gamma at each
+    # epoch of train.lr_milestones: A2MIM's ViT-B recipe, x0.1 at epoch 700 of 800).
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    min_lr: float = 0.0  # cosine's floor (A2MIM ResNet-50: 1e-5)
+    lr_milestones: tuple[float, ...] = ()  # epochs
+    lr_gamma: float = 0.1
+    # Clip the gradients' global L2 norm to this before each update (0 = off; A2MIM ViT
+    # 5.0, SiameseIM 1.0); the norm before clipping is logged as grad_norm.
+    grad_clip: float = 0.0
     checkpoint_every: int = 10  # epochs; the last epoch always saves
     # Also save last.ckpt every N steps (0 = off), for long epochs.
     checkpoint_every_steps: int = 0
@@ -290,6 +299,32 @@ class EvalConfig:
     finetune_lr_backbone: float = 0.002
     finetune_lr_head: float = 0.5
     finetune_weight_decay: float = 0.0
+    # The finetune recipe: "sgd" is the one above; "mae" is MAE's main_finetune.py (He et
+    # al., arXiv 2111.06377, appendix A.1), the ViT protocol of MAE, PixMIM, A2MIM and
+    # SiameseIM: AdamW (0.9, 0.999), one lr = finetune_blr x batch / 256 (finetune_lr_* are
+    # not used) scaled per layer by finetune_layer_decay, a per-step linear warm-up of
+    # finetune_warmup_epochs then a half-cosine to finetune_min_lr, no weight decay on
+    # biases, norms and tokens, the head ~ trunc_normal(std 2e-5). configs/eval/
+    # finetune_mae.yaml holds MAE's ViT-B command (FINETUNE.md) with its defaults.
+    finetune_recipe: str = "sgd"
+    finetune_blr: float = 5e-4
+    finetune_min_lr: float = 1e-6
+    finetune_warmup_epochs: int = 5
+    # Options of either recipe (MAE's values in brackets; the defaults leave them off):
+    # layer-wise lr decay, 1 = off (0.65 for ViT-B; ViTs only); stochastic depth of the ViT's
+    # blocks, linear in depth [0.1]; label smoothing [0.1]; Mixup / CutMix alphas of timm's
+    # Mixup, one of the two per batch, 0 = off [0.8 / 1.0]; a RandAugment policy string of
+    # timm's [rand-m9-mstd0.5-inc1], "" = off; RandomErasing probability [0.25]; the pooling
+    # of the finetuned ViT, "" = the run's model.global_pool ["avg": MAE drops the
+    # pretrained final norm for a fresh fc_norm after average pooling].
+    finetune_layer_decay: float = 1.0
+    finetune_drop_path: float = 0.0
+    finetune_label_smoothing: float = 0.0
+    finetune_mixup: float = 0.0
+    finetune_cutmix: float = 0.0
+    finetune_randaugment: str = ""
+    finetune_random_erasing: float = 0.0
+    finetune_global_pool: str = ""
     # Label subsets (1%, 10%): class-balanced, drawn with this seed from the train split.
     label_seed: int = 0
     # ImageNet: SimCLR's 1percent.txt / 10percent.txt (one file name per line), used
@@ -541,6 +576,8 @@ def validate(config: Config) -> None:
         "data.eval_test_subset": config.data.eval_test_subset,
         "train.weight_decay": config.train.weight_decay,
         "train.warmup_epochs": config.train.warmup_epochs,
+        "train.min_lr": config.train.min_lr,
+        "train.grad_clip": config.train.grad_clip,
         "eval.linear_weight_decay": config.eval.linear_weight_decay,
         "eval.finetune_lr_backbone": config.eval.finetune_lr_backbone,
         "eval.finetune_weight_decay": config.eval.finetune_weight_decay,
@@ -555,6 +592,8 @@ def validate(config: Config) -> None:
     if not 0.0 <= config.data.max_bad_fraction <= 1.0:
         raise ConfigError("'data.max_bad_fraction' must lie in [0, 1], got "
                           f"{config.data.max_bad_fraction}.")
+    _validate_finetune(config)
+    _validate_schedule(config.train)
     for milestone in config.eval.linear_milestones:
         if not 0.0 < milestone <= 1.0:
             raise ConfigError(f"'eval.linear_milestones' are fractions of the epochs in (0, 1], "
@@ -570,6 +609,66 @@ def validate(config: Config) -> None:
     validate_backbone(config.model)
     validate_vit(config.model, config.data.image_size)
     method_class(config.method.name).validate_config(config)
+
+
+def _validate_schedule(train: TrainConfig) -> None:
+    if train.schedule == "step" and not train.lr_milestones:
+        raise ConfigError("train.schedule=step needs train.lr_milestones (the epochs at which "
+                          "the lr is multiplied by train.lr_gamma), e.g. [700].")
+    for milestone in train.lr_milestones:
+        if not 0 < milestone <= train.epochs:
+            raise ConfigError(f"'train.lr_milestones' are epochs in (0, train.epochs="
+                              f"{train.epochs}], got {milestone}.")
+    if not 0 < train.lr_gamma <= 1:
+        raise ConfigError(f"'train.lr_gamma' must lie in (0, 1], got {train.lr_gamma}.")
+    if train.schedule == "cosine" and train.min_lr > train.lr:
+        raise ConfigError(f"'train.min_lr' ({train.min_lr}) is above train.lr ({train.lr}).")
+
+
+FINETUNE_RECIPES = ("sgd", "mae")
+
+
+def _validate_finetune(config: Config) -> None:
+    from mixmask.models.vit import VIT_ARCHS
+
+    evaluation = config.eval
+    if evaluation.finetune_recipe not in FINETUNE_RECIPES:
+        raise ConfigError(f"'eval.finetune_recipe' must be one of {', '.join(FINETUNE_RECIPES)}"
+                          f", got {evaluation.finetune_recipe!r}.")
+    for key in ("finetune_blr", "finetune_min_lr", "finetune_warmup_epochs",
+                "finetune_mixup", "finetune_cutmix"):
+        if getattr(evaluation, key) < 0:
+            raise ConfigError(f"'eval.{key}' must be 0 or more, got {getattr(evaluation, key)}.")
+    if evaluation.finetune_recipe == "mae" and evaluation.finetune_blr <= 0:
+        raise ConfigError("'eval.finetune_blr' must be positive for eval.finetune_recipe=mae.")
+    if evaluation.finetune_recipe == "mae" and (
+            evaluation.finetune_warmup_epochs > evaluation.finetune_epochs):
+        raise ConfigError(f"'eval.finetune_warmup_epochs' ({evaluation.finetune_warmup_epochs}) "
+                          f"exceeds eval.finetune_epochs ({evaluation.finetune_epochs}).")
+    for key in ("finetune_drop_path", "finetune_label_smoothing"):
+        if not 0.0 <= getattr(evaluation, key) < 1.0:
+            raise ConfigError(f"'eval.{key}' must lie in [0, 1), got {getattr(evaluation, key)}.")
+    if not 0.0 <= evaluation.finetune_random_erasing <= 1.0:
+        raise ConfigError("'eval.finetune_random_erasing' is a probability in [0, 1], got "
+                          f"{evaluation.finetune_random_erasing}.")
+    if not 0.0 < evaluation.finetune_layer_decay <= 1.0:
+        raise ConfigError("'eval.finetune_layer_decay' must lie in (0, 1] (1 = off), got "
+                          f"{evaluation.finetune_layer_decay}.")
+    if evaluation.finetune_global_pool not in ("", "token", "avg"):
+        raise ConfigError("'eval.finetune_global_pool' must be '', 'token' or 'avg', got "
+                          f"{evaluation.finetune_global_pool!r}.")
+    vit_only = {"finetune_layer_decay": evaluation.finetune_layer_decay != 1.0,
+                "finetune_drop_path": evaluation.finetune_drop_path > 0,
+                "finetune_global_pool": evaluation.finetune_global_pool != ""}
+    used = [key for key, set_ in vit_only.items() if set_]
+    if used and config.model.backbone not in VIT_ARCHS:
+        raise ConfigError(f"'eval.{used[0]}' applies to ViT backbones (its blocks and tokens); "
+                          f"this run's model.backbone is {config.model.backbone}.")
+    policy = evaluation.finetune_randaugment
+    # timm's rand_augment_transform silently skips sections without a number.
+    if policy and not re.fullmatch(r"rand(-(m|n|mstd|mmax|inc|p)\d+(\.\d+)?|-t\w+)*", policy):
+        raise ConfigError("'eval.finetune_randaugment' takes a timm RandAugment policy such as "
+                          f"'rand-m9-mstd0.5-inc1' (or '' for none), got {policy!r}.")
 
 
 def save_config(config: Config, path: Path) -> None:

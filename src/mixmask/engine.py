@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import json
 import math
 import os
@@ -59,7 +60,9 @@ def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
 
 
 def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up, then cosine decay to 0 over train.epochs (per step)."""
+    """Linear warm-up, then (per step) cosine decay to train.min_lr at the end of
+    train.epochs, a constant, or steps of x train.lr_gamma at the epochs of
+    train.lr_milestones (mmcv's StepLrUpdaterHook, by epoch, as A2MIM's ViT recipe)."""
     train = config.train
     base = train.lr * (train.batch_size / 256 if train.scale_lr_by_batch else 1.0)
     warmup = int(train.warmup_epochs * steps_per_epoch)
@@ -68,8 +71,13 @@ def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
         return base * (step + 1) / warmup
     if train.schedule == "constant":
         return base
+    if train.schedule == "step":
+        epoch = step / steps_per_epoch
+        return base * train.lr_gamma ** sum(epoch >= milestone
+                                            for milestone in train.lr_milestones)
     progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return train.min_lr + (base - train.min_lr) * 0.5 * (
+        1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -463,6 +471,12 @@ class _Run:
                  elapsed_before: float = 0.0, resumed_from: Path | None = None,
                  train_set: ImageSet | None = None):
         self.config, self.fabric, self.method, self.optimizer = config, fabric, method, optimizer
+        # Fabric's clipping unscales fp16 gradients first; no host read (the norm is logged).
+        self.clip_gradients = None
+        if config.train.grad_clip > 0:
+            self.clip_gradients = functools.partial(
+                fabric.clip_gradients, method, optimizer, max_norm=config.train.grad_clip,
+                error_if_nonfinite=False)
         self.probe, self.probe_optimizer, self.generator = probe, probe_optimizer, generator
         self.loader, self.sampler, self.steps_per_epoch = loader, sampler, steps_per_epoch
         self.eval_data, self.metrics, self.state = eval_data, metrics, state
@@ -573,7 +587,8 @@ class _Run:
             output = training_step(method, self.optimizer, batch, self.generator,
                                    step / self.total_steps, backward=fabric.backward,
                                    channels_last=config.train.channels_last,
-                                   skip_nonfinite=config.train.on_nonfinite == "skip")
+                                   skip_nonfinite=config.train.on_nonfinite == "skip",
+                                   clip_gradients=self.clip_gradients)
             logs = dict(output.logs)
             if output.skipped:
                 self.state["skipped_steps"] += 1

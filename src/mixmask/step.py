@@ -38,7 +38,8 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
                   generator: torch.Generator, progress: float, *,
                   backward: Callable[[Tensor], None] | None = None,
                   autocast: contextlib.AbstractContextManager | None = None,
-                  channels_last: bool = False, skip_nonfinite: bool = False) -> StepOutput:
+                  channels_last: bool = False, skip_nonfinite: bool = False,
+                  clip_gradients: Callable[[], Tensor] | None = None) -> StepOutput:
     """One optimisation step of ``method`` on ``batch``; returns the method's output.
 
     backward: how to backpropagate the loss (the engine passes ``fabric.backward``;
@@ -48,6 +49,9 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
     skip_nonfinite: when the loss or a gradient is NaN or infinite, drop the step: no
         optimizer update, no after-step hook, the buffers the forward changed (BN
         statistics) restored; ``output.skipped`` says so. Costs one host read per step.
+    clip_gradients: called after the backward, before the update (the engine passes
+        Fabric's ``clip_gradients`` at ``train.grad_clip``); the norm it returns is logged
+        as ``grad_norm``.
     """
     if channels_last:
         batch = batch.channels_last()
@@ -72,6 +76,8 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
                 torch._foreach_copy_(buffers, saved_buffers)
             output.skipped = True
             return output
+    if clip_gradients is not None:
+        output.logs["grad_norm"] = clip_gradients().detach()
     optimizer.step()
     # Gradients freed after the step, not before the next: no memory held between steps
     # (the parameters' size again).

@@ -11,9 +11,11 @@ the number of DataLoader workers.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy
 import PIL.Image
 import torch
 import torchvision.transforms as T
@@ -32,7 +34,8 @@ class LabelSplitError(MixmaskError):
     """A label subset cannot be drawn or a split file does not match the dataset."""
 
 
-def classifier_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
+def classifier_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                               *, randaugment: str = "", random_erasing: float = 0.0
                                ) -> Callable[[PIL.Image.Image], Tensor]:
     """The training augmentation of a classifier on a frozen or finetuned backbone.
 
@@ -40,19 +43,44 @@ def classifier_train_transform(image_size: int, mean: Sequence[float], std: Sequ
     MoCo / Un-Mix CIFAR scripts and solo-learn's linear eval); larger images take MoCo's
     ``main_lincls.py`` and Barlow Twins' ``evaluate.py`` augmentation: RandomResizedCrop
     (torchvision's default scale (0.08, 1)) and a horizontal flip.
+
+    MAE's finetuning adds (``util/datasets.py: build_transform``, timm's
+    ``create_transform``): ``randaugment``, a timm RandAugment policy such as
+    ``"rand-m9-mstd0.5-inc1"`` after the flip, with timm's parameters (translation 45% of
+    the image, the dataset mean as fill, bicubic), and ``random_erasing``, the probability
+    of timm's per-pixel RandomErasing on the normalised tensor. MAE's RandomResizedCrop is
+    bicubic; ours stays bilinear (the default of the other protocols) and says so here.
     """
     if image_size <= 32:
         crop = [T.Resize(image_size), T.CenterCrop(image_size),
                 T.RandomCrop(image_size, padding=4)]
     else:
         crop = [T.RandomResizedCrop(image_size)]
-    return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    steps = [*crop, T.RandomHorizontalFlip()]
+    if randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        fill = tuple(min(255, round(255 * value)) for value in mean)
+        try:
+            steps.append(rand_augment_transform(randaugment, {
+                "translate_const": int(image_size * 0.45), "img_mean": fill,
+                "interpolation": PIL.Image.BICUBIC}))
+        except (ValueError, KeyError, AssertionError) as error:
+            raise MixmaskError(f"eval.finetune_randaugment={randaugment!r} is not a RandAugment "
+                               f"policy timm understands ({error}).") from None
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if random_erasing > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        steps.append(RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu"))
+    return T.Compose(steps)
 
 
 class AugmentedLabelled(Dataset):
     """Items, for keys ``(index, epoch)``, are ``(image, label)`` of ``image_set[indices[
     index]]`` under ``transform``, whose random draws (torch's global CPU generator, which
-    torchvision's transforms use) are seeded by :func:`item_seed` (seed, epoch, index)."""
+    torchvision's transforms use, Python's ``random`` and NumPy's, which timm's use) are
+    seeded by :func:`item_seed` (seed, epoch, index)."""
 
     def __init__(self, image_set: ImageSet, indices: Tensor,
                  transform: Callable[[PIL.Image.Image], Tensor], seed: int):
@@ -68,7 +96,12 @@ class AugmentedLabelled(Dataset):
         index, epoch = key
         # An unreadable file gives the next readable one with its label (ImageSet.load_item).
         image, label = self.image_set.load_item(self.indices[index])
-        torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
+        seed = item_seed(self.seed, epoch, index)
+        torch.default_generator.manual_seed(seed)
+        # timm's RandAugment draws from Python's `random` and NumPy's global generator (which
+        # ops), its RandomErasing from `random`.
+        random.seed(seed)
+        numpy.random.seed(seed % 2**32)
         return self.transform(image), label
 
 

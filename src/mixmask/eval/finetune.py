@@ -41,17 +41,59 @@ from mixmask.methods.protocol import StepOutput
 from mixmask.step import all_finite, training_step
 
 
+def mix_for_classification(images: Tensor, labels: Tensor, num_classes: int, *,
+                           mixup_alpha: float, cutmix_alpha: float, smoothing: float,
+                           generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mixup / CutMix of a labelled batch with soft targets: timm's ``Mixup`` as MAE's
+    finetuning runs it (``mode="batch"``, ``switch_prob=0.5``, ``mix_prob=1``,
+    ``correct_lam=True``). One draw per batch: with both alphas positive, CutMix or Mixup
+    with probability 1/2 each; ``lam ~ Beta(alpha, alpha)`` of the chosen one; the partner
+    is the reversed batch (timm's ``x.flip(0)``); CutMix's ``lam`` is corrected to the kept
+    area. Targets are ``lam * y + (1 - lam) * y[partner]`` with label-smoothed one-hots
+    ``y`` (``smoothing / K`` off, ``1 - smoothing + smoothing / K`` on).
+
+    The pixels come from :func:`mixmask.masking.sample_unmix` (Un-Mix uses the same two
+    mixes with the same box rule); returns ``(mixed images, targets [B, K])``."""
+    from mixmask.masking import sample_unmix
+
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        # One host read per step, to pick the alpha the draw uses.
+        use_cutmix = bool(torch.rand((), generator=generator, device=generator.device) < 0.5)
+    else:
+        use_cutmix = cutmix_alpha > 0
+    drawn = sample_unmix(images, generator=generator, p_mixup=0.0 if use_cutmix else 1.0,
+                         alpha=cutmix_alpha if use_cutmix else mixup_alpha)
+    off = smoothing / num_classes
+    one_hot = torch.full((len(labels), num_classes), off, device=images.device)
+    one_hot.scatter_(1, labels[:, None], 1.0 - smoothing + off)
+    lam = drawn.lam[:, None].to(one_hot.dtype)
+    return drawn.mixed_images, lam * one_hot + (1 - lam) * one_hot[drawn.partner_index]
+
+
 class Classifier(nn.Module):
     """A backbone and a linear head; its forward is a training step (cross-entropy on the
     batch's first view), so :func:`mixmask.step.training_step` and Fabric drive it as they
-    drive a pretraining method."""
+    drive a pretraining method.
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+    ``head_std``: the head's init, N(0, 0.01) (Barlow Twins' evaluate.py) or MAE's
+    trunc_normal(std=2e-5) (``main_finetune.py``); the bias is 0 in both. With
+    ``mixup_alpha`` or ``cutmix_alpha`` the loss is the soft-target cross-entropy of
+    :func:`mix_for_classification` (batches of one image are left unmixed);
+    ``label_smoothing`` applies either way."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, *,
+                 head_std: float = 0.01, truncated: bool = False, label_smoothing: float = 0.0,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(feature_dim, num_classes)
-        # evaluate.py: head.weight ~ N(0, 0.01), head.bias = 0.
-        nn.init.normal_(self.head.weight, mean=0.0, std=0.01)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        if truncated:
+            nn.init.trunc_normal_(self.head.weight, std=head_std)
+        else:
+            nn.init.normal_(self.head.weight, mean=0.0, std=head_std)
         nn.init.zeros_(self.head.bias)
 
     def scores(self, images: Tensor) -> Tensor:
@@ -59,7 +101,18 @@ class Classifier(nn.Module):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None,
                 progress: float = 0.0) -> StepOutput:
-        loss = F.cross_entropy(self.scores(batch.views[0]), batch.labels)
+        images, labels = batch.views[0], batch.labels
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and len(labels) > 1:
+            if generator is None:
+                raise ValueError("Mixup / CutMix needs the step's generator.")
+            images, targets = mix_for_classification(
+                images, labels, self.num_classes, mixup_alpha=self.mixup_alpha,
+                cutmix_alpha=self.cutmix_alpha, smoothing=self.label_smoothing,
+                generator=generator)
+            loss = F.cross_entropy(self.scores(images).float(), targets)
+        else:
+            loss = F.cross_entropy(self.scores(images).float(), labels,
+                                   label_smoothing=self.label_smoothing)
         return StepOutput(loss, {"loss": loss.detach()})
 
 
@@ -69,11 +122,61 @@ def cosine_epoch_lr(base: float, epoch: int, epochs: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def parameter_groups(classifier: Classifier, *, lr_backbone: float, lr_head: float
-                     ) -> list[dict[str, Any]]:
-    return [{"params": list(classifier.head.parameters()), "base_lr": lr_head, "lr": lr_head},
-            {"params": list(classifier.backbone.parameters()), "base_lr": lr_backbone,
-             "lr": lr_backbone}]
+def warmup_cosine_lr(peak: float, floor: float, epoch: float, *, warmup_epochs: float,
+                     epochs: float) -> float:
+    """MAE's ``util/lr_sched.py: adjust_learning_rate`` at a fractional epoch (it is called
+    every step with ``step / steps_per_epoch + epoch``): linear from 0 over the warm-up,
+    then a half-cosine from ``peak`` to ``floor``."""
+    if epoch < warmup_epochs:
+        return peak * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(classifier: Classifier, *, lr_backbone: float, lr_head: float,
+                     recipe: str = "sgd", weight_decay: float = 0.0, layer_decay: float = 1.0,
+                     min_lr: float = 0.0) -> list[dict[str, Any]]:
+    """The optimizer's groups, each with its peak ``base_lr`` and its ``min_lr``.
+
+    ``"sgd"`` (Barlow Twins): the head at ``lr_head``, the backbone at ``lr_backbone``,
+    weight decay on every parameter (evaluate.py's single ``weight_decay``).
+    ``"mae"`` (``main_finetune.py`` + ``util/lr_decay.py: param_groups_lrd``): one lr
+    (``lr_head`` is the peak; the caller passes blr x batch / 256), no weight decay on 1-D
+    parameters and tokens. Either way ``layer_decay < 1`` scales a ViT's groups by
+    ``layer_decay ** (depth + 1 - layer id)`` (BEiT / MAE: embeddings 0, block i at i + 1,
+    final norm and head at depth + 1), the floor too (MAE scales ``min_lr`` with the group).
+    """
+    from mixmask.optim import (
+        layer_decay_lr_scale,
+        no_decay_bias_norm_and_tokens,
+    )
+    from mixmask.optim import parameter_groups as named_groups
+
+    scale = None
+    if layer_decay != 1.0:
+        depth = getattr(classifier.backbone, "depth", None)
+        if depth is None:
+            raise ConfigError("layer-wise lr decay needs a ViT backbone (its blocks).")
+        scale = layer_decay_lr_scale(depth, layer_decay)
+    if recipe == "mae":
+        groups = named_groups(classifier.named_parameters(),
+                              exclude_from_decay=no_decay_bias_norm_and_tokens, lr_scale=scale)
+        peaks = {id(group): lr_head for group in groups}
+    else:
+        head = named_groups(classifier.head.named_parameters(prefix="head"))
+        body = named_groups(classifier.backbone.named_parameters(prefix="backbone"),
+                            lr_scale=scale)
+        groups = [*head, *body]
+        peaks = {**{id(group): lr_head for group in head},
+                 **{id(group): lr_backbone for group in body}}
+    out = []
+    for group in groups:
+        lr = peaks[id(group)] * group.pop("lr_scale")
+        group.setdefault("weight_decay", weight_decay)
+        group.pop("param_names")
+        group.update(base_lr=lr, lr=lr, min_lr=min_lr * lr / peaks[id(group)] if lr else 0.0)
+        out.append(group)
+    return out
 
 
 @torch.no_grad()
@@ -100,6 +203,10 @@ def test_accuracy(model: Classifier, test_set: Dataset, *, device: torch.device,
     return topk_accuracy(torch.cat(scores), torch.cat(labels))
 
 
+def _has_drop_path(model: nn.Module) -> bool:
+    return any(type(module).__name__ == "DropPath" for module in model.modules())
+
+
 class FinetuneStopped(MixmaskError):
     """A stop signal ended finetuning at a step boundary; the state was saved."""
 
@@ -107,6 +214,8 @@ class FinetuneStopped(MixmaskError):
 def finetune(*, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabelled,
              test_set: Dataset, epochs: int, batch_size: int, lr_backbone: float,
              lr_head: float, weight_decay: float, seed: int, checkpoint_path: Path,
+             recipe: str = "sgd", layer_decay: float = 1.0, min_lr: float = 0.0,
+             warmup_epochs: float = 0.0,
              settings: dict[str, Any], num_workers: int = 0, checkpoint_every_steps: int = 0,
              stop=None, say: Callable[[str], None] = print,
              progress: Callable[[int], None] | None = None,
@@ -115,10 +224,19 @@ def finetune(*, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabe
     """Finetune ``classifier`` (resuming from ``checkpoint_path`` when it holds the same
     ``settings``); returns the test record of every epoch and the wall time spent, resumed
     parts included. ``stop.received`` (a signal name) ends it at the next step boundary,
-    saved, with :class:`FinetuneStopped`."""
-    optimizer = torch.optim.SGD(
-        parameter_groups(classifier, lr_backbone=lr_backbone, lr_head=lr_head),
-        lr=lr_head, momentum=0.9, weight_decay=weight_decay)
+    saved, with :class:`FinetuneStopped`.
+
+    ``recipe``: ``"sgd"`` (SGD momentum 0.9, the lr set once per epoch on a cosine) or
+    ``"mae"`` (AdamW (0.9, 0.999), the lr set every step by :func:`warmup_cosine_lr`, with
+    ``lr_head`` the peak); see :func:`parameter_groups` for ``layer_decay``."""
+    groups = parameter_groups(classifier, lr_backbone=lr_backbone, lr_head=lr_head,
+                              recipe=recipe, weight_decay=weight_decay,
+                              layer_decay=layer_decay, min_lr=min_lr)
+    if recipe == "mae":
+        optimizer = torch.optim.AdamW(groups, lr=lr_head, betas=(0.9, 0.999),
+                                      weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, weight_decay=weight_decay)
     model, optimizer = fabric.setup(classifier, optimizer)
     batches = EpochBatches(len(train_set), batch_size, seed=seed, rank=fabric.global_rank,
                            world_size=fabric.world_size)
@@ -160,15 +278,29 @@ def finetune(*, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabe
         fabric.barrier()
 
     generator = torch.Generator(device=fabric.device).manual_seed(seed)
+    drop_path = _has_drop_path(model)
     while state["step"] < total_steps:
         epoch, start_batch = divmod(state["step"], steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_epoch_lr(group["base_lr"], epoch, epochs)
+        if recipe == "sgd":
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_epoch_lr(group["base_lr"], epoch, epochs)
         batches.set_epoch(epoch, start_batch)
         model.train()
         for images, labels in loader:
             batch = Batch.from_views(images.to(fabric.device, non_blocking=True),
                                      labels=labels.to(fabric.device, non_blocking=True))
+            if recipe == "mae":
+                for group in optimizer.param_groups:
+                    group["lr"] = warmup_cosine_lr(
+                        group["base_lr"], group["min_lr"], state["step"] / steps_per_epoch,
+                        warmup_epochs=warmup_epochs, epochs=epochs)
+            # The step's draws (Mixup / CutMix from the generator; drop-path, which timm
+            # draws from torch's global generators) are a function of (seed, step), so a
+            # resumed finetune draws what the uninterrupted one drew.
+            step_seed = seed * 1_000_003 + state["step"]
+            generator.manual_seed(step_seed)
+            if drop_path:
+                torch.manual_seed(step_seed)
             training_step(model, optimizer, batch, generator, state["step"] / total_steps,
                           backward=fabric.backward)
             state["step"] += 1

@@ -41,6 +41,9 @@ PROTOCOL_DESCRIPTIONS = {
     "finetune": "finetune (Barlow Twins semi-supervised recipe): {labels} labels, "
                 "lr backbone {lr_backbone} / head {lr_head}, wd {wd}, {epochs} epochs cosine, "
                 "{init}",
+    "finetune_mae": "finetune (MAE main_finetune.py recipe): {labels} labels, AdamW lr {lr} "
+                    "(blr {blr} x {batch}/256), layer decay {layer_decay}, wd {wd}, "
+                    "{warmup} warm-up + cosine of {epochs} epochs, {init}",
 }
 
 
@@ -311,24 +314,56 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     fabric.launch()
     pixel_stats = PixelStats(tuple(train_images.mean), tuple(train_images.std))
     method = build_run_method(config, pixel_stats, checkpoint_path, content)
-    classifier = Classifier(method.backbone, method.feature_dim, train_images.num_classes)
+    backbone = method.backbone
+    if evaluation.finetune_drop_path > 0:
+        backbone.set_drop_path(evaluation.finetune_drop_path)
+    if evaluation.finetune_global_pool:
+        backbone.set_global_pool(evaluation.finetune_global_pool)
+    mae = evaluation.finetune_recipe == "mae"
+    classifier = Classifier(backbone, method.feature_dim, train_images.num_classes,
+                            head_std=2e-5 if mae else 0.01, truncated=mae,
+                            label_smoothing=evaluation.finetune_label_smoothing,
+                            mixup_alpha=evaluation.finetune_mixup,
+                            cutmix_alpha=evaluation.finetune_cutmix)
     train_set = AugmentedLabelled(
         train_images, indices,
-        classifier_train_transform(config.data.image_size, train_images.mean, train_images.std),
+        classifier_train_transform(config.data.image_size, train_images.mean, train_images.std,
+                                   randaugment=evaluation.finetune_randaugment,
+                                   random_erasing=evaluation.finetune_random_erasing),
         seed=train.seed)
     name = finetune_name(labels, from_scratch)
     init = (f"random init (train.seed={train.seed})" if from_scratch
             else f"pretrained ({checkpoint_path.name}, step {content.get('step')})")
+    # MAE: lr = blr x effective batch / 256 (main_finetune.py); the head lr is the peak.
+    lr_head = (evaluation.finetune_blr * evaluation.finetune_batch_size / 256 if mae
+               else evaluation.finetune_lr_head)
+    augmentation = ("pad-4 crop + flip" if config.data.image_size <= 32
+                    else "RandomResizedCrop + flip")
+    if evaluation.finetune_randaugment:
+        augmentation += f" + RandAugment {evaluation.finetune_randaugment}"
+    if evaluation.finetune_random_erasing:
+        augmentation += f" + RandomErasing {evaluation.finetune_random_erasing}"
     settings = {"labels": labels, "label_subset": chosen, "train_images": len(indices),
-                "epochs": evaluation.finetune_epochs,
+                "recipe": evaluation.finetune_recipe, "epochs": evaluation.finetune_epochs,
                 "batch_size": evaluation.finetune_batch_size,
-                "lr_backbone": evaluation.finetune_lr_backbone,
-                "lr_head": evaluation.finetune_lr_head,
-                "weight_decay": evaluation.finetune_weight_decay, "momentum": 0.9,
-                "schedule": "cosine per epoch", "bn": "train",
-                "augmentation": "pad-4 crop + flip" if config.data.image_size <= 32
-                else "RandomResizedCrop + flip", "init": init, "seed": train.seed,
+                "weight_decay": evaluation.finetune_weight_decay,
+                "layer_decay": evaluation.finetune_layer_decay,
+                "drop_path": evaluation.finetune_drop_path,
+                "label_smoothing": evaluation.finetune_label_smoothing,
+                "mixup": evaluation.finetune_mixup, "cutmix": evaluation.finetune_cutmix,
+                "global_pool": getattr(backbone, "global_pool", None), "bn": "train",
+                "augmentation": augmentation, "init": init, "seed": train.seed,
                 "precision": train.precision, "world_size": fabric.world_size}
+    if mae:
+        settings.update(optimizer="adamw (0.9, 0.999)", blr=evaluation.finetune_blr,
+                        lr=lr_head, min_lr=evaluation.finetune_min_lr,
+                        warmup_epochs=evaluation.finetune_warmup_epochs,
+                        schedule="linear warm-up + half-cosine per step",
+                        head_init="trunc_normal(std 2e-5)")
+    else:
+        settings.update(optimizer="sgd momentum 0.9",
+                        lr_backbone=evaluation.finetune_lr_backbone, lr_head=lr_head,
+                        schedule="cosine per epoch", head_init="N(0, 0.01)")
 
     def say(message: str) -> None:
         if fabric.is_global_zero:
@@ -343,8 +378,11 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
             fabric=fabric, classifier=classifier, train_set=train_set,
             test_set=eval_data.test, epochs=evaluation.finetune_epochs,
             batch_size=evaluation.finetune_batch_size,
-            lr_backbone=evaluation.finetune_lr_backbone, lr_head=evaluation.finetune_lr_head,
+            lr_backbone=evaluation.finetune_lr_backbone, lr_head=lr_head,
             weight_decay=evaluation.finetune_weight_decay, seed=train.seed,
+            recipe=evaluation.finetune_recipe, layer_decay=evaluation.finetune_layer_decay,
+            min_lr=evaluation.finetune_min_lr if mae else 0.0,
+            warmup_epochs=evaluation.finetune_warmup_epochs if mae else 0,
             checkpoint_path=run / "eval" / name / "last.ckpt", settings=settings,
             num_workers=config.data.num_workers,
             checkpoint_every_steps=train.checkpoint_every_steps, stop=stop_signals, say=say,
@@ -352,10 +390,17 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
             on_epoch=lambda epoch, row: say(
                 f"{name} epoch {epoch}/{evaluation.finetune_epochs}: test top-1 "
                 f"{row['top1']:.2f}, top-5 {row['top5']:.2f}"))
-    description = PROTOCOL_DESCRIPTIONS["finetune"].format(
-        labels=labels, lr_backbone=evaluation.finetune_lr_backbone,
-        lr_head=evaluation.finetune_lr_head, wd=evaluation.finetune_weight_decay,
-        epochs=evaluation.finetune_epochs, init=init)
+    if mae:
+        description = PROTOCOL_DESCRIPTIONS["finetune_mae"].format(
+            labels=labels, lr=f"{lr_head:.3g}", blr=evaluation.finetune_blr,
+            batch=evaluation.finetune_batch_size, layer_decay=evaluation.finetune_layer_decay,
+            wd=evaluation.finetune_weight_decay, warmup=evaluation.finetune_warmup_epochs,
+            epochs=evaluation.finetune_epochs, init=init)
+    else:
+        description = PROTOCOL_DESCRIPTIONS["finetune"].format(
+            labels=labels, lr_backbone=evaluation.finetune_lr_backbone,
+            lr_head=evaluation.finetune_lr_head, wd=evaluation.finetune_weight_decay,
+            epochs=evaluation.finetune_epochs, init=init)
     result = _common(config, run, name, description, checkpoint_path, content, fabric.device,
                      wall_time_s)
     result.update(record.summary(), settings=settings, history=record.history,

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 
 from mixmask.methods.base import SiameseMethod
-from mixmask.methods.protocol import Method, PixelStats, StepOutput
+from mixmask.methods.protocol import MaskedViews, Method, PixelStats, StepOutput
 from mixmask.methods.registry import method_class, method_names, register_method
 
 # The Siamese bases first, in this order (the order of method_names()); then every other
@@ -29,5 +29,5 @@ def build_method(config, pixel_stats: PixelStats | None = None) -> Method:
     return method_class(config.method.name)(config, pixel_stats)
 
 
-__all__ = ["BUILTIN_METHODS", "Method", "PixelStats", "SiameseMethod", "StepOutput", "build_method",
-           "method_class", "method_names", "register_method"]
+__all__ = ["BUILTIN_METHODS", "MaskedViews", "Method", "PixelStats", "SiameseMethod",
+           "StepOutput", "build_method", "method_class", "method_names", "register_method"]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from mixmask.frequency import ideal_lowpass, lowpass_radius
 from mixmask.masking import upsample_mask
-from mixmask.methods.protocol import Method, StepOutput
+from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
 from mixmask.mim_block_masks import a2mim_block_mask, a2mim_block_size, mean_fill
 from mixmask.mim_losses import a2mim_frequency_loss, masked_focal_l1, masked_l1
@@ -304,6 +304,15 @@ class A2MIM(Method):
         frequency = a2mim_frequency_loss(prediction, target, mask_pixels,
                                          unmask_weight=self.unmask_weight)
         return spatial, frequency
+
+    @torch.no_grad()
+    def masked_views(self, images: Tensor, generator: torch.Generator) -> MaskedViews:
+        mask = self.sample_mask(images, generator)
+        mask_pixels = upsample_mask(mask, images.shape[-1])
+        inputs = mean_fill(images, mask_pixels)
+        prediction = self.decoder(self.encode(inputs, mask)[0]).float()
+        return MaskedViews(mask=mask_pixels.bool(), inputs=inputs.float(),
+                           target=self.target_images(images).float(), reconstruction=prediction)
 
     def training_step(self, batch, generator, progress: float = 0.0) -> StepOutput:
         images = batch.views[0]

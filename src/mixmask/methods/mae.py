@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from mixmask.frequency import ideal_lowpass, lowpass_radius
-from mixmask.methods.protocol import Method, StepOutput
+from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
 from mixmask.mim_losses import masked_mse_per_patch, norm_pix_target
 from mixmask.mim_masking import mae_random_masking, unshuffle
-from mixmask.models.vit import VIT_ARCHS, patchify, sincos_2d_position_embedding
+from mixmask.models.vit import VIT_ARCHS, patchify, sincos_2d_position_embedding, unpatchify
 
 
 @dataclass
@@ -134,17 +134,42 @@ class MAE(Method):
         if params.lowpass_radius < 0:
             raise ConfigError("method.mae.lowpass_radius must be 0 (auto) or positive.")
 
+    def target_image(self, images: Tensor) -> Tensor:
+        """The image the target is cut from: the input, or (PixMIM) its low-pass."""
+        with torch.no_grad():
+            if self.params.target != "lowpass":
+                return images
+            stats = self.pixel_stats
+            return ideal_lowpass(images, self.radius, mode=self.params.lowpass_mode,
+                                 mean=None if stats is None else stats.mean,
+                                 std=None if stats is None else stats.std)
+
     def target_patches(self, images: Tensor) -> Tensor:
         """What the decoder regresses: patches of the image (PixMIM: of its low-pass),
         per-patch normalised under ``norm_pix``; no gradient."""
         with torch.no_grad():
-            if self.params.target == "lowpass":
-                stats = self.pixel_stats
-                images = ideal_lowpass(images, self.radius, mode=self.params.lowpass_mode,
-                                       mean=None if stats is None else stats.mean,
-                                       std=None if stats is None else stats.std)
-            patches = patchify(images.float(), self.patch_size)
+            patches = patchify(self.target_image(images).float(), self.patch_size)
             return norm_pix_target(patches) if self.params.norm_pix else patches
+
+    @torch.no_grad()
+    def masked_views(self, images: Tensor, generator: torch.Generator) -> MaskedViews:
+        keep, mask, restore = mae_random_masking(images.shape[0], self.grid * self.grid,
+                                                 self.params.mask_ratio, generator,
+                                                 images.device)
+        predicted = self.decoder(self.backbone.forward_visible(images, keep), restore).float()
+        target = self.target_image(images).float()
+        if self.params.norm_pix:
+            # MAE's visualize notebook: the prediction in the target patch's own scale.
+            patches = patchify(target, self.patch_size)
+            mean = patches.mean(dim=-1, keepdim=True)
+            std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+            predicted = predicted * std + mean
+        grid = (self.grid, self.grid)
+        reconstruction = unpatchify(predicted, self.patch_size, grid)
+        mask_pixels = unpatchify(mask.float()[..., None].expand(-1, -1, self.patch_size ** 2),
+                                 self.patch_size, grid).bool()
+        return MaskedViews(mask=mask_pixels, inputs=images.float() * ~mask_pixels,
+                           target=target, reconstruction=reconstruction)
 
     def training_step(self, batch, generator, progress: float = 0.0) -> StepOutput:
         images = batch.views[0]

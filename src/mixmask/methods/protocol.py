@@ -70,6 +70,23 @@ class StepOutput:
     skipped: bool = False
 
 
+@dataclass
+class MaskedViews:
+    """What a masked-image-modeling method sees and predicts for one batch, in the
+    normalised pixel space, for pictures (``mixmask show-masks``, ``mixmask reconstruct``)."""
+
+    # [B, 1, H, W] bool, True = a masked pixel.
+    mask: Tensor
+    # [B, C, H, W]: the encoder's input (MAE: the visible patches, the masked ones shown
+    # at 0, the dataset mean; A2MIM: the mean-filled image).
+    inputs: Tensor
+    # [B, C, H, W]: what the loss regresses, as an image (the pixels, or PixMIM's low-pass).
+    target: Tensor
+    # [B, C, H, W]: the prediction as an image (MAE's norm_pix output un-normalised with
+    # each target patch's mean and std, as MAE's visualisation notebook does).
+    reconstruction: Tensor
+
+
 class Method(nn.Module):
     """Base of every method. A subclass sets ``config_class`` (its ``method.<name>.*``
     keys), registers itself with :func:`mixmask.methods.registry.register_method`, and
@@ -140,6 +157,12 @@ class Method(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """Pooled representation [B, D] for kNN, linear probes and the online probe."""
         return self.backbone(images)
+
+    def masked_views(self, images: Tensor, generator: torch.Generator) -> MaskedViews | None:
+        """A masked-image-modeling method's mask, input, target and prediction for
+        ``images`` (one draw of its masking from ``generator``); None for the others
+        (the Siamese methods draw their masking axis instead)."""
+        return None
 
     # -- each step ------------------------------------------------------------------------
     def training_step(self, batch: Batch, generator: torch.Generator,

@@ -199,6 +199,37 @@ class ViTBackbone(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    # -- finetuning -----------------------------------------------------------------------
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth (Huang et al. 2016) on every block's two residual branches, rising
+        linearly from 0 at the first block to ``rate`` at the last: timm's and MAE's
+        finetuning rule (``drop_path_rate``, ``models_vit.py``). No parameters change."""
+        from timm.layers import DropPath
+
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop-path rate must lie in [0, 1), got {rate}.")
+        for index, block in enumerate(self.blocks):
+            block_rate = rate * index / max(self.depth - 1, 1)
+            for name in ("drop_path1", "drop_path2"):
+                setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())
+
+    def set_global_pool(self, global_pool: str) -> None:
+        """Switch the pooling after training, as MAE's finetuning does when it loads a
+        pretrained encoder into ``global_pool=True`` (``main_finetune.py``, strict=False):
+        for ``"avg"`` the pretrained final ``norm`` is dropped and a fresh ``fc_norm``
+        (ones, zeros) follows the average of the patch tokens; for ``"token"`` the reverse
+        (a fresh ``norm``, no ``fc_norm``). The same pooling is a no-op."""
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}.")
+        if global_pool == self.global_pool:
+            return
+        fresh = nn.LayerNorm(self.embed_dim, eps=1e-6).to(self.cls_token.device)
+        if global_pool == "avg":
+            self.norm, self.fc_norm = nn.Identity(), fresh
+        else:
+            self.norm, self.fc_norm = fresh, nn.Identity()
+        self.global_pool = global_pool
+
     # -- pieces ---------------------------------------------------------------------------
     def embed_patches(self, images: Tensor) -> Tensor:
         """Patch tokens plus their position embeddings, without the cls token: [B, N, D]."""
