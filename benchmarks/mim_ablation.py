@@ -90,19 +90,24 @@ def main() -> None:
         recipe, variant = VARIANTS[name]
         run = out / name
         runs.append(run)
-        if not args.redo and all((run / "eval" / f"{stem}.json").exists() for stem in DONE):
-            # A finished variant is kept, so the seven can be measured in batches
-            # (``--variants``) and the table still covers them all.
-            print(f"kept {run} (finished; --redo reruns it)")
-            continue
-        if run.exists():
-            shutil.rmtree(run)
         pretrain = ["pretrain", str(CONFIGS / recipe), *SCALES[args.scale], *variant,
                     *args.overrides, f"out_dir={run}"]
+        # What is already measured is kept (a pretrained run, each evaluation's JSON), so
+        # the seven variants can be measured in batches (``--variants``) or continued after
+        # an interruption, and the table still covers them all; --redo starts afresh.
+        pretrained = (run / "summary.json").is_file() and not args.redo
+        if not pretrained and run.exists():
+            shutil.rmtree(run)
+        steps = [] if pretrained else [pretrain]
+        for stem, command in zip(DONE, commands(run, args.scale, args.overrides), strict=True):
+            if args.redo or not (run / "eval" / f"{stem}.json").exists():
+                steps.append(command)
         for command in [pretrain, *commands(run, args.scale, args.overrides)]:
             shell.append("mixmask " + " ".join(command))
+        for command in steps:
+            print(f"running: mixmask {' '.join(command)}", flush=True)
             if mixmask(command) != 0:
-                raise SystemExit(f"failed: {shell[-1]}")
+                raise SystemExit(f"failed: mixmask {' '.join(command)}")
     table = format_table(result_rows(runs))
     print(table)
     print("kNN is a weak protocol for MIM features; finetune_10pct (beside its from-scratch "
