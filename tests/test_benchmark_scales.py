@@ -94,6 +94,13 @@ def test_mim_ablation_variants_are_valid_configs(scale):
         config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
                                                           *benchmark.EVALUATION[scale]])
         assert config.method.name in ("mae", "a2mim", "mocov2"), name
+        # The finetune command's protocol file and overrides over this variant's run config.
+        finetune = benchmark.FINETUNE[benchmark.family(recipe)][scale]
+        layers = finetune[1:2] if finetune else []
+        tuned = load_config(benchmark.CONFIGS / recipe, [
+            *benchmark.SCALES[scale], *variant, *benchmark.EVALUATION[scale],
+            *finetune[2:]], layers=layers)
+        assert tuned.eval.finetune_recipe == ("mae" if "vit" in recipe else "sgd"), name
     pixmim = load_config(benchmark.CONFIGS / "pixmim_vit_tiny.yaml",
                          benchmark.VARIANTS["pixmim_clean"][1])
     assert (pixmim.method.mae.target, pixmim.method.mae.lowpass_mode) == ("lowpass", "clean")
