@@ -1,5 +1,6 @@
 """Masked image modeling beside MixMask, on one budget: MAE, PixMIM (faithful and clean),
-A2MIM (ViT-Tiny; ResNet-18 with and without the frequency loss) and MixMask MoCo v2.
+A2MIM (ViT-Tiny; ResNet-18 with and without the frequency loss), MixMask MoCo v2 and
+SiameseIM (ViT-Tiny, and our ConvNet variant on a ResNet-18).
 
 Each variant pretrains from its CIFAR-10 recipe (``configs/cifar10/*.yaml``) with the same
 CPU-sized overrides, then is judged as the papers judge MIM: ``mixmask finetune --labels
@@ -44,6 +45,8 @@ VARIANTS = {
     "a2mim_r18": ("a2mim_r18.yaml", []),
     "a2mim_r18_no_frequency": ("a2mim_r18.yaml", ["method.a2mim.frequency_weight=0"]),
     "mixmask_mocov2_r18": ("mixmask_mocov2_r18.yaml", []),
+    "siameseim_vit": ("siameseim_vit_tiny.yaml", []),
+    "siameseim_r18": ("siameseim_r18.yaml", []),  # our ConvNet variant
 }
 SCALES = {
     "cpu": ["data.subset=5000", "train.epochs=10", "train.warmup_epochs=1",

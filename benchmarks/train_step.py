@@ -25,11 +25,13 @@ loading, no augmentation. Rows:
   a CUDA step stays free of host syncs), one extra online
   forward gives q_mix, and ``loss = L(q, k) + lam L(q_mix, k) + (1 - lam) L(flip(q_mix), k)``
   with lightly's NTXentLoss as L (one mask per batch, so lam is one number).
-* ``ours mae | pixmim | a2mim_vit | a2mim_r18`` (``--recipes``): the CIFAR-10 recipes
-  ``configs/cifar10/{mae,pixmim,a2mim}_vit_tiny.yaml`` and ``a2mim_r18.yaml`` as they are
-  (AdamW, their decoders and losses; PixMIM's low-pass FFTs included), at ``--batch``,
-  ``--image-size`` and (ResNet) ``--width``, on the first pre-made view only: one view per
-  image, as these methods train. No peer rows (lightly's MAE uses its own ViT).
+* ``ours mae | pixmim | a2mim_vit | a2mim_r18 | siameseim_vit | siameseim_r18``
+  (``--recipes``): the CIFAR-10 recipes ``configs/cifar10/{mae,pixmim,a2mim,siameseim}_
+  vit_tiny.yaml``, ``a2mim_r18.yaml`` and ``siameseim_r18.yaml`` as they are (AdamW, their
+  decoders, predictors and losses; PixMIM's low-pass FFTs included), at ``--batch``,
+  ``--image-size`` and (ResNet) ``--width``; MAE, PixMIM and A2MIM see the first pre-made
+  view only (one view per image, as they train), SiameseIM both (full-image crops). No
+  peer rows (lightly's MAE uses its own ViT).
 
   lightly's NTXentLoss enqueues its keys into the memory bank on every call whose query
   requires grad (``memory_bank.forward(out1, update=out0.requires_grad)``), so three calls
@@ -141,10 +143,11 @@ LIBRARIES = ("ours", "lightly")
 MASKINGS = ("none", "mixmask")
 ROW_NAMES = {"none": "mocov2", "mixmask": "mixmask"}
 # Masked-image-modeling rows (ours only): each CIFAR-10 recipe as it is, at --batch and
-# --image-size (ResNets at --width), one view (the first of the pre-made pair), the
-# recipe's optimizer (AdamW), the engine's step function.
+# --image-size (ResNets at --width), as many of the pre-made views as the method takes (one;
+# SiameseIM two), the recipe's optimizer (AdamW), the engine's step function.
 RECIPES = {"mae": "mae_vit_tiny.yaml", "pixmim": "pixmim_vit_tiny.yaml",
-           "a2mim_vit": "a2mim_vit_tiny.yaml", "a2mim_r18": "a2mim_r18.yaml"}
+           "a2mim_vit": "a2mim_vit_tiny.yaml", "a2mim_r18": "a2mim_r18.yaml",
+           "siameseim_vit": "siameseim_vit_tiny.yaml", "siameseim_r18": "siameseim_r18.yaml"}
 ROW_NAMES.update({name: name for name in RECIPES})
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
 THEORY_MIX_COST = 7 / 4
@@ -331,7 +334,8 @@ def build_recipe(recipe: str, views: tuple[Tensor, Tensor], device: torch.device
                                 weight_decay=train.weight_decay,
                                 fused=train.fused_optimizer and not args.foreach)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    batch = Batch.from_views(views[0])
+    # One view for MAE / A2MIM; SiameseIM's two, with full-image crops and no flips.
+    batch = Batch.from_views(*views[:method.num_views])
 
     def step() -> Tensor:
         output = training_step(method, optimizer, batch, generator, 0.0,

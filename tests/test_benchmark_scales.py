@@ -93,7 +93,7 @@ def test_mim_ablation_variants_are_valid_configs(scale):
     for name, (recipe, variant) in benchmark.VARIANTS.items():
         config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
                                                           *benchmark.EVALUATION[scale]])
-        assert config.method.name in ("mae", "a2mim", "mocov2"), name
+        assert config.method.name in ("mae", "a2mim", "mocov2", "siameseim"), name
         # The finetune command's protocol file and overrides over this variant's run config.
         finetune = benchmark.FINETUNE[benchmark.family(recipe)][scale]
         layers = finetune[1:2] if finetune else []

@@ -43,12 +43,12 @@ def test_all_rows_with_lightly(tmp_path):
 
 def test_mim_recipe_rows_step_their_recipes_beside_mocov2(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lightly", None)
-    result = load_benchmark().main([*TINY, "mae", "a2mim_r18", "--masking", "none",
-                                    "--steps", "2", "--out", str(tmp_path)])
+    result = load_benchmark().main([*TINY, "mae", "a2mim_r18", "siameseim_r18", "--masking",
+                                    "none", "--steps", "2", "--out", str(tmp_path)])
     rows = {row["row"]: row for row in result["results"]}
-    assert list(rows) == ["ours mocov2", "ours mae", "ours a2mim_r18"]
+    assert list(rows) == ["ours mocov2", "ours mae", "ours a2mim_r18", "ours siameseim_r18"]
     assert "configs/cifar10/mae_vit_tiny.yaml" in rows["ours mae"]["description"]
-    for name in ("ours mae", "ours a2mim_r18"):
+    for name in ("ours mae", "ours a2mim_r18", "ours siameseim_r18"):
         assert rows[name]["images_per_s"] > 0 and rows[name]["state_mib"] > 0
         assert rows[name]["mix_cost_vs_mocov2"] > 0
 

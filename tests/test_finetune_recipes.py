@@ -163,6 +163,11 @@ def test_randaugment_and_random_erasing_are_seeded_and_change_the_image():
 
     assert torch.equal(draw(strong, 1), draw(strong, 1))
     assert not torch.equal(draw(strong, 1), draw(plain, 1))
+    # At magnitude 10, timm's increasing Posterize would keep 0 bits, which Pillow refuses.
+    strongest = classifier_train_transform(32, (0.5,) * 3, (0.25,) * 3,
+                                           randaugment="rand-m10-mstd0-inc1")
+    for seed in range(200):
+        draw(strongest, seed)
     with pytest.raises(MixmaskError, match="RandAugment"):
         classifier_train_transform(32, (0.5,) * 3, (0.25,) * 3, randaugment="rand-q9")
 

@@ -62,9 +62,12 @@ def classifier_train_transform(image_size: int, mean: Sequence[float], std: Sequ
 
         fill = tuple(min(255, round(255 * value)) for value in mean)
         try:
+            # magnitude_max just below 10: at magnitude 10 timm's increasing Posterize keeps
+            # 0 bits, which Pillow >= 10 refuses (MAE's old Pillow returned a black image);
+            # 9.999 keeps 1 bit there and moves every other op by 0.01% of its range.
             steps.append(rand_augment_transform(randaugment, {
                 "translate_const": int(image_size * 0.45), "img_mean": fill,
-                "interpolation": PIL.Image.BICUBIC}))
+                "interpolation": PIL.Image.BICUBIC, "magnitude_max": 9.999}))
         except (ValueError, KeyError, AssertionError) as error:
             raise MixmaskError(f"eval.finetune_randaugment={randaugment!r} is not a RandAugment "
                                f"policy timm understands ({error}).") from None
