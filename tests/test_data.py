@@ -445,7 +445,8 @@ def draw_views(transforms, image) -> list[torch.Tensor]:
 
 def test_preset_views_names_counts_and_cycling():
     assert AUGMENTATION_PRESETS == ("mocov2", "cifar", "byol", "byol_cifar", "conservative",
-                                    "mae", "a2mim_vit", "a2mim_resnet")
+                                    "mae", "a2mim_vit", "a2mim_resnet", "siameseim",
+                                    "siameseim_cifar")
     for preset in AUGMENTATION_PRESETS:
         for num_views in (1, 2, 3, 5):
             views = preset_views(preset, 48, num_views)
@@ -458,6 +459,11 @@ def test_preset_views_names_counts_and_cycling():
     assert preset_views("cifar", 32) == [ViewConfig(32), ViewConfig(32)]
     first, second = preset_views("byol", 224)
     assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0, 0.1, 0.2)
+    # SiameseIM (DataAugmentationForSIM): BYOL's colour ops, crop_min 0.08; at 32 px 0.2, no blur.
+    assert preset_views("siameseim", 224) == [first, second]
+    first, second = preset_views("siameseim_cifar", 32)
+    assert (first.scale, first.blur_p, second.blur_p, second.solarize_p) == (
+        (0.2, 1.0), 0, 0, 0.2)
     with pytest.raises(ValueError, match="Unknown augmentation preset 'simclr'.*mocov2, cifar"):
         preset_views("simclr", 32)
     with pytest.raises(ValueError, match="num_views must be at least 1"):

@@ -44,9 +44,11 @@ class DataConfig:
     # The views' preset (mixmask.data.views; the method says how many views): cifar /
     # mocov2 (MoCo v2 aug+ without / with blur), byol / byol_cifar (BYOL's asymmetric
     # views, Grill et al. 2020, Table 6; without blur), conservative (PixMIM's resize + pad
-    # crop + flip), mae (RRC 0.2-1 + flip), a2mim_vit / a2mim_resnet (RRC 0.67-1 / 0.8-1).
+    # crop + flip), mae (RRC 0.2-1 + flip), a2mim_vit / a2mim_resnet (RRC 0.67-1 / 0.8-1),
+    # siameseim / siameseim_cifar (BYOL's colour ops; crop scale 0.08-1 / 0.2-1, no blur).
     augmentation: Literal["cifar", "mocov2", "byol", "byol_cifar", "conservative", "mae",
-                          "a2mim_vit", "a2mim_resnet"] = "cifar"
+                          "a2mim_vit", "a2mim_resnet", "siameseim",
+                          "siameseim_cifar"] = "cifar"
     # Views per image (0 = the method's own count); a method with a fixed count (every
     # Siamese base: 2; MAE / A2MIM: 1) refuses another.
     num_views: int = 0

@@ -223,6 +223,7 @@ def beit_block_mask(
     min_block_cells: int = 4,
     min_aspect: float = 0.3,
     max_attempts: int = 10,
+    fill_to_target: bool = False,
 ) -> Tensor:
     """BEiT's block-wise masks exactly as the MixMask reference draws them: the ``"beit"``
     block generator (BEiT, Bao et al., arXiv 2106.08254, Alg. 1, its ``MaskingGenerator``;
@@ -275,6 +276,18 @@ def beit_block_mask(
     per batch, the reference's setting, is cheap; per-sample masks cost host time per
     image on every step, so for per-sample masks at large batches prefer :func:`block_mask`
     (``block_generator="exact_count"``), which runs on the device.
+
+    Exact count. ``fill_to_target=True`` is the ``fixed_num_masking_patches=True`` mode of
+    SiameseIM's copy of this generator (``util/masking_generator.py``): after the loop, a
+    mask that stopped short of ``T`` gets ``T - count`` more cells, a uniformly random subset
+    of the cells outside its blocks, so every mask has exactly ``T`` block cells (SiameseIM
+    gathers the visible tokens with a ``view(B, -1, D)``, which needs one count for all).
+    The loop's blocks are unchanged: the same seed gives the default mask plus the top-up.
+    The top-up draws one more ``torch.rand(num_masks, g * g)`` after the loop's draw,
+    always, so the generator still advances by a fixed amount per call; the default
+    (``False``) draws nothing more and is bit for bit the mask above. SiameseIM's blocks
+    are its *masked* patches, so for ``k`` masked patches pass ``mask_ratio = 1 - k / g^2``
+    (``T = k``) and read the result's 1s as masked.
 
     Returns a float32 keep mask ``[num_masks, g, g]`` on the CPU (1 = inside a block = keep
     the image, 0 = filled from the partner).
@@ -344,7 +357,12 @@ def beit_block_mask(
         count=g * g,
         bitorder="little",
     )
-    return torch.from_numpy(bits.reshape(num_masks, g, g).astype(np.float32))
+    keep = torch.from_numpy(bits.reshape(num_masks, g, g).astype(np.float32))
+    if fill_to_target:
+        block_cells = keep.view(num_masks, g * g).bool()
+        deficit = target - block_cells.sum(dim=1)
+        keep = _top_up(block_cells, deficit, generator).view(num_masks, g, g).float()
+    return keep
 
 
 def discrete_mask(

@@ -34,6 +34,13 @@ Presets:
   bicubic).
 * "a2mim_vit", "a2mim_resnet": A2MIM's one view (openmixup ``configs/selfsup/a2mim``):
   RandomResizedCrop with scale (0.67, 1) for ViTs, (0.8, 1) for ResNets, a flip, no colour.
+* "siameseim": SiameseIM's two views (``main_pretrain.py: DataAugmentationForSIM``), which
+  are BYOL's colour ops: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, blur 1.0 / 0.1,
+  solarize 0 / 0.2, crop scale (0.08, 1) (its 1600-epoch script's crop_min), the flip drawn
+  per view (the reference flips before cropping: the same views, see
+  :mod:`mixmask.relative_position`; bilinear here, bicubic there).
+* "siameseim_cifar": the same at 32 px with crop scale (0.2, 1) (0.08 of a 32 px image is
+  a few pixels) and no blur, as the CIFAR recipes of BYOL do.
 
 More views than a preset defines (``num_views`` > 2 for BYOL's two, > 1 for the others)
 cycle through the preset's views: view k (counting from 0) is the preset's view
@@ -121,6 +128,9 @@ _PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     # (0.8, 1) for ResNets, flip, no colour jitter.
     "a2mim_vit": ({"scale": (0.67, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
     "a2mim_resnet": ({"scale": (0.8, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
+    "siameseim": ({**_BYOL, "blur_p": 1.0}, {**_BYOL, "blur_p": 0.1, "solarize_p": 0.2}),
+    "siameseim_cifar": ({**_BYOL, "scale": (0.2, 1.0)},
+                        {**_BYOL, "scale": (0.2, 1.0), "solarize_p": 0.2}),
 }
 
 AUGMENTATION_PRESETS = tuple(_PRESETS)
