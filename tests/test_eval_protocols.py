@@ -118,7 +118,8 @@ def _tiny_encoder() -> nn.Module:
     return encoder
 
 
-def test_linear_moco_learns_a_separable_task_and_leaves_the_backbone_bit_identical():
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_linear_moco_learns_a_separable_task_and_leaves_the_backbone_bit_identical(batchnorm):
     encoder = _tiny_encoder()
     encoder.train()  # the protocol must switch BN to eval itself, and restore the mode
     before = copy.deepcopy(encoder.state_dict())
@@ -135,6 +136,7 @@ def test_linear_moco_learns_a_separable_task_and_leaves_the_backbone_bit_identic
     record = linear_moco(encoder, encoder, train_set, test_features, test_labels,
                          feature_dim=8, num_classes=2, epochs=10, lr=3.0, weight_decay=0.0,
                          batch_size=16, milestones=(0.6, 0.8), seed=0, device=CPU,
+                         batchnorm=batchnorm,
                          on_epoch=lambda epoch, row: epochs_seen.append(epoch))
     assert epochs_seen == list(range(1, 11))
     summary = record.summary()

@@ -289,6 +289,9 @@ class EvalConfig:
     # `mixmask linear --protocol moco` (MoCo's main_lincls.py: raw features, lr 30, wd 0).
     linear_moco_lr: float = 30.0
     linear_weight_decay: float = 0.0
+    # `--protocol moco` with a BatchNorm (no affine) before the linear layer: MAE's
+    # main_linprobe.py head, SiameseIM's linear probe (ViT runs).
+    linear_batchnorm: bool = False
     # `mixmask knn` (InstDisc weighted kNN; the pretraining monitor has its own monitor.knn_*).
     knn_k: int = 200
     knn_temperature: float = 0.1

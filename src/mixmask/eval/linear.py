@@ -105,10 +105,14 @@ def linear_moco(encoder: nn.Module, encode: Callable[[Tensor], Tensor],
                 test_features: Tensor, test_labels: Tensor, *, feature_dim: int,
                 num_classes: int, epochs: int, lr: float, weight_decay: float,
                 batch_size: int, milestones: tuple[float, ...], seed: int,
-                device: torch.device, num_workers: int = 0,
+                device: torch.device, num_workers: int = 0, batchnorm: bool = False,
                 on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                 progress: Callable[[int], None] | None = None) -> EpochRecord:
     """MoCo's linear protocol; returns the test top-1/top-5 of every epoch.
+
+    batchnorm: a BatchNorm without affine parameters (eps 1e-6) before the linear layer,
+    batch statistics in training and running ones at test time: MAE's ``main_linprobe.py``
+    head, which SiameseIM's linear probe keeps (ViT features differ in scale per channel).
 
     encoder: the frozen network (put in eval mode here, and checked unchanged after);
     encode: images -> features [B, feature_dim] (e.g. ``method.features``);
@@ -125,7 +129,11 @@ def linear_moco(encoder: nn.Module, encode: Callable[[Tensor], Tensor],
         param.requires_grad_(False)
     before = state_snapshot(encoder)
     torch.manual_seed(seed)
-    classifier = _init_like_moco(nn.Linear(feature_dim, num_classes)).to(device)
+    classifier: nn.Module = _init_like_moco(nn.Linear(feature_dim, num_classes))
+    if batchnorm:
+        classifier = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6),
+                                   classifier)
+    classifier = classifier.to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9,
                                 weight_decay=weight_decay)
     steps = _milestone_epochs(epochs, milestones)
@@ -139,6 +147,7 @@ def linear_moco(encoder: nn.Module, encode: Callable[[Tensor], Tensor],
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.1 ** sum(epoch >= step for step in steps)
             batches.set_epoch(epoch)
+            classifier.train()
             loss_sum, seen = torch.zeros((), device=device), 0
             for images, labels in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
@@ -152,6 +161,7 @@ def linear_moco(encoder: nn.Module, encode: Callable[[Tensor], Tensor],
                 seen += len(labels)
                 if progress is not None:
                     progress(len(labels))
+            classifier.eval()
             with torch.no_grad():
                 scores = classifier(test_features)
             accuracy = topk_accuracy(scores, test_labels)

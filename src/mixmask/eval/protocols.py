@@ -250,6 +250,7 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
                 batch_size=evaluation.linear_batch_size,
                 milestones=evaluation.linear_milestones, seed=config.train.seed,
                 device=device, num_workers=config.data.num_workers,
+                batchnorm=evaluation.linear_batchnorm,
                 on_epoch=lambda epoch, row: say(
                     f"linear (moco) epoch {epoch}/{evaluation.linear_epochs}: loss "
                     f"{row['loss']:.3f}, test top-1 {row['top1']:.2f}, top-5 {row['top5']:.2f}"),
@@ -257,7 +258,9 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
         settings = {"lr": lr, "momentum": 0.9, "weight_decay": evaluation.linear_weight_decay,
                     "augmentation": "pad-4 crop + flip" if config.data.image_size <= 32
                     else "RandomResizedCrop + flip", "bn": "eval (frozen)",
-                    "init": "N(0, 0.01), bias 0"}
+                    "init": "N(0, 0.01), bias 0",
+                    "head": ("BatchNorm (no affine) + linear (MAE main_linprobe.py)"
+                             if evaluation.linear_batchnorm else "linear")}
     settings.update(epochs=evaluation.linear_epochs, batch_size=evaluation.linear_batch_size,
                     milestone_epochs=steps)
     name = f"linear_{protocol}"
