@@ -7,6 +7,8 @@ lent GPU, after its start-up time is spent; these checks load each such config h
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from scripts import load_script
@@ -104,3 +106,20 @@ def test_mim_ablation_variants_are_valid_configs(scale):
     pixmim = load_config(benchmark.CONFIGS / "pixmim_vit_tiny.yaml",
                          benchmark.VARIANTS["pixmim_clean"][1])
     assert (pixmim.method.mae.target, pixmim.method.mae.lowpass_mode) == ("lowpass", "clean")
+
+
+def test_the_gpu_suite_lists_its_four_benchmarks_and_their_flags_parse(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    listing = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path)], cwd=root,
+                             env={**os.environ, "DRY_RUN": "1"}, capture_output=True,
+                             text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    steps = [line for line in listing.stdout.splitlines() if line.startswith("== ")]
+    assert [line.split()[1] for line in steps] == ["augment", "train_step", "epoch_time",
+                                                   "time_to_accuracy"]
+    # The training-step flags parse as the suite gives them.
+    command = steps[1].split(": ", 1)[1].split()
+    args = load_benchmark("train_step").parse_args(command[2:])
+    assert args.gpu and args.burst and args.libraries == ["ours"]
