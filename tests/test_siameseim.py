@@ -195,7 +195,18 @@ def test_a_few_steps_on_a_repeated_real_batch_lower_the_loss(cifar10_tarball, re
                        "method.siameseim.predictor_depth=1"]),
 ])
 def test_a_pretrain_run_is_complete_and_every_protocol_reads_it(tmp_path, cifar10_tarball,
-                                                                recipe, extra):
+                                                                recipe, extra, monkeypatch):
+    import mixmask.eval.finetune as finetune
+
+    finetuned = {}  # finetuning trains every weight, the ones frozen for pretraining too
+    real_groups = finetune.parameter_groups
+
+    def recording_groups(classifier, **kwargs):
+        finetuned["frozen"] = [name for name, parameter in classifier.named_parameters()
+                               if not parameter.requires_grad]
+        return real_groups(classifier, **kwargs)
+
+    monkeypatch.setattr(finetune, "parameter_groups", recording_groups)
     run = tmp_path / "run"
     summary = pretrain(load_config(f"configs/cifar10/{recipe}.yaml", [
         *extra, f"data.root={cifar10_tarball}", "data.subset=64", "data.num_workers=0",
@@ -208,6 +219,7 @@ def test_a_pretrain_run_is_complete_and_every_protocol_reads_it(tmp_path, cifar1
         assert (run / item).is_file(), item
     fast = ["eval.finetune_epochs=1", "eval.finetune_batch_size=16", "eval.linear_epochs=1"]
     assert main(["finetune", str(run), "--labels", "10%", *fast]) == 0
+    assert finetuned["frozen"] == []
     assert main(["linear", str(run), "--protocol", "cached", *fast]) == 0
     assert main(["knn", str(run)]) == 0
     for protocol in ("finetune_10pct", "linear_cached", "knn"):

@@ -318,6 +318,9 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     pixel_stats = PixelStats(tuple(train_images.mean), tuple(train_images.std))
     method = build_run_method(config, pixel_stats, checkpoint_path, content)
     backbone = method.backbone
+    # Finetuning trains the whole network, parts a method froze to pretrain included
+    # (SiameseIM's random patch embedding, MoCo v3 style, and its unused fc_norm).
+    backbone.requires_grad_(True)
     if evaluation.finetune_drop_path > 0:
         backbone.set_drop_path(evaluation.finetune_drop_path)
     if evaluation.finetune_global_pool:

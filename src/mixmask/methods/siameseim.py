@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mixmask.errors import ConfigError
 from mixmask.masking import beit_block_mask, upsample_mask
 from mixmask.methods.base import check_unit_interval, cosine_momentum, ema_update
 from mixmask.methods.masking_axis import HostGenerator
@@ -51,7 +52,7 @@ class SiameseIMConfig:
     # Share of view 1's patches masked, the same count for every sample (the 1600-epoch
     # script: 118 of 196).
     mask_ratio: float = 0.6
-    # Smallest BEiT block in patches; 0 = 16 at 14 x 14 scaled by the grid's area (4 at 8 x 8).
+    # Smallest BEiT block in patches; 0 = 16 at 14 x 14 scaled by the grid's area (5 at 8 x 8).
     min_block_patches: int = 0
     # Width of projector and predictor; 0 = the encoder's (the reference: 768 for ViT-B).
     decoder_dim: int = 0
@@ -118,11 +119,20 @@ class SiameseIM(Method):
             encoder_dim = self.backbone.embed_dim
             if params.freeze_patch_embed:
                 self.backbone.patch_embed.requires_grad_(False)
+            # Pretraining predicts from the token sequence and never pools, so the pooled
+            # LayerNorm (fc_norm, global_pool=avg) gets no gradient: frozen, DDP would
+            # otherwise fail on its second step. The reference's pretraining encoder has no
+            # such norm either (models_sim.py); finetuning trains it (requires_grad again).
+            self.backbone.fc_norm.requires_grad_(False)
         else:
             self.grid, encoder_dim = _resnet_grid(self.backbone, size), self.feature_dim
         self.num_patches = self.grid * self.grid
         dim = params.decoder_dim or encoder_dim
         heads = params.decoder_heads or max(1, dim // 48)
+        if dim % heads:  # the automatic count need not divide an unusual width
+            raise ConfigError(f"method.siameseim: {heads} attention heads do not divide the "
+                              f"projector / predictor width {dim}; set "
+                              "method.siameseim.decoder_heads to a divisor of it.")
         self.dim = dim
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.projector = _blocks(dim, heads, params.projector_depth)
@@ -155,7 +165,6 @@ class SiameseIM(Method):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        from mixmask.errors import ConfigError
 
         params = config.method.siameseim
         check_unit_interval(params, "method.siameseim", "momentum_start", "momentum_end")

@@ -1,0 +1,37 @@
+"""DistributedDataParallel (Fabric's ``strategy="ddp"``, ``find_unused_parameters=False``)
+fails on the second step when a trainable parameter gets no gradient. So one training
+step of every CIFAR-10 recipe must reach every parameter that requires a gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixmask.config import load_config
+from mixmask.data import EpochBatchSampler, build_train_loader
+from mixmask.data.datasets import load_image_set
+from mixmask.methods import PixelStats, build_method
+
+RECIPES = sorted(path.stem for path in Path("configs/cifar10").glob("*.yaml"))
+SMALL = {"vit": ["model.backbone=vit_tiny"], "r18": ["model.width=0.25"]}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_one_step_reaches_every_trainable_parameter(recipe):
+    overrides = ["data.dataset=synthetic", "train.batch_size=8"]
+    overrides += SMALL["vit" if "vit" in recipe else "r18"]
+    config = load_config(f"configs/cifar10/{recipe}.yaml", overrides)
+    images = load_image_set("synthetic", "", "train", subset=8)
+    torch.manual_seed(0)
+    method = build_method(config, PixelStats(tuple(images.mean), tuple(images.std)))
+    loader = build_train_loader(images, EpochBatchSampler(len(images), 8, seed=0),
+                                method.view_configs(), pipeline="cpu",
+                                device=torch.device("cpu"), seed=0)
+    batch = next(iter(loader))
+    output = method.training_step(batch, torch.Generator().manual_seed(0), 0.0)
+    output.loss.backward()
+    unreached = [name for name, parameter in method.named_parameters()
+                 if parameter.requires_grad and parameter.grad is None]
+    assert unreached == []
