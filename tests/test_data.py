@@ -250,7 +250,7 @@ def test_interrupted_extraction_is_never_used(tmp_path, tree, cache, monkeypatch
     archive = make_archive(tree, tmp_path / "data.tar.gz")
     real_extract = datasets_module._extract_archive
 
-    def half_then_crash(path, destination):
+    def half_then_crash(path, destination, progress=False):
         with tarfile.open(path) as tar:
             tar.extract(tar.getmembers()[0], destination)
         raise KeyboardInterrupt

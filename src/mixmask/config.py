@@ -388,6 +388,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     config = _build(Config, raw, prefix="")
     config.method.ignored_keys = ignored
     validate(config)
+    # Where the config came from (not a config key): pretraining writes it to
+    # RUN/recipe.yaml, so `mixmask report` can mark the keys the command line changed.
+    config.provenance = {"recipe": None if path is None else str(path),
+                         "layers": [str(layer) for layer in layers],
+                         "overrides": list(overrides)}
     return config
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.fabric import Fabric
 from torch import nn
 
@@ -294,6 +295,9 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
             for partial in checkpoint_dir.glob("*.partial"):
                 partial.unlink()
             save_config(config, out_dir / "config.yaml")
+            provenance = getattr(config, "provenance", None)
+            if provenance is not None:
+                (out_dir / "recipe.yaml").write_text(yaml.safe_dump(provenance, sort_keys=False))
         except OSError as error:
             raise ConfigError(f"cannot write the run folder {out_dir}: {error.strerror or error}; "
                               "choose another out_dir.") from None
@@ -711,7 +715,8 @@ class _Run:
                 epoch % config.monitor.knn_every == 0 or last) and self.fabric.is_global_zero:
             row.update(evaluate(self.method.module, self.eval_data, config, self.fabric.device,
                                 knn=config.monitor.knn, linear=False,
-                                probe=self.probe.module if self.probe_trained else None))
+                                probe=self.probe.module if self.probe_trained else None,
+                                show_progress=config.train.progress_bar, progress=progress))
         if self.train_seconds > 0:
             row["images_per_s"] = self.train_images / self.train_seconds
         # Wall time since the run started (data loading, training, monitors): time-to-accuracy.
@@ -804,14 +809,16 @@ class _Run:
             workers = min(config.data.num_workers, 2)
             summary.update(evaluate(self.method.module, self.eval_data, config, fabric.device,
                                     knn=config.eval.knn, linear=config.eval.linear,
-                                    num_workers=workers))
+                                    num_workers=workers,
+                                    show_progress=config.train.progress_bar))
             if config.eval.compare_random_init:
                 self.say("Evaluating the randomly initialised backbone (same seed)...")
                 torch.manual_seed(config.train.seed)
                 random_method = build_method(config, self.pixel_stats).to(fabric.device)
                 random = evaluate(random_method, self.eval_data, config, fabric.device,
                                   knn=config.eval.knn, linear=config.eval.linear,
-                                  num_workers=workers)
+                                  num_workers=workers,
+                                  show_progress=config.train.progress_bar)
                 summary.update({f"{key}_random_init": value for key, value in random.items()})
         summary["wall_time_s"] = self.elapsed_before + time.perf_counter() - self.started
         summary["images_per_s"] = (self.train_images / self.train_seconds

@@ -36,6 +36,7 @@ import torch
 
 from mixmask.data.batch import UNLABELED
 from mixmask.errors import DatasetError
+from mixmask.progress import image_progress
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "synthetic", "stl10", "tinyimagenet")
 # "pretrain" is what self-supervised pretraining reads: STL-10's unlabeled + train images,
@@ -198,6 +199,7 @@ def load_image_set(
     in_memory_max_side: int = 96,
     cache_dir: str | None = None,
     max_bad_fraction: float = 0.01,
+    progress: bool = False,
 ) -> ImageSet:
     """Load one split of a dataset.
 
@@ -222,6 +224,7 @@ def load_image_set(
       $MIXMASK_CACHE, else ~/.cache/mixmask.
     max_bad_fraction: unreadable image files are skipped with a warning (see ImageSet);
       more than this share of the split's files unreadable is a DatasetError.
+    progress: show bars (rate, ETA) while an archive is unpacked and images are decoded.
 
     ImageFolder layout: if the tree has a `train` folder, it is the train split and
     `test` (or else `val`) is the test split; otherwise the whole tree is the train
@@ -253,10 +256,10 @@ def load_image_set(
         images, labels, classes = _synthetic(split, subset)
         return ImageSet(images, None, labels, classes, mean, std)
     cache = _cache_root(cache_dir)
-    listing = (_list_tinyimagenet(root, split, cache) if name == "tinyimagenet"
-               else _list_imagefolder(root, split, cache))
+    listing = (_list_tinyimagenet(root, split, cache, progress) if name == "tinyimagenet"
+               else _list_imagefolder(root, split, cache, progress))
     return _file_image_set(listing, subset, in_memory_max_side, cache, mean, std,
-                           max_bad_fraction)
+                           max_bad_fraction, progress)
 
 
 # --- CIFAR ------------------------------------------------------------------------------
@@ -506,8 +509,8 @@ class _Listing:
     classes: list[str]
 
 
-def _list_imagefolder(root: str, split: str, cache: str) -> _Listing:
-    tree = _unwrap_single_folder(_resolve_tree(root, cache))
+def _list_imagefolder(root: str, split: str, cache: str, progress: bool = False) -> _Listing:
+    tree = _unwrap_single_folder(_resolve_tree(root, cache, progress))
     split_dir, sibling_splits = _split_dir(tree, split, root)
     classes = _class_names(split_dir, sibling_splits)
     paths, labels = _round_robin_files(split_dir, classes)
@@ -522,6 +525,7 @@ def _file_image_set(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     max_bad_fraction: float,
+    progress: bool = False,
 ) -> ImageSet:
     """The first `subset` files of `listing`: decoded into memory (through the decoded
     cache) when small, else as paths. Unreadable files are left out of an in-memory set
@@ -544,7 +548,7 @@ def _file_image_set(
         if os.path.isdir(cache_entry):
             decoded = _read_decoded_cache(cache_entry, num_kept, paths, labels)
         else:
-            decoded = _decode_all(kept_paths, first_size)
+            decoded = _decode_all(kept_paths, first_size, progress)
             if decoded is not None and num_kept == len(paths):
                 _write_decoded_cache(cache_entry, cache, *decoded, labels, classes)
         if decoded is not None:
@@ -596,7 +600,7 @@ def _cache_root(cache_dir: str | None) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _resolve_tree(root: str, cache: str) -> str:
+def _resolve_tree(root: str, cache: str, progress: bool = False) -> str:
     """The folder tree behind `root`, unpacking an archive into the cache if needed."""
     if os.path.isdir(root):
         return root
@@ -609,10 +613,10 @@ def _resolve_tree(root: str, cache: str) -> str:
             f"data.root {root!r} is a file but not a {'/'.join(ARCHIVE_EXTENSIONS)} archive. "
             "Point it at an image folder or a tarball of one."
         )
-    return _unpack_once(root, cache)
+    return _unpack_once(root, cache, progress)
 
 
-def _unpack_once(archive: str, cache: str) -> str:
+def _unpack_once(archive: str, cache: str, progress: bool = False) -> str:
     """Unpack `archive` into the cache unless done before; returns the unpacked folder.
 
     The entry is keyed by the archive's absolute path, size and mtime, so a changed archive
@@ -633,7 +637,7 @@ def _unpack_once(archive: str, cache: str) -> str:
     os.makedirs(cache, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-unpack-", dir=cache)
     try:
-        _extract_archive(archive, staging)
+        _extract_archive(archive, staging, progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -641,14 +645,23 @@ def _unpack_once(archive: str, cache: str) -> str:
     return final
 
 
-def _extract_archive(archive: str, destination: str) -> None:
+def _extract_archive(archive: str, destination: str, progress: bool = False) -> None:
+    # Member by member from one sequential read, so the bar can follow the compressed bytes
+    # read (a member count would need a first pass over a .tar.gz).
     try:
-        with tarfile.open(archive) as tar:
-            if hasattr(tarfile, "data_filter"):
-                # Refuses absolute paths, links out of the tree and device files.
-                tar.extractall(destination, filter="data")
-            else:  # Python < 3.10.12 / 3.11.4
-                tar.extractall(destination)
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar, \
+                image_progress(f"unpacking {os.path.basename(archive)}",
+                               os.fstat(raw.fileno()).st_size, enabled=progress,
+                               unit="MB") as advance:
+            done = 0
+            for member in tar:
+                if hasattr(tarfile, "data_filter"):
+                    # Refuses absolute paths, links out of the tree and device files.
+                    tar.extract(member, destination, filter="data")
+                else:  # Python < 3.10.12 / 3.11.4
+                    tar.extract(member, destination)
+                advance(raw.tell() - done)
+                done = raw.tell()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DatasetError(
             f"Could not unpack {archive!r}: it is corrupt or not a tar archive ({exc}). "
@@ -771,12 +784,12 @@ _TINY_LAYOUT = (
 )
 
 
-def _list_tinyimagenet(root: str, split: str, cache: str) -> _Listing:
+def _list_tinyimagenet(root: str, split: str, cache: str, progress: bool = False) -> _Listing:
     """Train split: train/<wnid>/images; test split: val/images, labelled by
     val/val_annotations.txt (test/ has no labels and is not read). Classes are the wnids
     of wnids.txt sorted, which is the order torchvision's ImageFolder gives train/'s
     folders, so labels agree with an ImageFolder reading of the same train/ tree."""
-    tree = _tinyimagenet_tree(root, cache)
+    tree = _tinyimagenet_tree(root, cache, progress)
     classes = _read_wnids(os.path.join(tree, "wnids.txt"))
     if split == "train":
         split_dir = os.path.join(tree, "train")
@@ -788,8 +801,8 @@ def _list_tinyimagenet(root: str, split: str, cache: str) -> _Listing:
     return _Listing(split_dir, paths, labels, classes)
 
 
-def _tinyimagenet_tree(root: str, cache: str) -> str:
-    tree = _unwrap_single_folder(_resolve_tree(root, cache))
+def _tinyimagenet_tree(root: str, cache: str, progress: bool = False) -> str:
+    tree = _unwrap_single_folder(_resolve_tree(root, cache, progress))
     for candidate in (tree, os.path.join(tree, _TINY_FOLDER)):
         if os.path.isfile(os.path.join(candidate, "wnids.txt")):
             return candidate
@@ -896,7 +909,7 @@ def _open_rgb(path: str) -> PIL.Image.Image:
         ) from exc
 
 
-def _decode_all(paths: list[str], size: tuple[int, int]
+def _decode_all(paths: list[str], size: tuple[int, int], progress: bool = False
                 ) -> tuple[torch.Tensor, list[int]] | None:
     """Decode the readable images (all of one common `size`) into uint8 [M, 3, H, W], in
     order, and the indices of the unreadable ones, left out; None if sizes differ.
@@ -907,15 +920,18 @@ def _decode_all(paths: list[str], size: tuple[int, int]
     width, height = size
     images = np.empty((len(paths), 3, height, width), dtype=np.uint8)
     unreadable = []  # every bad file at once, not one per run
-    for index, path in enumerate(paths):
-        try:
-            image = _open_rgb(path)
-        except DatasetError:
-            unreadable.append(index)
-            continue
-        if image.size != size:
-            return None
-        images[index - len(unreadable)] = np.asarray(image).transpose(2, 0, 1)
+    with image_progress(f"decoding {len(paths):,} images", len(paths),
+                        enabled=progress) as advance:
+        for index, path in enumerate(paths):
+            advance(1)  # a few microseconds against a decode's ~130
+            try:
+                image = _open_rgb(path)
+            except DatasetError:
+                unreadable.append(index)
+                continue
+            if image.size != size:
+                return None
+            images[index - len(unreadable)] = np.asarray(image).transpose(2, 0, 1)
     return torch.from_numpy(images[:len(paths) - len(unreadable)]), unreadable
 
 

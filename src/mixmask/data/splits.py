@@ -23,11 +23,13 @@ def load_split(config, split: str, subset: int) -> ImageSet:
     name, root = data.dataset, os.path.expanduser(data.root)
     if name in _TORCHVISION_FOLDERS and _looks_like_imagefolder(root, name):
         image_set = load_image_set("imagefolder", root, split, subset=subset,
-                                   max_bad_fraction=data.max_bad_fraction)
+                                   max_bad_fraction=data.max_bad_fraction,
+                                   progress=config.train.progress_bar)
         image_set.mean, image_set.std = DATASET_STATS[name]
         return image_set
     return load_image_set(name, root, split, download=data.download, subset=subset,
-                          max_bad_fraction=data.max_bad_fraction)
+                          max_bad_fraction=data.max_bad_fraction,
+                          progress=config.train.progress_bar)
 
 
 def _looks_like_imagefolder(root: str, name: str) -> bool:

@@ -12,6 +12,7 @@ from torch import nn
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
 from mixmask.eval.linear import linear_top1
+from mixmask.progress import image_progress
 
 
 @torch.no_grad()
@@ -21,20 +22,28 @@ def _probe_top1(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor) 
 
 def evaluate(method: nn.Module, eval_data, config, device: torch.device, *, knn: bool,
              linear: bool, probe: nn.Module | None = None,
-             num_workers: int = 0) -> dict[str, float]:
+             num_workers: int = 0, show_progress: bool = False,
+             progress=None) -> dict[str, float]:
     """Top-1 (percent, on ``eval_data.test``) of a frozen method's ``features``: weighted
     kNN (``monitor.knn_k``, ``monitor.knn_temperature``), a linear probe on cached,
-    standardised features (``eval.linear_*``) and/or a trained online ``probe``."""
+    standardised features (``eval.linear_*``) and/or a trained online ``probe``.
+
+    ``show_progress`` draws a bar per feature extraction, inside ``progress`` (a rich
+    live display already on screen, e.g. pretraining's) when given."""
     results: dict[str, float] = {}
     if not (knn or linear or probe is not None):
         return results
     encode = getattr(method, "features", method)
     train_features = train_labels = None
+    def features(name: str, dataset):
+        with image_progress(f"features ({name})", len(dataset), enabled=show_progress,
+                            progress=progress) as advance:
+            return extract_features(method, dataset, device=device, num_workers=num_workers,
+                                    encode=encode, progress=advance)
+
     if knn or linear:
-        train_features, train_labels = extract_features(
-            method, eval_data.train, device=device, num_workers=num_workers, encode=encode)
-    test_features, test_labels = extract_features(
-        method, eval_data.test, device=device, num_workers=num_workers, encode=encode)
+        train_features, train_labels = features("train", eval_data.train)
+    test_features, test_labels = features("test", eval_data.test)
     if knn:
         results["knn_top1"] = knn_top1(
             train_features, train_labels, test_features, test_labels,
