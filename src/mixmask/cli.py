@@ -21,8 +21,15 @@ EXAMPLES = """examples:
   mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
   mixmask show-masks configs/cifar10/pixmim_vit_tiny.yaml --out pixmim.png
   mixmask reconstruct runs/mae --out reconstruction.png
+  mixmask plot runs/quickstart                    # -> runs/quickstart/plots/*.png
+  mixmask report runs/quickstart runs/mae --out report.html
+  mixmask --quiet linear runs/quickstart          # no bars: one plain line per epoch
   mixmask --import my_method.py pretrain my_method.yaml     # a method defined in your file
 """
+
+
+QUIET_HELP = ("no progress bars (as train.progress_bar=false): one plain line per epoch, for "
+              "cluster logs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE", help="a module or .py file that registers methods "
                         "or backbones (register_method); repeatable")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone from a YAML config")
     pretrain.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
@@ -75,6 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--out", required=True, help="PNG path")
     reconstruct.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
     reconstruct.add_argument("--num-images", type=int, default=8, help="default 8")
+    plot = commands.add_parser(
+        "plot", help="write RUN/plots/*.png: training curves, monitors against epoch and "
+                     "wall time, a t-SNE of test features, a retrieval grid")
+    plot.add_argument("run", help="a run folder written by `mixmask pretrain`")
+    plot.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    plot.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    plot.add_argument("--curves-only", action="store_true",
+                      help="only the curves of metrics.csv (no checkpoint or data needed)")
+    report = commands.add_parser(
+        "report", help="one self-contained HTML page of one or several runs: config, "
+                       "summary, evaluations, plots, mask gallery")
+    report.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
+    report.add_argument("--out", default="report.html", help="default report.html")
+    for command in commands.choices.values():
+        # --quiet after the command too; SUPPRESS keeps the subcommand's default from
+        # resetting a --quiet given before it.
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help=QUIET_HELP)
     return parser
 
 
@@ -98,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.quiet and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, "train.progress_bar=false"]
     try:
         from mixmask.methods.registry import import_plugin
 
@@ -113,10 +141,34 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "results":
             return _results(args)
+        if args.command == "plot":
+            return _plot(args)
+        if args.command == "report":
+            return _report(args)
         return _evaluate(args)
     except MixmaskError as error:
         print(f"mixmask: error: {error}", file=sys.stderr)
         return 2
+
+
+def _plot(args) -> int:
+    from mixmask.plots import write_plots
+
+    written, skipped = write_plots(Path(args.run), args.overrides, checkpoint=args.checkpoint,
+                                   representation=not args.curves_only)
+    for path in written:
+        print(f"wrote {path}")
+    if skipped:
+        print(f"Note: no embedding or retrieval plot: {skipped}")
+    return 0
+
+
+def _report(args) -> int:
+    from mixmask.eval.results import find_runs
+    from mixmask.report import write_report
+
+    print(f"wrote {write_report(find_runs(args.runs), Path(args.out))}")
+    return 0
 
 
 def _pretrain(args) -> int:

@@ -253,6 +253,10 @@ class TrainConfig:
     # of one host read per step). Non-finite weights or buffers always stop the run.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     progress_bar: bool = True
+    # RUN/plots/*.png written at the end (as `mixmask plot RUN`): all (the curves of
+    # metrics.csv, plus a t-SNE of test features and a retrieval grid when the dataset has
+    # labels), curves (only the curves; no second pass over the data), none.
+    plots: Literal["all", "curves", "none"] = "all"
     # torch.profiler over this many steps (0: off) from step profile_start_step (past cuDNN
     # autotuning and allocator warm-up): out_dir/profile/ gets trace.json (Perfetto) and
     # summary.json with the share of the window the device was busy (mixmask.profiling).

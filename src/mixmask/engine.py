@@ -837,4 +837,23 @@ class _Run:
         if not fabric.is_global_zero:
             return None  # other DDP processes report nothing
         (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_plots()
         return summary
+
+    def _write_plots(self) -> None:
+        """RUN/plots/*.png; a plot that cannot be drawn costs a note, never the run."""
+        if self.config.train.plots == "none":
+            return
+        from mixmask.plots import write_plots
+
+        try:
+            written, skipped = write_plots(Path(self.config.out_dir),
+                                           representation=self.config.train.plots == "all")
+        except MixmaskError as error:
+            self.say(f"Note: no plots written: {error}")
+            return
+        if written:
+            self.say(f"Plots: {', '.join(path.name for path in written)} in "
+                     f"{written[0].parent}.")
+        if skipped:
+            self.say(f"Note: no embedding or retrieval plot: {skipped}")

@@ -29,6 +29,8 @@ class _Rate(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed:  # rich needs two updates for its own estimate
+            speed = task.completed / task.elapsed
         return Text("" if speed is None else f"{speed / self.scale:,.0f} {self.unit}/s")
 
 
@@ -54,7 +56,8 @@ def image_progress(description: str, total: int, *, enabled: bool,
     to it as a task and removed at the end, since rich shows one live display at a time.
     ``unit="MB"`` counts bytes and shows megabytes."""
     if progress is not None:
-        task = progress.add_task(description, total=total, visible=enabled)
+        # status: the field pretraining's bar shows (its loss); empty for this task.
+        task = progress.add_task(description, total=total, visible=enabled, status="")
         try:
             yield lambda items: progress.advance(task, items)
         finally:
