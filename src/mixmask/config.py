@@ -257,6 +257,11 @@ class TrainConfig:
     # metrics.csv, plus a t-SNE of test features and a retrieval grid when the dataset has
     # labels), curves (only the curves; no second pass over the data), none.
     plots: Literal["all", "curves", "none"] = "all"
+    # Loggers beside metrics.csv: tensorboard (RUN/tensorboard/), or wandb (TensorBoard and
+    # Weights & Biases; pip install 'mixmask[wandb]'), offline unless wandb_mode=online.
+    logger: Literal["tensorboard", "wandb"] = "tensorboard"
+    wandb_project: str = "mixmask"
+    wandb_mode: Literal["offline", "online"] = "offline"
     # torch.profiler over this many steps (0: off) from step profile_start_step (past cuDNN
     # autotuning and allocator warm-up): out_dir/profile/ gets trace.json (Perfetto) and
     # summary.json with the share of the window the device was busy (mixmask.profiling).

@@ -41,6 +41,7 @@ from mixmask.optim import build_optimizer
 from mixmask.profiling import StepProfiler
 from mixmask.runtime import keep_freed_cpu_memory
 from mixmask.step import all_finite, set_learning_rate, training_step
+from mixmask.wandb_log import open_wandb_run, require_wandb, wandb_row
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 _STATE_FINITE = "_state_finite"  # the finite-state flag, read with each logged row
@@ -215,8 +216,10 @@ class MetricsLog:
     """metrics.csv (one row per logged step or epoch; columns grow as keys appear) and
     TensorBoard scalars."""
 
-    def __init__(self, out_dir: Path, enabled: bool, resumed_at_step: int | None = None):
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at_step: int | None = None,
+                 wandb_run=None):
         self.path = out_dir / "metrics.csv"
+        self.wandb_run = wandb_run  # mixmask.wandb_log: Weights & Biases, when asked for
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         if enabled and resumed_at_step is not None and self.path.is_file():
@@ -248,10 +251,15 @@ class MetricsLog:
         for key, value in row.items():
             if key not in ("step", "epoch") and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, row["step"])
+        if self.wandb_run is not None:
+            scalars, step = wandb_row(row)
+            self.wandb_run.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 # --------------------------------------------------------------------------- training
@@ -280,6 +288,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
         raise ConfigError(f"{out_dir} already holds a run. Continue it with resume=auto, or "
                           "choose another out_dir (or delete that folder) to start afresh.")
     say = _printer(fabric, console)
+    if config.train.logger == "wandb":
+        require_wandb()  # before anything is written
     # The data is checked before anything is written, so a mistake leaves no run folder.
     train_set = load_split(config, "pretrain", config.data.subset)
     if train_set.bad_files:
@@ -380,8 +390,10 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
         elapsed_before = checkpoint.get("wall_time_s", 0.0)
         say(f"Resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}.")
 
+    wandb_run = (open_wandb_run(out_dir, config)
+                 if config.train.logger == "wandb" and fabric.is_global_zero else None)
     metrics = MetricsLog(out_dir, fabric.is_global_zero,
-                         state["step"] if resume_path is not None else None)
+                         state["step"] if resume_path is not None else None, wandb_run)
     run = _Run(config=config, fabric=fabric, method=method, optimizer=optimizer, probe=probe,
                probe_optimizer=probe_optimizer, generator=generator, loader=loader,
                sampler=sampler, steps_per_epoch=steps_per_epoch, eval_data=eval_data,
@@ -849,7 +861,8 @@ class _Run:
         try:
             written, skipped = write_plots(Path(self.config.out_dir),
                                            representation=self.config.train.plots == "all")
-        except MixmaskError as error:
+        except (MixmaskError, OSError, ValueError, RuntimeError) as error:
+            # The run itself is finished and saved; a picture is not worth failing it.
             self.say(f"Note: no plots written: {error}")
             return
         if written:

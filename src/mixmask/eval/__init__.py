@@ -35,6 +35,7 @@ def evaluate(method: nn.Module, eval_data, config, device: torch.device, *, knn:
         return results
     encode = getattr(method, "features", method)
     train_features = train_labels = None
+
     def features(name: str, dataset):
         with image_progress(f"features ({name})", len(dataset), enabled=show_progress,
                             progress=progress) as advance:
