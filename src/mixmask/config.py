@@ -399,8 +399,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     validate(config)
     # Where the config came from (not a config key): pretraining writes it to
     # RUN/recipe.yaml, so `mixmask report` can mark the keys the command line changed.
-    config.provenance = {"recipe": None if path is None else str(path),
-                         "layers": [str(layer) for layer in layers],
+    # Absolute, so a report made from another folder still finds the recipe.
+    config.provenance = {"recipe": None if path is None else str(Path(path).resolve()),
+                         "layers": [str(Path(layer).resolve()) for layer in layers],
                          "overrides": list(overrides)}
     return config
 
