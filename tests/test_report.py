@@ -24,7 +24,7 @@ OVERRIDES = ["data.dataset=synthetic", "data.subset=32", "data.eval_train_subset
              "method.mocov2.proj_hidden_dim=32", "method.mocov2.queue_size=64",
              "train.batch_size=16", "train.epochs=1", "train.progress_bar=false",
              "monitor.knn=false", "monitor.online_probe=false", "eval.linear=false",
-             "eval.compare_random_init=false"]
+             "eval.compare_random_init=false", "train.plots=none"]
 SECOND_RUN = ["method.masking=erase", "train.seed=3"]
 PLOT_SIZE = (90, 60)
 
