@@ -105,6 +105,43 @@ def family(recipe: str) -> str:
     return "vit" if "vit" in recipe else "resnet"
 
 
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def markdown_table(runs: list[Path]) -> str:
+    """docs/results.md's table: one row per variant (finetune 10% last epoch with its best
+    epoch in brackets, cached linear, kNN, pretraining wall time), then each backbone's
+    from-scratch floor."""
+    def cell(result: dict | None, best: bool = False) -> str:
+        if result is None:
+            return "-"
+        return (f"{result['top1']:.2f} ({result['best_top1']:.2f})" if best
+                else f"{result['top1']:.2f}")
+
+    rows = ["| variant | backbone | finetune 10% top-1 (best epoch) | linear (cached) top-1 "
+            "| kNN top-1 (weak for MIM) | pretraining wall time |",
+            "| --- | --- | ---: | ---: | ---: | ---: |"]
+    floors = []
+    for run in runs:
+        summary = _read_json(run / "summary.json")
+        if summary is None:
+            continue
+        evaluation = {stem: _read_json(run / "eval" / f"{stem}.json")
+                      for stem in ("finetune_10pct", "linear_cached", "knn",
+                                   "finetune_10pct_scratch")}
+        rows.append(f"| {run.name} | {summary['backbone']} "
+                    f"| {cell(evaluation['finetune_10pct'], best=True)} "
+                    f"| {cell(evaluation['linear_cached'])} | {cell(evaluation['knn'])} "
+                    f"| {summary['wall_time_s']:.0f} s |")
+        if evaluation["finetune_10pct_scratch"] is not None:
+            floors.append(f"| from scratch (floor; {run.name}'s finetune recipe) "
+                          f"| {summary['backbone']} "
+                          f"| {cell(evaluation['finetune_10pct_scratch'], best=True)} "
+                          "| - | - | - |")
+    return "\n".join(rows + floors)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +188,8 @@ def main() -> None:
                 raise SystemExit(f"failed: mixmask {' '.join(command)}")
     table = format_table(result_rows(runs))
     print(table)
+    markdown = markdown_table(runs)
+    print(markdown)
     print("kNN is a weak protocol for MIM features; finetune_10pct (beside its from-scratch "
           "floor) is the measure.")
     result = {"benchmark": "mim_ablation", "scale": args.scale,
@@ -158,6 +197,7 @@ def main() -> None:
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                           else None},
               "torch": torch.__version__, "commands": shell, "table": table,
+              "markdown": markdown,
               "total_seconds": time.perf_counter() - started,
               "results": {str(run): {path.stem: json.loads(path.read_text())
                                      for path in sorted((run / "eval").glob("*.json"))}

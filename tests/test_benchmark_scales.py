@@ -123,3 +123,22 @@ def test_the_gpu_suite_lists_its_four_benchmarks_and_their_flags_parse(tmp_path)
     command = steps[1].split(": ", 1)[1].split()
     args = load_benchmark("train_step").parse_args(command[2:])
     assert args.gpu and args.burst and args.libraries == ["ours"]
+
+
+def test_mim_ablation_markdown_table_reads_each_run_and_its_floor(tmp_path):
+    benchmark = load_benchmark("mim_ablation")
+
+    def write(path, **values):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+
+    write(tmp_path / "mae" / "summary.json", backbone="vit_tiny", wall_time_s=99.6)
+    write(tmp_path / "mae" / "eval" / "finetune_10pct.json", top1=17.2, best_top1=19.9)
+    write(tmp_path / "mae" / "eval" / "finetune_10pct_scratch.json", top1=19.6, best_top1=21.2)
+    write(tmp_path / "mae" / "eval" / "knn.json", top1=28.25)
+    # Not pretrained yet: no row.
+    (tmp_path / "a2mim_vit").mkdir()
+    lines = benchmark.markdown_table([tmp_path / "mae", tmp_path / "a2mim_vit"]).splitlines()
+    assert lines[2:] == [
+        "| mae | vit_tiny | 17.20 (19.90) | - | 28.25 | 100 s |",
+        "| from scratch (floor; mae's finetune recipe) | vit_tiny | 19.60 (21.20) | - | - | - |"]
