@@ -6,6 +6,7 @@ order and labels are checked against hand-written expectations, not the loader's
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import tarfile
@@ -459,11 +460,19 @@ def test_preset_views_names_counts_and_cycling():
     assert preset_views("cifar", 32) == [ViewConfig(32), ViewConfig(32)]
     first, second = preset_views("byol", 224)
     assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0, 0.1, 0.2)
-    # SiameseIM (DataAugmentationForSIM): BYOL's colour ops, crop_min 0.08; at 32 px 0.2, no blur.
-    assert preset_views("siameseim", 224) == [first, second]
+    # SiameseIM (DataAugmentationForSIM): BYOL's colour ops, crop_min 0.08, resampled
+    # bicubic (interpolation=3); at 32 px 0.2, no blur.
+    assert preset_views("siameseim", 224) == [
+        dataclasses.replace(view, interpolation="bicubic") for view in (first, second)]
     first, second = preset_views("siameseim_cifar", 32)
     assert (first.scale, first.blur_p, second.blur_p, second.solarize_p) == (
         (0.2, 1.0), 0, 0, 0.2)
+    assert (first.interpolation, second.interpolation) == ("bicubic", "bicubic")
+    # MAE (main_pretrain.py) resamples bicubic; A2MIM (openmixup) and the Siamese recipes
+    # keep torchvision's bilinear default.
+    assert [preset_views(name, 32)[0].interpolation for name in
+            ("mae", "a2mim_vit", "a2mim_resnet", "cifar", "byol")] == [
+        "bicubic", "bilinear", "bilinear", "bilinear", "bilinear"]
     with pytest.raises(ValueError, match="Unknown augmentation preset 'simclr'.*mocov2, cifar"):
         preset_views("simclr", 32)
     with pytest.raises(ValueError, match="num_views must be at least 1"):

@@ -252,6 +252,40 @@ def test_resized_crop_matches_torchvision_resized_crop(antialias, size):
         torch.testing.assert_close(ours, other, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("size", [4, 9, 16, 40])
+def test_bicubic_resized_crop_matches_torchvision_antialiased_bicubic(size):
+    images = random_images()
+    ours = resized_crop(images, BOXES, size, antialias=True, interpolation="bicubic")
+    expected = per_sample(
+        lambda image, box: F2.resized_crop(image, *box.tolist(), [size, size],
+                                           interpolation=T.InterpolationMode.BICUBIC,
+                                           antialias=True),
+        images, BOXES)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    # From uint8 the cubic's overshoot is clipped, as PIL clips its uint8 output.
+    images_uint8 = torch.randint(0, 256, (8, 3, 20, 24), dtype=torch.uint8, generator=seeded())
+    clipped = resized_crop(images_uint8, BOXES, size, antialias=True, interpolation="bicubic")
+    unclipped = resized_crop(images_uint8 / 255.0, BOXES, size, antialias=True,
+                             interpolation="bicubic")
+    assert clipped.min() >= 0 and clipped.max() <= 1
+    torch.testing.assert_close(clipped, unclipped.clamp(0, 1), atol=ATOL, rtol=0)
+
+
+def test_keys_cubic_kernel_at_hand_computed_distances():
+    # a = -0.5: d = 0 -> 1; d = 0.5 -> 1.5 * 0.125 - 2.5 * 0.25 + 1 = 0.5625;
+    # d = 1 -> 0; d = 1.5 -> -0.5 * (3.375 - 11.25 + 12 - 4) = -0.0625; d >= 2 -> 0.
+    from mixmask.data.gpu_augment import _keys_cubic
+
+    distance = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    torch.testing.assert_close(_keys_cubic(distance),
+                               torch.tensor([1.0, 0.5625, 0.0, -0.0625, 0.0, 0.0]))
+
+
+def test_bicubic_without_antialias_is_refused():
+    with pytest.raises(ValueError, match="needs antialias=True"):
+        resized_crop(random_images(), BOXES, 16, antialias=False, interpolation="bicubic")
+
+
 def test_resized_crop_of_uint8_flipped_and_several_views_agree_with_the_plain_call():
     images_uint8 = torch.randint(0, 256, (8, 3, 20, 24), dtype=torch.uint8, generator=seeded())
     images = images_uint8 / 255.0
@@ -592,9 +626,11 @@ def torchvision_view_config(transform) -> ViewConfig:
         seen.append(next(kind for kind in order if isinstance(step, kind)))
         if isinstance(step, T.RandomResizedCrop):
             assert step.size[0] == step.size[1]
-            assert step.interpolation == T.InterpolationMode.BILINEAR
+            modes = {T.InterpolationMode.BILINEAR: "bilinear",
+                     T.InterpolationMode.BICUBIC: "bicubic"}
             fields.update(image_size=step.size[0], scale=tuple(step.scale),
-                          ratio=tuple(step.ratio), antialias=step.antialias)
+                          ratio=tuple(step.ratio), antialias=step.antialias,
+                          interpolation=modes[step.interpolation])
         elif isinstance(step, T.ColorJitter):
             # ColorJitter(b) stores (1 - b, 1 + b); round off 1 + b - 1's float error.
             fields.update(jitter_p=p, brightness=round(step.brightness[1] - 1, 9),
@@ -617,7 +653,9 @@ def torchvision_view_config(transform) -> ViewConfig:
     return ViewConfig(**fields)
 
 
-@pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol", "byol_cifar"])
+@pytest.mark.parametrize("preset", ["cifar", "mocov2", "byol", "byol_cifar", "mae",
+                                    "a2mim_vit", "a2mim_resnet", "siameseim",
+                                    "siameseim_cifar"])
 @pytest.mark.parametrize("size", [32, 224])
 def test_tensor_presets_match_the_pil_presets_view_by_view(preset, size):
     configs = preset_views(preset, size)

@@ -41,12 +41,11 @@ import PIL.Image
 import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.transforms import InterpolationMode
 
 from mixmask.data.batch import UNLABELED, Batch
 from mixmask.data.datasets import ImageSet
 from mixmask.data.gpu_augment import sample_crop_boxes
-from mixmask.data.transforms import view_transform
+from mixmask.data.transforms import INTERPOLATION, view_transform
 from mixmask.data.views import ViewConfig
 
 __all__ = [
@@ -154,8 +153,9 @@ class CropDataset(Dataset):
     """Items, for keys ``(index, epoch)``, are ``(crops, label, boxes, epoch)``: a tuple of
     V uint8 crops [3, S, S], each the image's RandomResizedCrop for that view
     (torchvision's box distribution with the view's ``scale`` and ``ratio``, and its PIL
-    resize: antialiased bilinear), their boxes int64 [V, 4] (top, left, height, width in
-    source pixels), drawn view by view from a generator seeded by :func:`item_seed`.
+    resize: antialiased, the view's ``interpolation``), their boxes int64 [V, 4] (top,
+    left, height, width in source pixels), drawn view by view from a generator seeded by
+    :func:`item_seed`.
 
     Only the geometry runs here, so a DataLoader worker decodes and crops and the batch
     crosses to the device as uint8 (a quarter of float32's bytes); the flip and the
@@ -184,7 +184,8 @@ class CropDataset(Dataset):
             box = sample_crop_boxes(1, height, width, view.scale, view.ratio,
                                     generator=generator)[0]
             crop = TF.resized_crop(image, *box.tolist(), [view.image_size] * 2,
-                                   interpolation=InterpolationMode.BILINEAR, antialias=True)
+                                   interpolation=INTERPOLATION[view.interpolation],
+                                   antialias=True)
             crops.append(TF.pil_to_tensor(crop))
             boxes.append(box)
         return tuple(crops), label, torch.stack(boxes), epoch

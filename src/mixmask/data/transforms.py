@@ -23,6 +23,7 @@ from mixmask.data.views import AUGMENTATION_PRESETS, ViewConfig, preset_views
 
 __all__ = [
     "AUGMENTATION_PRESETS",
+    "INTERPOLATION",
     "RandomHorizontalFlipWithFlag",
     "RandomResizedCropWithBox",
     "ResizePadCropWithBox",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 Box = tuple[int, int, int, int]
+# ViewConfig.interpolation -> torchvision's mode (PIL's filter on PIL images).
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR,
+                 "bicubic": T.InterpolationMode.BICUBIC}
 
 
 class RandomResizedCropWithBox(T.RandomResizedCrop):
@@ -115,8 +119,9 @@ class ViewTransform:
             self.crop = ResizePadCropWithBox(view.image_size, view.padding, view.padding_mode,
                                              antialias=view.antialias)
         elif view.crop == "resized":
-            self.crop = RandomResizedCropWithBox(view.image_size, scale=view.scale,
-                                                 ratio=view.ratio, antialias=view.antialias)
+            self.crop = RandomResizedCropWithBox(
+                view.image_size, scale=view.scale, ratio=view.ratio,
+                interpolation=INTERPOLATION[view.interpolation], antialias=view.antialias)
         else:
             raise ValueError(f"ViewConfig.crop must be 'resized' or 'padded', got {view.crop!r}.")
         photometric: list[Callable] = []

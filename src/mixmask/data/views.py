@@ -30,15 +30,14 @@ Presets:
   ``padding_mode="constant"``). CPU pipeline only (:func:`require_device_support`).
 
 * "mae": MAE's one view (He et al. 2022, ``main_pretrain.py``): RandomResizedCrop with
-  scale (0.2, 1) and a flip, no colour ops (torchvision's bilinear resize here; MAE's
-  bicubic).
+  scale (0.2, 1), bicubic, and a flip, no colour ops.
 * "a2mim_vit", "a2mim_resnet": A2MIM's one view (openmixup ``configs/selfsup/a2mim``):
   RandomResizedCrop with scale (0.67, 1) for ViTs, (0.8, 1) for ResNets, a flip, no colour.
 * "siameseim": SiameseIM's two views (``main_pretrain.py: DataAugmentationForSIM``), which
   are BYOL's colour ops: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, blur 1.0 / 0.1,
   solarize 0 / 0.2, crop scale (0.08, 1) (its 1600-epoch script's crop_min), the flip drawn
   per view (the reference flips before cropping: the same views, see
-  :mod:`mixmask.relative_position`; bilinear here, bicubic there).
+  :mod:`mixmask.relative_position`), bicubic as the reference resamples.
 * "siameseim_cifar": the same at 32 px with crop scale (0.2, 1) (0.08 of a 32 px image is
   a few pixels) and no blur, as the CIFAR recipes of BYOL do.
 
@@ -73,15 +72,16 @@ class ViewConfig:
     probability jitter_p, grayscale with grayscale_p, Gaussian blur (blur_kernel_size,
     sigma ~ U(blur_sigma)) with blur_p, solarize (pixels >= solarize_threshold, in [0, 1]
     units) with solarize_p, horizontal flip with flip_p. The crop: ``crop="resized"``,
-    RandomResizedCrop(image_size, scale, ratio) with bilinear resampling (antialiased when
-    downscaling); ``crop="padded"`` (PixMIM's conservative transform; ``scale`` and
-    ``ratio`` unused), Resize(image_size) of the shorter side (bilinear, antialiased),
-    then RandomCrop(image_size, padding, padding_mode).
+    RandomResizedCrop(image_size, scale, ratio) resampled with ``interpolation``
+    (bilinear or bicubic, antialiased when downscaling); ``crop="padded"`` (PixMIM's
+    conservative transform; ``scale`` and ``ratio`` unused), Resize(image_size) of the
+    shorter side (bilinear, antialiased), then RandomCrop(image_size, padding,
+    padding_mode).
 
     Defaults are the "cifar" preset (MoCo v2 aug+ without blur). The views of one
     :class:`~mixmask.data.gpu_augment.BatchedViewAugment` must share ``image_size``,
-    ``antialias``, the blur kernel size and ``solarize_threshold``; probabilities and
-    ranges may differ.
+    ``antialias``, ``interpolation``, the blur kernel size and ``solarize_threshold``;
+    probabilities and ranges may differ.
     """
 
     image_size: int
@@ -89,6 +89,10 @@ class ViewConfig:
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     antialias: bool = True
+    # The RandomResizedCrop's resampling: torchvision's default, bilinear, for the Siamese
+    # recipes and A2MIM (openmixup's pipelines leave it so); bicubic (PIL's, a = -0.5) where
+    # the reference asks for it: MAE's and SiameseIM's main_pretrain.py (interpolation=3).
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
@@ -114,6 +118,7 @@ class ViewConfig:
 # Each preset's views as ViewConfig fields (besides image_size) that differ from the
 # defaults; one entry for presets whose views are all alike.
 _BYOL = {"scale": (0.08, 1.0), "saturation": 0.2}
+_SIAMESEIM = {**_BYOL, "interpolation": "bicubic"}
 _PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     "mocov2": ({"blur_p": 0.5},),
     "cifar": ({},),
@@ -123,14 +128,17 @@ _PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     # PixMIM's conservative transform: no colour ops at all (its train_pipeline has none).
     "conservative": ({"crop": "padded", "jitter_p": 0.0, "grayscale_p": 0.0},),
     # MAE (main_pretrain.py): RandomResizedCrop(scale=(0.2, 1.0), bicubic) + flip, no colour.
-    "mae": ({"scale": (0.2, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
+    "mae": ({"scale": (0.2, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0,
+             "interpolation": "bicubic"},),
     # A2MIM (configs/selfsup/a2mim/imagenet/*): RandomResizedCrop (0.67, 1) for ViTs and
     # (0.8, 1) for ResNets, flip, no colour jitter.
     "a2mim_vit": ({"scale": (0.67, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
     "a2mim_resnet": ({"scale": (0.8, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0},),
-    "siameseim": ({**_BYOL, "blur_p": 1.0}, {**_BYOL, "blur_p": 0.1, "solarize_p": 0.2}),
-    "siameseim_cifar": ({**_BYOL, "scale": (0.2, 1.0)},
-                        {**_BYOL, "scale": (0.2, 1.0), "solarize_p": 0.2}),
+    # SiameseIM (main_pretrain.py: DataAugmentationForSIM): BYOL's views, resampled bicubic.
+    "siameseim": ({**_SIAMESEIM, "blur_p": 1.0},
+                  {**_SIAMESEIM, "blur_p": 0.1, "solarize_p": 0.2}),
+    "siameseim_cifar": ({**_SIAMESEIM, "scale": (0.2, 1.0)},
+                        {**_SIAMESEIM, "scale": (0.2, 1.0), "solarize_p": 0.2}),
 }
 
 AUGMENTATION_PRESETS = tuple(_PRESETS)
