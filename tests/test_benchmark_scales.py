@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from scripts import load_script
 
 from mixmask.config import load_config
@@ -142,3 +143,33 @@ def test_mim_ablation_markdown_table_reads_each_run_and_its_floor(tmp_path):
     assert lines[2:] == [
         "| mae | vit_tiny | 17.20 (19.90) | - | 28.25 | 100 s |",
         "| from scratch (floor; mae's finetune recipe) | vit_tiny | 19.60 (21.20) | - | - | - |"]
+
+
+def test_finetune_diagnosis_scores_both_batchnorm_modes_and_keeps_the_running_statistics():
+    from torch import nn
+
+    from mixmask.eval.finetune import Classifier
+
+    diagnosis = load_benchmark("finetune_diagnosis")
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+    classifier = Classifier(backbone, 4, 3)
+    # Running statistics far from the data's: eval mode and batch statistics then differ.
+    backbone[1].running_mean.fill_(5.0)
+    saved = backbone[1].running_mean.clone()
+    images = torch.randn(10, 3, 8, 8)
+    test_set = list(zip(images, torch.arange(10) % 3, strict=True))
+    scores, labels = diagnosis.scores_of(classifier, test_set, batch_statistics=False)
+    with torch.no_grad():
+        torch.testing.assert_close(scores, classifier.eval().scores(images))
+        normalised = backbone[0](images)
+        mean = normalised.mean(dim=(0, 2, 3), keepdim=True)
+        var = normalised.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        by_hand = classifier.head(((normalised - mean) / (var + 1e-5).sqrt()
+                                   * backbone[1].weight.view(1, -1, 1, 1)
+                                   + backbone[1].bias.view(1, -1, 1, 1)).mean(dim=(2, 3)))
+    batch_scores, _ = diagnosis.scores_of(classifier, test_set, batch_statistics=True)
+    torch.testing.assert_close(batch_scores, by_hand, atol=1e-5, rtol=1e-5)
+    assert torch.equal(labels, torch.arange(10) % 3)
+    assert torch.equal(backbone[1].running_mean, saved)
