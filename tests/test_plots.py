@@ -26,6 +26,15 @@ TINY = ["data.dataset=synthetic", "data.subset=32", "data.eval_train_subset=32",
         "eval.compare_random_init=false"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _every_plot():
+    """tests/conftest.py has the suite draw curves only; this module tests every plot."""
+    curves_only = plots.write_plots
+    plots.write_plots = curves_only.__wrapped__
+    yield
+    plots.write_plots = curves_only
+
+
 def _write_metrics(path: Path) -> None:
     """Five logged steps (loss, two terms, lambda, lr) and two epoch rows with kNN."""
     columns = ["step", "epoch", "lr", "loss_clean", "loss_mixmask", "lambda_mixmask", "loss",
