@@ -1,7 +1,9 @@
 """User-facing errors: short sentences that say what was wrong and what to do."""
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 
 def did_you_mean(value: object, choices: Iterable[object], prefix: str = "",
@@ -27,3 +29,15 @@ class DatasetError(MixmaskError):
 
 class CheckpointError(MixmaskError):
     """A checkpoint that is missing, corrupt or from an incompatible run."""
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[Path]:
+    """``with writing(path) as path: ...`` writes an output file: its folder is made, and an
+    OSError inside (full disk, no permission) becomes one MixmaskError sentence."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    except OSError as error:
+        raise MixmaskError(f"cannot write {path}: {error.strerror or error}.") from None

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from mixmask.errors import ConfigError, MixmaskError
+from mixmask.errors import ConfigError, MixmaskError, writing
 from mixmask.frequency import ideal_lowpass
 from mixmask.viz import GALLERY_PADDING
 
@@ -87,12 +87,8 @@ def save_rows(rows: list[tuple[str, Tensor]], path: str | Path) -> Path:
         centre = GALLERY_PADDING + index * (cell_height + GALLERY_PADDING) + cell_height / 2
         top = draw.textbbox((0, 0), label, font=font)[3] / 2
         draw.text((2, centre - top), label, fill="black", font=font)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path) as path:
         picture.save(path, format="PNG")
-    except OSError as error:
-        raise MixmaskError(f"cannot write {path}: {error.strerror or error}.") from None
     return path
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mixmask.errors import MixmaskError
+from mixmask.errors import MixmaskError, writing
 
 DPI = 100  # pixels per inch of every saved figure (sizes below are in inches)
 PANEL_COLUMNS = 3
@@ -187,9 +187,8 @@ def _save(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        figure.savefig(path, dpi=DPI)
-    except OSError as error:
-        raise MixmaskError(f"cannot write {path}: {error.strerror or error}.") from None
+        with writing(path) as path:
+            figure.savefig(path, dpi=DPI)
     finally:
         plt.close(figure)
     return path

@@ -22,13 +22,14 @@ import html
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mixmask.errors import MixmaskError
+from mixmask.errors import MixmaskError, writing
 
 __all__ = ["write_report", "flatten", "changed_keys"]
 
@@ -66,12 +67,8 @@ def write_report(runs: list[Path], out: Path) -> Path:
     title = ("mixmask report: " + loaded[0].label if len(loaded) == 1
              else f"mixmask report: {len(loaded)} runs")
     page = _PAGE.format(title=_text(title), css=_CSS, body="\n".join(body))
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out) as out:
         out.write_text(page, encoding="utf-8")
-    except OSError as error:
-        raise MixmaskError(f"cannot write {out}: {error.strerror or error}.") from None
     return out
 
 
@@ -117,13 +114,22 @@ def _load_run(path: Path) -> _Run:
     return run
 
 
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> tuple[dict | None, str]:
+    """The mapping a JSON or YAML file holds (``parse``: json.loads, yaml.safe_load), or
+    None and why not, as a clause."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise MixmaskError(f"{path} is not a readable YAML file ({error}).") from None
-    if not isinstance(raw, dict):
-        raise MixmaskError(f"{path} is not a run config (a mapping of sections).")
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:  # JSONDecodeError: a ValueError
+        return None, f"{path.name} is not readable ({error})"
+    if not isinstance(value, dict):
+        return None, f"{path.name} does not hold a mapping"
+    return value, ""
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    raw, problem = _read_mapping(path, yaml.safe_load)
+    if raw is None:
+        raise MixmaskError(f"{path.parent} is not a run folder: {problem}.")
     return raw
 
 
@@ -145,13 +151,9 @@ def _load_summary(run: _Run) -> None:
     if not summary_path.is_file():
         run.summary_note = "No summary.json: the run has not finished (or was stopped)."
         return
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        run.summary_note = f"summary.json is not readable ({error})."
-        return
-    if not isinstance(summary, dict):
-        run.summary_note = "summary.json does not hold a mapping of results."
+    summary, problem = _read_mapping(summary_path, json.loads)
+    if summary is None:
+        run.summary_note = f"{problem}."
         return
     run.summary = summary
 
@@ -167,13 +169,9 @@ def _compare_with_recipe(run: _Run) -> None:
         run.recipe_note = ("No recipe.yaml (a run from before mixmask recorded it): "
                            "nothing is highlighted.")
         return
-    try:
-        provenance = yaml.safe_load(recipe_path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        run.recipe_note = f"recipe.yaml is not readable ({error}): nothing is highlighted."
-        return
-    if not isinstance(provenance, dict):
-        run.recipe_note = "recipe.yaml is not a mapping: nothing is highlighted."
+    provenance, problem = _read_mapping(recipe_path, lambda text: yaml.safe_load(text) or {})
+    if provenance is None:
+        run.recipe_note = f"{problem}: nothing is highlighted."
         return
     recipe = provenance.get("recipe")
     layers = [str(layer) for layer in provenance.get("layers") or []]
