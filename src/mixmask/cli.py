@@ -44,27 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone from a YAML config")
     pretrain.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    knn = _evaluation_parser(commands, "knn", "weighted kNN top-1/top-5 -> RUN/eval/knn.json")
-    knn.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    _evaluation_parser(commands, "knn", "weighted kNN top-1/top-5 -> RUN/eval/knn.json")
     linear = _evaluation_parser(commands, "linear", "linear classifier on the frozen backbone "
                                 "-> RUN/eval/linear_<protocol>.json")
     linear.add_argument("--protocol", choices=("moco", "cached"), default="moco",
                         help="moco: MoCo's protocol (per-epoch augmentation, lr 30); cached: "
                              "standardised cached features (fast); default moco")
-    linear.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
     finetune = _evaluation_parser(commands, "finetune", "finetune the whole network with a "
                                   "share of the labels -> RUN/eval/finetune_<N>pct.json")
     finetune.add_argument("--labels", required=True, help="1%%, 10%% or 100%%")
     finetune.add_argument("--from-scratch", action="store_true",
                           help="the same recipe from the random init of train.seed (baseline)")
-    finetune.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
-    export = commands.add_parser("export", help="backbone weights for torchvision, timm or "
-                                 "detectron2")
-    export.add_argument("run", help="a run folder written by `mixmask pretrain`")
-    export.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    export = _run_parser(commands, "export", "backbone weights for torchvision, timm or "
+                         "detectron2")
     export.add_argument("--format", required=True, choices=("torchvision", "timm", "detectron2"))
     export.add_argument("--out", required=True, help="the file to write")
-    export.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
     results = commands.add_parser("results", help="one table of every evaluation of the runs")
     results.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
     results.add_argument("--format", choices=("markdown", "csv"), default="markdown")
@@ -75,20 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="section.key=value overrides")
     show.add_argument("--out", help="PNG path (default: OUT_DIR/mask_gallery.png)")
     show.add_argument("--num-images", type=int, default=8, help="even; default 8")
-    reconstruct = commands.add_parser(
-        "reconstruct", help="write a PNG of a MAE / PixMIM / A2MIM run's predictions on test "
-                            "images: original, mask, input, low-pass, reconstruction")
-    reconstruct.add_argument("run", help="a run folder written by `mixmask pretrain`")
-    reconstruct.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    reconstruct = _run_parser(
+        commands, "reconstruct", "write a PNG of a MAE / PixMIM / A2MIM run's predictions on "
+        "test images: original, mask, input, low-pass, reconstruction")
     reconstruct.add_argument("--out", required=True, help="PNG path")
-    reconstruct.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
     reconstruct.add_argument("--num-images", type=int, default=8, help="default 8")
-    plot = commands.add_parser(
-        "plot", help="write RUN/plots/*.png: training curves, monitors against epoch and "
-                     "wall time, a t-SNE of test features, a retrieval grid")
-    plot.add_argument("run", help="a run folder written by `mixmask pretrain`")
-    plot.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    plot.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    plot = _run_parser(commands, "plot", "write RUN/plots/*.png: training curves, monitors "
+                       "against epoch and wall time, a t-SNE of test features, a retrieval grid")
     plot.add_argument("--curves-only", action="store_true",
                       help="only the curves of metrics.csv (no checkpoint or data needed)")
     report = commands.add_parser(
@@ -104,11 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _evaluation_parser(commands, name: str, what: str):
+def _run_parser(commands, name: str, what: str):
+    """A command on a run folder: RUN, its config's overrides, --checkpoint."""
     command = commands.add_parser(name, help=what)
     command.add_argument("run", help="a run folder written by `mixmask pretrain`")
     command.add_argument("overrides", nargs="*",
                          help="section.key=value overrides of the run's config")
+    command.add_argument("--checkpoint", help="default: RUN/checkpoints/last.ckpt")
+    return command
+
+
+def _evaluation_parser(commands, name: str, what: str):
+    command = _run_parser(commands, name, what)
     command.add_argument("--config", dest="protocol_file", metavar="YAML",
                          help="a protocol's settings merged over the run's config before the "
                               "overrides, e.g. configs/eval/cifar_linear_moco.yaml")
