@@ -75,6 +75,9 @@ from mixmask.data import (
 )
 from mixmask.runtime import keep_freed_cpu_memory
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stopping import Stopped, stoppable  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MIXMASK_DATA", ROOT.parent / "shared" / "data"))
 CIFAR10_TARBALL = DATA_DIR / "cifar10_jpeg_q75.tar.gz"
@@ -316,6 +319,36 @@ def print_table(rows: list[dict]) -> None:
     print("images/s: two-view images per second (an image counts once for its two views).")
 
 
+@torch.no_grad()
+def measure(rows: list[dict], args, batches: dict, distinct: dict, base_images, device,
+            kornia) -> None:
+    """Each size's rows (torchvision's PIL pipeline, ours, kornia), appended to ``rows``
+    size by size, so a stop keeps the sizes measured."""
+    for size in args.sizes:
+        batch, preset = batches[size], preset_for(size)
+        images = resize_images(base_images[:distinct[size]], source_side(size))
+        mean, std = DATASET_STATS["cifar10" if preset == "cifar" else "imagefolder"]
+        size_rows = []
+        if "torchvision" in args.methods:
+            size_rows.append(bench_torchvision(images, size, batch, device, args, mean, std))
+        if "ours" in args.methods:
+            size_rows.append(bench_ours(images, size, batch, device, args, mean, std))
+        if kornia is not None:
+            for mode in args.kornia_cropping_modes:
+                size_rows.append(bench_kornia(kornia, images, size, batch, device, args,
+                                              mean, std, mode))
+        pil = next((r for r in size_rows if r["method"] == "torchvision PIL"), None)
+        for row in size_rows:
+            row.update(size=size, preset=preset, batch=batch,
+                       views_per_s=2 * row["images_per_s"],
+                       source_px=source_side(size),
+                       speedup_vs_torchvision_pil=(row["images_per_s"] / pil["images_per_s"]
+                                                   if pil else None))
+            print(f"  {row['method']:<20} {size:>4} px  {row['images_per_s']:11,.0f} img/s"
+                  f"  ({row['input']})", flush=True)
+        rows += size_rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,31 +405,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads); "
           f"data: {data_desc}")
 
-    rows = []
-    with torch.no_grad():
-        for size in args.sizes:
-            batch, preset = batches[size], preset_for(size)
-            images = resize_images(base_images[:distinct[size]], source_side(size))
-            mean, std = DATASET_STATS["cifar10" if preset == "cifar" else "imagefolder"]
-            size_rows = []
-            if "torchvision" in args.methods:
-                size_rows.append(bench_torchvision(images, size, batch, device, args, mean, std))
-            if "ours" in args.methods:
-                size_rows.append(bench_ours(images, size, batch, device, args, mean, std))
-            if kornia is not None:
-                for mode in args.kornia_cropping_modes:
-                    size_rows.append(bench_kornia(kornia, images, size, batch, device, args,
-                                                  mean, std, mode))
-            pil = next((r for r in size_rows if r["method"] == "torchvision PIL"), None)
-            for row in size_rows:
-                row.update(size=size, preset=preset, batch=batch,
-                           views_per_s=2 * row["images_per_s"],
-                           source_px=source_side(size),
-                           speedup_vs_torchvision_pil=(row["images_per_s"] / pil["images_per_s"]
-                                                       if pil else None))
-                print(f"  {row['method']:<20} {size:>4} px  {row['images_per_s']:11,.0f} img/s"
-                      f"  ({row['input']})", flush=True)
-            rows += size_rows
+    rows: list[dict] = []
+    stopped = None
+    try:
+        with stoppable():  # a time limit keeps the sizes measured so far
+            measure(rows, args, batches, distinct, base_images, device, kornia)
+    except Stopped as stop:
+        stopped = str(stop)
+        notes.append(f"{stopped}: partial results, the sizes measured by then")
+        print(f"note: {notes[-1]}", flush=True)
 
     print_table(rows)
     for size in args.sizes:
@@ -412,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine, "versions": versions(kornia),
         "settings": {**vars(args), "batches": batches, "distinct_images": distinct,
                      "data": data_desc, "command": sys.argv if argv is None else argv},
-        "notes": notes, "results": rows,
+        "notes": notes, "stopped": stopped, "results": rows,
     }
     write_result(result, Path(args.out))
     return result

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.engine import RunStopped, pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, write_result  # noqa: E402
@@ -52,7 +52,7 @@ CONFIG = ROOT / "configs" / "cifar10" / "mixmask_mocov2_r18.yaml"
 COMMON = ["method.mocov2.symmetric=false", "data.pipeline=device", "monitor.knn=false",
           "monitor.online_probe=false", "eval.knn=false", "eval.linear=false",
           "eval.compare_random_init=false", "train.checkpoint_every=0",
-          "train.progress_bar=false"]
+          "train.progress_bar=false", "train.plots=none"]
 SCALES = {
     # scale: (overrides, epochs, profile start step, profiled steps)
     "cpu": (["data.subset=2048", "train.batch_size=64", "train.device=cpu",
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="profiled steps, 0 for none (default: cpu 10, gpu 30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/benchmarks/epoch_time")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after the flags
     scale_overrides, epochs, profile_start, profile_steps = SCALES[args.scale]
     epochs = args.epochs or epochs
     profile_start = profile_start if args.profile_start is None else args.profile_start
@@ -101,36 +101,47 @@ def main(argv: list[str] | None = None) -> dict:
                  f"train.seed={args.seed}", f"out_dir={run_dir}"]
     config = load_config(CONFIG, overrides)
     started = time.perf_counter()
-    summary = pretrain(config)
+    machine = machine_info(resolve_device(config.train.device))
+    try:
+        summary, stopped = pretrain(config), None
+    except RunStopped as stop:  # a time limit: the epochs done so far are kept
+        summary, stopped = None, str(stop)
+        print(f"note: {stopped}", flush=True)
     command_wall = time.perf_counter() - started
 
-    walls = epoch_walls(run_dir)
-    steps_per_epoch = summary["steps"] // len(walls)
-    images_per_epoch = steps_per_epoch * config.train.batch_size
-    steady = statistics.mean(walls[1:])
-    profile = summary.get("profile")
+    walls = epoch_walls(run_dir) if (run_dir / "metrics.csv").is_file() else []
+    steps_per_epoch = (summary["steps"] // len(walls) if summary and walls
+                       else config.data.subset // config.train.batch_size
+                       if config.data.subset else None)
+    images_per_epoch = steps_per_epoch * config.train.batch_size if steps_per_epoch else None
+    steady = statistics.mean(walls[1:]) if len(walls) > 1 else None
+    profile = summary.get("profile") if summary else None
     busy = profile["busy_fraction"] if profile else None
-    print(f"\n{config.data.dataset} {images_per_epoch:,} images per epoch at "
+    device = summary["device"] if summary else machine["gpu"] or machine["device"]
+    print(f"\n{config.data.dataset} {images_per_epoch or '?'} images per epoch at "
           f"{config.data.image_size} px, {config.model.backbone} width {config.model.width}, "
-          f"batch {config.train.batch_size}, precision {config.train.precision}, "
-          f"{summary['device']}")
+          f"batch {config.train.batch_size}, precision {config.train.precision}, {device}")
     print(f"{'epoch':>5} {'seconds':>8} {'images/s':>9}")
     for epoch, seconds in enumerate(walls, start=1):
-        print(f"{epoch:5d} {seconds:8.2f} {images_per_epoch / seconds:9,.0f}"
-              + ("  (warm-up)" if epoch == 1 else ""))
-    print(f"steady epoch (mean of epochs 2-{len(walls)}): {steady:.2f} s, "
-          f"{images_per_epoch / steady:,.0f} images/s")
+        rate = f"{images_per_epoch / seconds:9,.0f}" if images_per_epoch else f"{'?':>9}"
+        print(f"{epoch:5d} {seconds:8.2f} {rate}" + ("  (warm-up)" if epoch == 1 else ""))
+    if steady is not None:
+        print(f"steady epoch (mean of epochs 2-{len(walls)}): {steady:.2f} s"
+              + (f", {images_per_epoch / steady:,.0f} images/s" if images_per_epoch else ""))
     if profile:
         print(f"busy: {'n/a' if busy is None else f'{100 * busy:.1f}%'} of "
               f"{profile['steps']} profiled steps from step {profile['first_step']} "
               f"({profile['busy_of']}; trace: {run_dir / 'profile' / profile['trace']})")
     result = {
         "benchmark": "epoch_time", "scale": args.scale, "config": str(CONFIG.relative_to(ROOT)),
-        "overrides": overrides, "machine": machine_info(resolve_device(config.train.device)),
-        "versions": summary["versions"], "device": summary["device"],
-        "images_per_epoch": images_per_epoch, "epoch_seconds": walls,
-        "steady_epoch_seconds": steady, "steady_images_per_s": images_per_epoch / steady,
-        "setup_seconds": command_wall - summary["wall_time_s"], "profile": profile,
+        "overrides": overrides, "machine": machine,
+        "versions": summary["versions"] if summary else None, "device": device,
+        "stopped": stopped, "images_per_epoch": images_per_epoch, "epoch_seconds": walls,
+        "steady_epoch_seconds": steady,
+        "steady_images_per_s": images_per_epoch / steady if steady and images_per_epoch
+        else None,
+        "setup_seconds": command_wall - summary["wall_time_s"] if summary else None,
+        "profile": profile,
     }
     write_result(result, out)
     return result

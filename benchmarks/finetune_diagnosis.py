@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mixmask.checkpoint import load_state, read_checkpoint
 from mixmask.eval.accuracy import topk_accuracy
 from mixmask.eval.finetune import Classifier
 from mixmask.eval.protocols import _eval_sets, build_run_method, load_run_config
@@ -65,8 +66,9 @@ def main() -> None:
     method = build_run_method(config, PixelStats(tuple(train_images.mean),
                                                  tuple(train_images.std)), None, None)
     classifier = Classifier(method.backbone, method.feature_dim, train_images.num_classes)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    classifier.load_state_dict(state["classifier"])
+    state = read_checkpoint(checkpoint, required=("classifier",),
+                            what="mixmask finetune checkpoint", other="finetune again")
+    load_state(classifier, state["classifier"], checkpoint)
     rows = {}
     for mode, batch_statistics in (("eval-mode BatchNorm", False),
                                    ("batch-statistics BatchNorm", True)):

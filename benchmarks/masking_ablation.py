@@ -71,9 +71,13 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["none", "erase", "mixmask"],
                         choices=["none", "erase", "mixmask", "unmix", "both"])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", nargs="+", default=["0"],
+                        help="seeds; overrides may follow them")
     parser.add_argument("--out", default="runs/benchmarks/masking_ablation")
     args = parser.parse_args()
+    # `--seeds 0 1 data.root=...`: the list takes what follows it; overrides go back.
+    args.overrides += [item for item in args.seeds if "=" in item]
+    args.seeds = [int(item) for item in args.seeds if "=" not in item]
 
     out = Path(args.out)
     runs = []

@@ -34,9 +34,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--regression-test", action="store_true",
                         help="use the settings of tests/test_accuracy_regression.py")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", nargs="+", default=["0"],
+                        help="seeds; overrides may follow them")
     parser.add_argument("--out", default="runs/benchmarks/pretrain_vs_random")
     args = parser.parse_intermixed_args()
+    # `--seeds 0 1 data.root=...`: the list takes what follows it; overrides go back.
+    args.overrides += [item for item in args.seeds if "=" in item]
+    args.seeds = [int(item) for item in args.seeds if "=" not in item]
     if args.regression_test:
         from test_accuracy_regression import REGRESSION_CONFIG, REGRESSION_OVERRIDES
 

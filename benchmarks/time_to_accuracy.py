@@ -15,11 +15,13 @@ GPU scale (full CIFAR-10, ResNet-18 width 1, batch 512, bf16, data on the GPU)::
 
     python benchmarks/time_to_accuracy.py --scale gpu --budget-s 600 data.root=...
 
-The GPU scale keeps the 200-epoch cosine schedule, so a 600 s budget may cut it before the
-learning rate has decayed. For the best accuracy within a budget, shorten the schedule to
-fit it: ``train.epochs=N`` with N about (budget - setup) / (seconds per epoch, monitors
-included), the epoch time taken from benchmarks/epoch_time.py --scale gpu (``--every``
-thins the monitors).
+``--budget-s`` stops the run there (SIGTERM to itself: the engine stops at the next step
+boundary and saves its checkpoint), and the JSON holds the epochs done by then; a SIGTERM
+from outside (a time limit) ends it the same way. The GPU scale keeps the 200-epoch cosine
+schedule, so a 600 s budget may cut it before the learning rate has decayed. For the best
+accuracy within a budget, shorten the schedule to fit it: ``train.epochs=N`` with N about
+(budget - setup) / (seconds per epoch, monitors included), the epoch time taken from
+benchmarks/epoch_time.py --scale gpu (``--every`` thins the monitors).
 
 ``data.dataset=cifar100 data.root=...`` measures CIFAR-100 where a copy is present.
 
@@ -72,9 +74,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mixmask.checkpoint import read_checkpoint
 from mixmask.config import load_config
 from mixmask.data.splits import load_eval_data, load_split
-from mixmask.engine import load_checkpoint_file, pretrain, resolve_accelerator, versions
+from mixmask.engine import (
+    RunStopped,
+    device_name,
+    pretrain,
+    resolve_accelerator,
+    versions,
+)
 from mixmask.errors import MixmaskError
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
@@ -289,11 +298,11 @@ def mixmask_run(config, pipeline: str, *, budget_s: float, eval_data=None) -> di
     with BudgetStop(budget_s) as stop:
         try:
             pretrain(config)
-        except MixmaskError:  # "stopped by SIGTERM after step N; saved last.ckpt"
+        except RunStopped:  # "stopped by SIGTERM after step N; saved last.ckpt"
             if not stop.fired:
                 raise
     wall_s = time.perf_counter() - started
-    checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     backbone, _ = build_backbone(config.model, config.data.image_size)
     backbone.load_state_dict({key.removeprefix("backbone."): value
                               for key, value in checkpoint["method"].items()
@@ -417,13 +426,15 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--every", type=int, default=1, help="monitor every N epochs")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="report the accuracy reached within this wall time (--peer: "
-                             f"train each pipeline for it; default {PEER_BUDGET_S:.0f})")
+                        help="stop the run at this wall time (at a step boundary, checkpoint "
+                             "and JSON written) and report the accuracy reached by then "
+                             f"(--peer: train each pipeline for it; default "
+                             f"{PEER_BUDGET_S:.0f})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/benchmarks/time_to_accuracy")
     parser.add_argument("--peer", choices=["lightly"], default=None,
                         help="compare with another library's MoCo v2 (see above)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides before and after the flags
     if args.peer == "lightly":
         compare_with_lightly(args)
         return
@@ -431,13 +442,33 @@ def main() -> None:
     out = Path(args.out)
     run_dir = out / f"{args.scale}_seed{args.seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark starts afresh
-    overrides = [*SCALES[args.scale], "monitor.knn=true", "monitor.online_probe=true",
+    overrides = [*SCALES[args.scale], "train.plots=curves", "monitor.knn=true",
+                 "monitor.online_probe=true",
                  f"monitor.knn_every={args.every}", *args.overrides, f"train.seed={args.seed}",
                  "train.progress_bar=false", f"out_dir={run_dir}"]
     config = load_config(CONFIG, overrides)
     started = time.perf_counter()
-    summary = pretrain(config)
+    stopped = None
+    try:
+        if args.budget_s is None:
+            summary = pretrain(config)
+        else:  # the run stops itself at the budget, at a step boundary, checkpoint saved
+            with BudgetStop(args.budget_s) as budget_stop:
+                try:
+                    summary = pretrain(config)
+                except RunStopped:
+                    if not budget_stop.fired:
+                        raise
+                    summary, stopped = None, f"stopped at its budget of {args.budget_s:.0f} s"
+    except RunStopped as stop:  # a signal from outside (a time limit): keep what it did
+        summary, stopped = None, str(stop)
     command_wall = time.perf_counter() - started
+    if summary is None:  # stopped: what the checkpoint and metrics.csv say
+        checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        summary = {"wall_time_s": checkpoint["wall_time_s"], "steps": checkpoint["step"],
+                   "device": device_name(torch.device(resolve_accelerator(
+                       config.train.device))), "versions": versions(), "stopped": stopped}
+        print(f"note: {stopped.split(';')[0]} (step {checkpoint['step']})", flush=True)
 
     epochs = read_epochs(run_dir)
     setup_s = command_wall - summary["wall_time_s"]  # data loading and model building
@@ -461,7 +492,8 @@ def main() -> None:
               f"{setup_s:.0f} s included): kNN {reached['knn_top1']:.2f}, online probe "
               f"{reached.get('probe_top1', float('nan')):.2f} at epoch {reached['epoch']:.0f}")
     result = {"scale": args.scale, "overrides": args.overrides, "config": str(CONFIG),
-              "budget_s": budget, "setup_s": setup_s, "command_wall_s": command_wall,
+              "budget_s": budget, "stopped": stopped, "setup_s": setup_s,
+              "command_wall_s": command_wall,
               "device": summary["device"], "versions": summary["versions"],
               "seconds_per_epoch": (summary["wall_time_s"] / len(epochs)) if epochs else None,
               "reached": reached, "epochs": epochs, "summary": summary}

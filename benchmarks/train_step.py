@@ -139,6 +139,7 @@ from mixmask.step import training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, synchronize, write_result  # noqa: E402
+from stopping import Stopped, stoppable  # noqa: E402
 
 LIBRARIES = ("ours", "lightly")
 MASKINGS = ("none", "mixmask")
@@ -609,28 +610,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    notes = []
-    lightly = import_lightly() if "lightly" in args.libraries else None
-    if "lightly" in args.libraries and lightly is None:
-        note = ("lightly is not installed: its rows are skipped (it is no mixmask dependency; "
-                "`pip install lightly` in the benchmark environment to compare).")
-        print(f"note: {note}")
-        notes.append(note)
-    machine = machine_info(device)
-    if device.type == "cpu" and args.malloc == "keep" and not keep_freed_cpu_memory():
-        notes.append("--malloc keep had no effect (not glibc): the system allocator was used")
-    meter = MemoryMeter(device)
-    print(f"device: {machine['gpu'] or device} ({machine['cpu_model']}, "
-          f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads); "
-          f"batch {args.batch}, {args.image_size} px, ResNet-18 width {args.width}, "
-          f"precision {args.precision}, channels_last {args.channels_last}, "
-          f"compile {args.compile}, symmetric {args.symmetric}")
-
-    views = make_views(args, device)
-    rows: list[Row] = []
+def measure(rows: list[Row], notes: list[str], args, views, device, lightly,
+            meter: MemoryMeter) -> None:
+    """Build each row, then time the rows' steps interleaved (and, with --burst, back to
+    back) and measure each step's memory; ``rows`` fills as it goes, so a stop keeps what
+    was measured."""
     for library in args.libraries:
         if library == "lightly" and lightly is None:
             continue
@@ -647,7 +631,8 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as error:  # torch.compile fails in many ways
                 if not args.compile:
                     raise
-                note = f"{row.name}: torch.compile failed, row skipped ({type(error).__name__}: "
+                note = (f"{row.name}: torch.compile failed, row skipped "
+                        f"({type(error).__name__}: ")
                 note += f"{str(error).splitlines()[0] if str(error) else ''})"
                 print(f"note: {note}")
                 notes.append(note)
@@ -681,6 +666,39 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:  # one more, untimed step per row for its memory
         row.step_peak = meter.peak_increase(row.step)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    notes = []
+    lightly = import_lightly() if "lightly" in args.libraries else None
+    if "lightly" in args.libraries and lightly is None:
+        note = ("lightly is not installed: its rows are skipped (it is no mixmask dependency; "
+                "`pip install lightly` in the benchmark environment to compare).")
+        print(f"note: {note}")
+        notes.append(note)
+    machine = machine_info(device)
+    if device.type == "cpu" and args.malloc == "keep" and not keep_freed_cpu_memory():
+        notes.append("--malloc keep had no effect (not glibc): the system allocator was used")
+    meter = MemoryMeter(device)
+    print(f"device: {machine['gpu'] or device} ({machine['cpu_model']}, "
+          f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads); "
+          f"batch {args.batch}, {args.image_size} px, ResNet-18 width {args.width}, "
+          f"precision {args.precision}, channels_last {args.channels_last}, "
+          f"compile {args.compile}, symmetric {args.symmetric}")
+
+    views = make_views(args, device)
+    rows: list[Row] = []
+    stopped = None
+    try:
+        with stoppable():  # a time limit keeps the rows timed so far
+            measure(rows, notes, args, views, device, lightly, meter)
+    except Stopped as stop:
+        stopped = str(stop)
+        rows = [row for row in rows if row.step_seconds]
+        notes.append(f"{stopped}: partial results, the rows timed by then")
+        print(f"note: {notes[-1]}", flush=True)
+
     results = [summarise(row, args.batch) for row in rows]
     add_ratios(results)
     for r in results:
@@ -712,7 +730,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "mask": "grid 8, ratio 0.5, block, one mask per batch, reversed partner"},
         "machine": machine, "versions": versions(lightly),
         "settings": {**vars(args), "command": sys.argv if argv is None else argv},
-        "notes": notes, "results": results,
+        "notes": notes, "stopped": stopped, "results": results,
     }
     write_result(result, Path(args.out))
     return result

@@ -82,7 +82,7 @@ def run(out: Path, data: Path, legacy: bool, only: list[str] | None) -> None:
         if not legacy:
             overrides += ["method.mask.generator=exact_count", *MENDS_OFF[method]]
         pretrain(load_config(ROOT / "configs" / "quickstart.yaml", overrides))
-        checkpoint = torch.load(out / name / "checkpoints" / "last.ckpt", weights_only=False)
+        checkpoint = torch.load(out / name / "checkpoints" / "last.ckpt", weights_only=True)
         torch.save(checkpoint["method"], out / f"{name}.pt")
         print(f"{name}: saved {out / f'{name}.pt'}", flush=True)
 
@@ -92,8 +92,8 @@ def compare(first: Path, second: Path) -> list[dict]:
     for path in sorted(second.glob("*.pt")):
         if not (first / path.name).is_file():
             continue
-        old = torch.load(first / path.name, weights_only=False)
-        new = torch.load(path, weights_only=False)
+        old = torch.load(first / path.name, weights_only=True)
+        new = torch.load(path, weights_only=True)
         shared = sorted(set(old) & set(new))
         differing = {}
         for key in shared:

@@ -1,8 +1,17 @@
 import functools
 import os
+import sys
 from pathlib import Path
 
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (README): one torch thread per worker, or the workers fight over the
+    # cores; set before torch starts, so the subprocesses the tests launch (CLI runs, DDP)
+    # inherit it and compute with the same thread count as the test that checks them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # imported before this file: tell it directly
+        sys.modules["torch"].set_num_threads(1)
+
+import pytest  # noqa: E402
 
 _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_DIR = Path(os.environ.get("MIXMASK_DATA", _DEFAULT_DATA))

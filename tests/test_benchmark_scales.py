@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,21 +110,79 @@ def test_mim_ablation_variants_are_valid_configs(scale):
     assert (pixmim.method.mae.target, pixmim.method.mae.lowpass_mode) == ("lowpass", "clean")
 
 
-def test_the_gpu_suite_lists_its_four_benchmarks_and_their_flags_parse(tmp_path):
+SUITE_STEPS = ["gpu_checks", "augment", "train_step", "epoch_time", "time_to_accuracy"]
+
+
+def _suite(destination: Path, timeout: int, **environment: str):
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    listing = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path)], cwd=root,
-                             env={**os.environ, "DRY_RUN": "1"}, capture_output=True,
-                             text=True, timeout=60)
+    return subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(destination)], cwd=root,
+                          env={**os.environ, **environment}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_gpu_suite_dry_run_lists_its_steps_parses_their_flags_and_writes_nothing(
+        tmp_path):
+    destination = tmp_path / "suite"
+    listing = _suite(destination, 60, DRY_RUN="1", MIXMASK_DATA=str(tmp_path / "nowhere"))
     assert listing.returncode == 0, listing.stderr
+    assert not destination.exists()  # a dry run changes nothing
     steps = [line for line in listing.stdout.splitlines() if line.startswith("== ")]
-    assert [line.split()[1] for line in steps] == ["augment", "train_step", "epoch_time",
-                                                   "time_to_accuracy"]
-    # The training-step flags parse as the suite gives them.
-    command = steps[1].split(": ", 1)[1].split()
-    args = load_benchmark("train_step").parse_args(command[2:])
+    assert [line.split()[1] for line in steps] == SUITE_STEPS
+    commands = {line.split()[1]: line.split(": ", 1)[1].split() for line in steps}
+    args = load_benchmark("train_step").parse_args(commands["train_step"][2:])
     assert args.gpu and args.burst and args.libraries == ["ours"]
+    for name, command in commands.items():  # every step writes under the destination
+        assert str(destination / name) in command, (name, command)
+        assert "timeout" not in command  # the limit is the suite's, printed in the header
+
+
+def test_the_gpu_suite_without_its_data_stops_at_once_with_one_line(tmp_path):
+    done = _suite(tmp_path / "suite", 60, MIXMASK_DATA=str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "no CIFAR-10 tarball" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "suite").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_on_the_cpu_at_toy_sizes_writes_every_json(tmp_path, cifar10_tarball):
+    destination = tmp_path / "suite"
+    done = _suite(destination, 900, CPU_SMOKE="1", MIXMASK_DATA=str(cifar10_tarball.parent),
+                  TOTAL_S="900")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = {name: sorted(path.name for path in (destination / name).glob("*.json"))
+               for name in SUITE_STEPS}
+    assert written == {"gpu_checks": ["results.json"], "augment": ["results.json"],
+                       "train_step": ["results.json"], "epoch_time": ["results.json"],
+                       "time_to_accuracy": ["cpu_seed0.json"]}, done.stdout[-3000:]
+    checks = json.loads((destination / "gpu_checks" / "results.json").read_text())
+    assert checks["passed"] == len(checks["checks"]) == 5, checks
+
+
+def test_a_benchmark_stopped_by_its_time_limit_writes_what_it_measured(tmp_path):
+    # TERM while the training step benchmark times its rows: the JSON still comes.
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "train_step"
+    process = subprocess.Popen(
+        [sys.executable, "benchmarks/train_step.py", "--device", "cpu", "--batch", "8",
+         "--steps", "100000", "--warmup", "1", "--width", "0.125", "--libraries", "ours",
+         "--masking", "none", "--recipes", "--out", str(out)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the rows are being timed
+        line = process.stdout.readline()
+        if "warm-up done" in line:
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    result = json.loads((out / "results.json").read_text())
+    assert result["stopped"] == "stopped by SIGTERM"
+    assert result["results"] and len(result["results"][0]["step_seconds"]) >= 1
 
 
 def test_mim_ablation_markdown_table_reads_each_run_and_its_floor(tmp_path):

@@ -304,7 +304,7 @@ def test_engine_pretrains_on_files_with_the_device_pipeline(tmp_path):
         "eval.knn=false", "eval.linear=false", f"out_dir={tmp_path / 'run'}"])
     summary = pretrain(config)
     assert summary["steps"] == 2
-    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["config"]["data"]["pipeline"] == "device"
 
 
@@ -325,7 +325,7 @@ def test_engine_resumes_mid_epoch_on_files_to_the_uninterrupted_weights(tmp_path
     assert run("straight")["steps"] == 4
     run("resumed", "train.max_steps=1")
     assert run("resumed", "resume=auto")["steps"] == 4
-    weights = [torch.load(tmp_path / folder / "checkpoints/last.ckpt", weights_only=False)["method"]
+    weights = [torch.load(tmp_path / folder / "checkpoints/last.ckpt", weights_only=True)["method"]
                for folder in ("straight", "resumed")]
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, atol=0, rtol=0, msg=name)

@@ -103,8 +103,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, cifar10_tarball, pipeline
     pretrain(first)
     second = tiny_config(tmp_path / "b", root, "train.epochs=2", "resume=auto", *quiet)
     assert pretrain(second)["steps"] == 8
-    weights_a = torch.load(tmp_path / "a/run/checkpoints/last.ckpt", weights_only=False)["method"]
-    weights_b = torch.load(tmp_path / "b/run/checkpoints/last.ckpt", weights_only=False)["method"]
+    weights_a = torch.load(tmp_path / "a/run/checkpoints/last.ckpt", weights_only=True)["method"]
+    weights_b = torch.load(tmp_path / "b/run/checkpoints/last.ckpt", weights_only=True)["method"]
     for name, value in weights_a.items():
         torch.testing.assert_close(weights_b[name], value, msg=name)
 
@@ -295,7 +295,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4  # 128 / global batch 32
     assert result.stdout.count("result (top-1 %") == 1  # only rank 0 reports
-    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     # 4 steps x 16 keys per process x 2 processes: the queue holds keys from both.
     assert int(checkpoint["method"]["queue_pointer"]) == 128
     # Each process's random streams are saved (device generator, BEiT's host generator),
@@ -327,7 +327,7 @@ def test_matrix_recipes_run_through_the_engine_with_their_optimizer(tmp_path, re
     assert summary["steps"] == 8 and summary["method"] == base
     rows = read_metrics(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(float(row["loss"]))) for row in rows if row.get("loss"))
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     expected_optimizer = "lars" if base in ("byol", "barlow_twins", "vicreg") else "sgd"
     assert checkpoint["config"]["train"]["optimizer"] == expected_optimizer
 
@@ -350,7 +350,7 @@ def test_channels_last_trains_the_same_model(tmp_path, pipeline):
         pretrain(load_config(None, [*common, *first_step, f"train.channels_last={layout}",
                                     f"out_dir={tmp_path / layout}"]))
         checkpoint = tmp_path / layout / "checkpoints" / "last.ckpt"
-        weights[layout] = torch.load(checkpoint, weights_only=False)["method"]
+        weights[layout] = torch.load(checkpoint, weights_only=True)["method"]
     for name, value in weights["false"].items():
         torch.testing.assert_close(weights["true"][name], value, atol=1e-4, rtol=1e-4, msg=name)
     resumed = pretrain(load_config(None, [*common, "train.channels_last=true", "train.epochs=2",
@@ -380,7 +380,7 @@ def test_compiled_networks_and_optimizer_implementations_train_the_same_model(tm
     for name, extra in (("default", ()), ("setting", setting)):
         pretrain(load_config(None, [*common, *extra, f"out_dir={tmp_path / name}"]))
         checkpoint = tmp_path / name / "checkpoints" / "last.ckpt"
-        weights[name] = torch.load(checkpoint, weights_only=False)["method"]
+        weights[name] = torch.load(checkpoint, weights_only=True)["method"]
     assert weights["setting"].keys() == weights["default"].keys()
     for name, value in weights["default"].items():
         torch.testing.assert_close(weights["setting"][name], value, atol=1e-4, rtol=1e-4,

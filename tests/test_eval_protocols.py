@@ -263,10 +263,10 @@ def test_from_scratch_starts_from_pretrainings_random_init(tmp_path, cifar10_tar
     zero = ["eval.finetune_lr_backbone=1e-30", "eval.finetune_lr_head=1e-30", *FINETUNE]
     _, scratch = run_finetune(run, zero, labels="10%", from_scratch=True)
     _, pretrained = run_finetune(run, zero, labels="10%")
-    init = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["method"]
+    init = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["method"]
     expected = _backbone_parameters(init, "backbone.")
     for name in ("finetune_10pct_scratch", "finetune_10pct"):
-        state = torch.load(run / "eval" / name / "last.ckpt", weights_only=False)["classifier"]
+        state = torch.load(run / "eval" / name / "last.ckpt", weights_only=True)["classifier"]
         got = _backbone_parameters(state, "backbone.")
         for key, value in expected.items():
             assert torch.allclose(got[key], value, rtol=0, atol=1e-20), (name, key)
@@ -274,7 +274,7 @@ def test_from_scratch_starts_from_pretrainings_random_init(tmp_path, cifar10_tar
     assert pretrained["checkpoint"].endswith("last.ckpt")
     # A trained run's backbone is not that init: the pretrained finetune starts elsewhere.
     trained = pretrained_run(tmp_path / "trained", cifar10_tarball)
-    trained_state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)
+    trained_state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     trained_backbone = _backbone_parameters(trained_state["method"], "backbone.")
     assert any((value - trained_backbone[key]).abs().max() > 1e-6
                for key, value in expected.items())
@@ -306,14 +306,14 @@ def test_a_stopped_finetune_resumes_into_the_uninterrupted_result(tmp_path, tiny
     with monkeypatch.context() as patch:
         with pytest.raises(FinetuneStopped, match="after step 4 of 6"):
             run_finetune(stopped, FINETUNE, labels="10%", stop=_StopAfter(4, patch))
-    saved = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=False)
+    saved = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=True)
     assert saved["step"] == 4 and len(saved["history"]) == 1  # mid-epoch 2
     assert not (stopped / "eval" / "finetune_10pct.json").exists()
     _, resumed = run_finetune(stopped, FINETUNE, labels="10%")
     assert resumed["history"] == expected["history"]
-    final = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=False)
+    final = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=True)
     reference_state = torch.load(reference / "eval" / "finetune_10pct" / "last.ckpt",
-                                 weights_only=False)
+                                 weights_only=True)
     for name, value in reference_state["classifier"].items():
         assert torch.equal(final["classifier"][name], value), name
     # Other settings over the same folder are refused, not mixed into it.

@@ -249,9 +249,9 @@ def test_the_mae_recipe_runs_names_itself_and_resumes_exactly(vit_run, tmp_path,
                          stop=_StopAfter(4, patch))
     _, resumed = run_finetune(stopped, overrides, labels="10%", protocol_file=protocol)
     assert resumed["history"] == expected["history"]
-    final = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=False)
+    final = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=True)
     reference_state = torch.load(reference / "eval" / "finetune_10pct" / "last.ckpt",
-                                 weights_only=False)
+                                 weights_only=True)
     for name, value in reference_state["classifier"].items():
         assert torch.equal(final["classifier"][name], value), name
     written = json.loads((stopped / "eval" / "finetune_10pct.json").read_text())

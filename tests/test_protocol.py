@@ -133,7 +133,7 @@ def test_a_one_view_method_defined_in_a_test_pretrains_through_the_cli(tmp_path,
     assert saved["method"] == {"name": "toy_reconstruction",
                                "toy_reconstruction": {"decoder_dim": 16}}
     assert saved["train"]["betas"] == [0.9, 0.95]
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(key.startswith("decoder.") for key in checkpoint["method"])
     # AdamW over the method's groups: biases and norms undecayed.
     groups = checkpoint["optimizer"]["param_groups"]

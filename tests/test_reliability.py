@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from mixmask.checkpoint import nonfinite_tensors
 from mixmask.cli import main
 from mixmask.config import load_config
-from mixmask.engine import nonfinite_tensors, pretrain
+from mixmask.engine import pretrain
 from mixmask.errors import CheckpointError, ConfigError
 from mixmask.methods import Method, StepOutput
 from mixmask.methods.registry import register_method
@@ -68,7 +69,7 @@ def test_divergence_after_a_checkpoint_names_it_and_writes_nothing_non_finite(
     files = checkpoint_files(run)
     assert [path.name for path in files] == ["epoch=1.ckpt", "last.ckpt"]
     for path in files:
-        assert nonfinite_tensors(torch.load(path, weights_only=False)["method"]) == []
+        assert nonfinite_tensors(torch.load(path, weights_only=True)["method"]) == []
 
 
 def test_divergence_before_any_checkpoint_says_there_is_none(tmp_path, capsys,
@@ -120,7 +121,7 @@ def test_skip_mode_drops_non_finite_steps_and_counts_them(tmp_path, capsys, cifa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["skipped_steps"] == 4  # steps 3, 6, 9, 12
     assert "4 non-finite steps skipped" in capsys.readouterr().out
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert nonfinite_tensors(state["method"]) == [] and state["skipped_steps"] == 4
     # The same method in stop mode ends at its first NaN.
     (tmp_path / "stop").mkdir()
@@ -135,7 +136,7 @@ def test_evaluation_and_resume_refuse_a_non_finite_checkpoint(tmp_path, capsys,
     config = write_config(tmp_path, cifar10_tarball, train={"epochs": 1})
     assert main(["pretrain", str(config)]) == 0
     run = tmp_path / "run"
-    content = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    content = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     content["method"]["backbone.bn1.running_var"][0] = float("nan")
     bad = tmp_path / "bad.ckpt"
     torch.save(content, bad)
@@ -225,13 +226,13 @@ def test_a_signal_mid_epoch_stops_at_a_step_boundary_and_resumes_exactly(
     assert process.returncode == 2, err
     assert f"stopped by {signal.Signals(signum).name} after step" in err
     assert "Traceback" not in err
-    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert 3 <= saved["step"] < 20 and saved["step"] % 10, saved["step"]  # mid-epoch
 
     pretrain(load_config(config, ["resume=auto"]))
     expected = torch.load(reference_dir / "run" / "checkpoints" / "last.ckpt",
-                          weights_only=False)
-    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+                          weights_only=True)
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     for part in ("method", "probe"):
         for name, value in expected[part].items():
             if torch.is_tensor(value):
@@ -343,8 +344,8 @@ def test_two_nodes_under_torchrun_train_as_two_local_processes(tmp_path):
 
     summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
-    multi = torch.load(tmp_path / "nodes/checkpoints/last.ckpt", weights_only=False)["method"]
-    single = torch.load(tmp_path / "local/checkpoints/last.ckpt", weights_only=False)["method"]
+    multi = torch.load(tmp_path / "nodes/checkpoints/last.ckpt", weights_only=True)["method"]
+    single = torch.load(tmp_path / "local/checkpoints/last.ckpt", weights_only=True)["method"]
     for name, value in single.items():
         if torch.is_tensor(value) and value.is_floating_point():
             torch.testing.assert_close(multi[name], value, rtol=1e-3, atol=1e-3, msg=name)
@@ -375,7 +376,7 @@ def test_a_corrupt_image_met_in_training_is_one_sentence_and_the_run_is_saved(tm
     err = capsys.readouterr().err
     assert "Could not read image" in err and "050.png" in err
     assert "Traceback" not in err and "worker" not in err
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert 0 < saved["step"] < 12 and f"saved at step {saved['step']}" in err
 
 

@@ -280,11 +280,15 @@ def _export(args) -> int:
 def _results(args) -> int:
     from mixmask.eval.results import find_runs, format_table, result_rows
 
-    rows = result_rows(find_runs(args.runs))
+    problems: list[str] = []
+    rows = result_rows(find_runs(args.runs), problems)
     if not rows:
-        raise MixmaskError("no evaluation results (RUN/eval/*.json) in the given runs; run "
-                           "`mixmask knn|linear|finetune RUN` first.")
+        unread = f" ({problems[0]})" if problems else ""
+        raise MixmaskError("no readable evaluation results (RUN/eval/*.json) in the given "
+                           f"runs{unread}; run `mixmask knn|linear|finetune RUN` first.")
     sys.stdout.write(format_table(rows, args.format))
+    for problem in problems:
+        print(f"Note: {problem}", file=sys.stderr)
     return 0
 
 

@@ -430,6 +430,15 @@ def _drop_inherited_axis_keys(raw: dict[str, Any], overridden: set[str]) -> list
     return [f"method.{key}" for key in dropped]
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as one clause: what is wrong and where (PyYAML's message spans lines).
+    Python tags (``!!python/object/apply:...``) land here: safe_load builds plain data only."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}".rstrip(".")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
@@ -438,7 +447,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {yaml_problem(error)}.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}.")
     bases = raw.pop("base", None)

@@ -18,8 +18,12 @@ def gather_all(tensor: Tensor) -> Tensor:
     """Concatenate a tensor from every process along dim 0 (no gradient)."""
     if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    # Contiguous (NCHW) input and outputs alike: empty_like keeps a channels_last layout,
+    # and NCCL's all_gather into outputs of another layout scrambles them or refuses.
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format)
+             for _ in range(world_size())]
+    dist.all_gather(parts, tensor)
     return torch.cat(parts)
 
 

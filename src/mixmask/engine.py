@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,14 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from mixmask import __version__
+from mixmask.checkpoint import (
+    load_optimizer_state,
+    load_state,
+    nonfinite_tensors,
+    read_checkpoint,
+    set_random_state,
+)
+from mixmask.collapse import CollapseWatch, embedding_std
 from mixmask.config import Config, save_config
 from mixmask.data import UNLABELED, EpochBatchSampler, ImageSet, build_train_loader
 from mixmask.data.loaders import worker_error_message
@@ -37,6 +46,7 @@ from mixmask.data.splits import EvalData, load_eval_data, load_split
 from mixmask.errors import CheckpointError, ConfigError, DatasetError, MixmaskError
 from mixmask.eval import evaluate
 from mixmask.methods import PixelStats, build_method
+from mixmask.methods.registry import method_class
 from mixmask.optim import build_optimizer
 from mixmask.profiling import StepProfiler
 from mixmask.runtime import keep_freed_cpu_memory
@@ -44,6 +54,8 @@ from mixmask.step import all_finite, set_learning_rate, training_step
 from mixmask.wandb_log import open_wandb_run, require_wandb, wandb_row
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+# What a resume reads from a checkpoint (the evaluation commands need only "method").
+RESUME_KEYS = ("method", "optimizer", "epoch", "step", "generator")
 _STATE_FINITE = "_state_finite"  # the finite-state flag, read with each logged row
 
 
@@ -51,11 +63,8 @@ class TrainingDiverged(MixmaskError):
     """The loss, the weights or the buffers became NaN or infinite."""
 
 
-def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of a state_dict holding NaN or infinity."""
-    return [name for name, value in state.items()
-            if torch.is_tensor(value) and value.is_floating_point()
-            and not bool(all_finite([value]))]
+class RunStopped(MixmaskError):
+    """SIGINT or SIGTERM stopped the run at a step boundary; its last.ckpt is saved."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -117,22 +126,6 @@ def resume_checkpoint(config: Config) -> Path | None:
     return path
 
 
-def load_checkpoint_file(path: Path, *,
-                         other: str = "point resume= at another checkpoint") -> dict[str, Any]:
-    """torch.load with a clear error for a truncated or foreign file; ``other`` says how
-    to choose another checkpoint where the caller takes one (``--checkpoint PATH``)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a mixmask checkpoint ({type(error).__name__})."
-            f" Delete it to start over, or {other}."
-        ) from None
-    if not isinstance(checkpoint, dict) or "method" not in checkpoint:
-        raise CheckpointError(f"{path} is not a mixmask checkpoint (no 'method' state).")
-    return checkpoint
-
-
 def _disk_full(error: BaseException, folder: Path, needed: int) -> bool:
     # torch.save reports a full disk as OSError(ENOSPC) or as one of its writer's
     # RuntimeErrors ("iostream error", "unexpected pos"): judged by the free space left.
@@ -160,41 +153,18 @@ def _rank_state(method: nn.Module, generator: torch.Generator) -> dict[str, Any]
 
 
 def _restore_rank_state(rank_state: dict[str, Any], method: nn.Module,
-                        generator: torch.Generator) -> None:
-    generator.set_state(rank_state["generator"].to("cpu"))
+                        generator: torch.Generator, path: Path) -> None:
+    set_random_state(generator, rank_state["generator"], path)
     modules = dict(method.named_modules())
     for name, module_state in rank_state["modules"].items():
-        modules[name].set_extra_state(module_state)
-
-
-def load_state(module: nn.Module, state: dict[str, Any], path: Path) -> None:
-    """``module.load_state_dict(state)`` (strict), with an error that names the first
-    missing and unexpected keys and shape mismatches instead of torch's long report."""
-    expected = module.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-              for key, value in expected.items()
-              if key in state and torch.is_tensor(value) and torch.is_tensor(state[key])
-              and state[key].shape != value.shape]
-    problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches (checkpoint vs this model)", shapes)):
-        if items:
-            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-            problems.append(f"{what}: {', '.join(items[:3])}{more}")
-    if problems:
-        hint = ("; was it saved with another method, backbone or head size?")
-        if missing and all(key.endswith("_extra_state") for key in missing):
-            hint = ("; it predates BEiT block masks drawn on the host: continue it with "
-                    "method.mask.generator=exact_count")
-        raise CheckpointError(f"checkpoint {path} does not fit this model "
-                              f"({'; '.join(problems)}){hint}.")
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: "
-                              f"{str(error).splitlines()[0]}") from None
+        if not getattr(modules.get(name), "per_process_state", False):
+            raise CheckpointError(f"checkpoint {path} holds a per-process state for "
+                                  f"{name!r}, which this model has no generator for.")
+        try:
+            modules[name].set_extra_state(module_state)
+        except Exception:  # noqa: BLE001 - a foreign value in a checked structure
+            raise CheckpointError(f"checkpoint {path} holds a per-process state for {name!r} "
+                                  "that does not fit it.") from None
 
 
 def versions() -> dict[str, str]:
@@ -202,8 +172,9 @@ def versions() -> dict[str, str]:
     import torchvision
 
     return {"mixmask": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "lightning": lightning.__version__}
+            # str(): torch's version is a TorchVersion, which the safe loader refuses.
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "lightning": str(lightning.__version__)}
 
 
 def device_name(device: torch.device) -> str:
@@ -227,7 +198,7 @@ class MetricsLog:
             # before its next checkpoint) are logged again by the resumed run.
             with self.path.open() as handle:
                 self.rows = [row for row in csv.DictReader(handle)
-                             if int(row["step"]) <= resumed_at_step]
+                             if _logged_step(row) <= resumed_at_step]
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -253,16 +224,52 @@ class MetricsLog:
                 self.writer.add_scalar(key, value, row["step"])
         if self.wandb_run is not None:
             scalars, step = wandb_row(row)
-            self.wandb_run.log(scalars, step=step)
+            self._wandb("log", lambda: self.wandb_run.log(scalars, step=step))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self._wandb("close", self.wandb_run.finish)
+
+    def _wandb(self, what: str, call) -> None:
+        """A logger is optional: its failure is one note, and it is dropped for the rest of
+        the run (metrics.csv and TensorBoard hold every row)."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - a third-party logger never fails a run
+            self.wandb_run = None
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"Note: Weights & Biases failed to {what} ({first_line}); it is off for the "
+                  "rest of the run, metrics.csv has every row.", file=sys.stderr)
+
+
+def _logged_step(row: dict[str, str]) -> float:
+    """A metrics.csv row's step; a row without a readable one (a file edited elsewhere)
+    sorts after every checkpoint, so a resume drops it."""
+    try:
+        return float(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return math.inf
 
 
 # --------------------------------------------------------------------------- training
+
+
+def build_fabric(config: Config, accelerator: str, processes: int) -> Fabric:
+    """The run's Fabric: devices, precision, DDP (one place, so a test can hand the engine
+    another precision plugin, e.g. fp16 with a GradScaler on the CPU)."""
+    return Fabric(accelerator=accelerator, devices=config.train.devices,
+                  num_nodes=config.train.num_nodes,
+                  precision=PRECISIONS[config.train.precision],
+                  strategy="ddp" if processes > 1 else "auto")
+
+
+def grad_scaler(fabric: Fabric):
+    """The GradScaler of fp16 mixed precision, or None: under it a step's gradients are
+    scaled, and their overflow is the scaler's to handle (it skips that update and lowers
+    the scale)."""
+    return getattr(getattr(fabric, "_precision", None), "scaler", None)
 
 
 def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
@@ -273,10 +280,7 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     if config.train.sync_batchnorm and accelerator != "cuda" and processes > 1:
         raise ConfigError("train.sync_batchnorm=true needs CUDA GPUs (torch's SyncBatchNorm "
                           "runs on GPUs only); drop it for CPU processes.")
-    fabric = Fabric(accelerator=accelerator, devices=config.train.devices,
-                    num_nodes=config.train.num_nodes,
-                    precision=PRECISIONS[config.train.precision],
-                    strategy="ddp" if processes > 1 else "auto")
+    fabric = build_fabric(config, accelerator, processes)
     fabric.launch()
     if accelerator == "cpu" and config.train.keep_cpu_memory:
         keep_freed_cpu_memory()
@@ -298,6 +302,8 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     if len(train_set) < config.train.batch_size:
         raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
                           f"(train.batch_size={config.train.batch_size}).")
+    for warning in method_class(config.method.name).data_warnings(config, len(train_set)):
+        say(warning)
     if fabric.is_global_zero:
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -339,10 +345,17 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     if config.train.compile:
         compile_networks(method, config)
     train = config.train
+    # Fabric clips fp16 gradients after unscaling them itself, which a fused optimizer
+    # (it unscales inside its own step) does not allow: that combination runs unfused.
+    fused = train.fused_optimizer and not (grad_scaler(fabric) is not None
+                                           and train.grad_clip > 0)
+    if train.fused_optimizer and not fused:
+        say("Note: fp16 with gradient clipping runs the unfused optimizer (the gradients are "
+            "unscaled before clipping, which a fused optimizer cannot take).")
     optimizer = build_optimizer(
         train.optimizer, method.parameter_groups(train.optimizer), lr=train.lr,
         momentum=train.momentum, weight_decay=train.weight_decay, betas=train.betas,
-        eta=train.lars_eta, clip_lr=train.lars_clip_lr, fused=train.fused_optimizer)
+        eta=train.lars_eta, clip_lr=train.lars_clip_lr, fused=fused)
     method, optimizer = fabric.setup(method, optimizer)
     probe, probe_optimizer = None, None
     if config.monitor.online_probe and eval_data is not None:
@@ -359,35 +372,13 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
         state.update(probe=probe, probe_optimizer=probe_optimizer)
     elapsed_before = 0.0
     if resume_path is not None:
-        checkpoint = load_checkpoint_file(resume_path)
-        _check_compatible(checkpoint, config, resume_path)
-        bad = nonfinite_tensors(checkpoint["method"])
-        if bad:
-            raise CheckpointError(
-                f"checkpoint {resume_path} holds non-finite values ({len(bad)} tensors, e.g. "
-                f"{bad[0]}); it comes from a diverged run: resume from an earlier checkpoint "
-                "(resume=PATH) or start a new out_dir.")
-        for key in ("method", "probe"):
-            if key in state and key in checkpoint:
-                load_state(state[key].module, checkpoint[key], resume_path)
-        try:
-            for key in ("optimizer", "probe_optimizer"):
-                if key in state and key in checkpoint:
-                    state[key].load_state_dict(checkpoint[key])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"the optimizer state of checkpoint {resume_path} does not "
-                                  f"fit this run: {str(error).splitlines()[0]}") from None
-        state["epoch"], state["step"] = checkpoint["epoch"], checkpoint["step"]
-        state["skipped_steps"] = checkpoint.get("skipped_steps", 0)
-        generator.set_state(checkpoint["generator"].to("cpu"))
-        rank_states = checkpoint.get("rank_states")
-        if rank_states is not None and len(rank_states) == fabric.world_size:
-            _restore_rank_state(rank_states[fabric.global_rank], method.module, generator)
-        elif rank_states is not None:
-            say(f"Note: the checkpoint was saved by {len(rank_states)} processes and this run "
-                f"has {fabric.world_size}: every process continues from process 0's random "
-                "streams, so the masks and views differ from an uninterrupted run.")
-        elapsed_before = checkpoint.get("wall_time_s", 0.0)
+        modules = {"method": method.module, "probe": probe.module if probe is not None else None}
+        optimizers = {"optimizer": optimizer, "probe_optimizer": probe_optimizer}
+        restored = restore_training_state(resume_path, config, modules, optimizers, generator,
+                                          world_size=fabric.world_size,
+                                          rank=fabric.global_rank, say=say)
+        elapsed_before = restored.pop("wall_time_s")
+        state.update(restored)
         say(f"Resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}.")
 
     wandb_run = (open_wandb_run(out_dir, config)
@@ -459,11 +450,46 @@ def compile_networks(method: nn.Module, config: Config) -> None:
             network.compile(**options)
 
 
+def restore_training_state(path: Path, config: Config, modules: dict[str, nn.Module | None],
+                           optimizers: dict[str, Any], generator: torch.Generator, *,
+                           world_size: int, rank: int, say=print) -> dict[str, Any]:
+    """Load a pretraining checkpoint into the run's networks (``modules``: "method",
+    "probe"), optimizers ("optimizer", "probe_optimizer") and device generator, every part
+    checked first (:mod:`mixmask.checkpoint`); returns the counters to continue from
+    (epoch, step, skipped_steps, wall_time_s)."""
+    checkpoint = read_checkpoint(path, required=RESUME_KEYS)
+    _check_compatible(checkpoint, config, path)
+    bad = nonfinite_tensors(checkpoint["method"])
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite values ({len(bad)} tensors, e.g. "
+            f"{bad[0]}); it comes from a diverged run: resume from an earlier checkpoint "
+            "(resume=PATH) or start a new out_dir.")
+    for key, module in modules.items():
+        if module is not None and key in checkpoint:
+            load_state(module, checkpoint[key], path)
+    for key, optimizer in optimizers.items():
+        if optimizer is not None and key in checkpoint:
+            load_optimizer_state(optimizer, checkpoint[key], path, key.replace("_", " "))
+    set_random_state(generator, checkpoint["generator"], path)
+    rank_states = checkpoint.get("rank_states")
+    if rank_states is not None and len(rank_states) == world_size:
+        _restore_rank_state(rank_states[rank], modules["method"], generator, path)
+    elif rank_states is not None:
+        say(f"Note: the checkpoint was saved by {len(rank_states)} processes and this run "
+            f"has {world_size}: every process continues from process 0's random "
+            "streams, so the masks and views differ from an uninterrupted run.")
+    return {"epoch": checkpoint["epoch"], "step": checkpoint["step"],
+            "skipped_steps": checkpoint.get("skipped_steps", 0),
+            "wall_time_s": checkpoint.get("wall_time_s", 0.0)}
+
+
 def _check_compatible(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
     saved = checkpoint.get("config", {})
     for section, key in (("method", "name"), ("model", "backbone"), ("model", "width"),
                          ("model", "stem")):
-        old = saved.get(section, {}).get(key)
+        saved_section = saved.get(section)
+        old = saved_section.get(key) if isinstance(saved_section, dict) else None
         new = getattr(getattr(config, section), key)
         if old is not None and old != new:
             raise CheckpointError(f"checkpoint {path} was trained with {section}.{key}={old}, "
@@ -494,6 +520,7 @@ class _Run:
                 fabric.clip_gradients, method, optimizer, max_norm=config.train.grad_clip,
                 error_if_nonfinite=False)
         self.probe, self.probe_optimizer, self.generator = probe, probe_optimizer, generator
+        self.scaled_gradients = grad_scaler(fabric) is not None
         self.loader, self.sampler, self.steps_per_epoch = loader, sampler, steps_per_epoch
         self.eval_data, self.metrics, self.state = eval_data, metrics, state
         self.checkpoint_dir, self.say, self.pixel_stats = checkpoint_dir, say, pixel_stats
@@ -518,6 +545,10 @@ class _Run:
         self.unlabelled_in_train = train_set is not None and (
             train_set.labels is None or bool((train_set.labels < 0).any()))
         self._pending_log = None  # (step, lr, names, values, ready event): see _log_step
+        # The test features' spread is one measure over the whole test set: one low value
+        # is collapse (the training batches' spread needs COLLAPSE_PATIENCE logs).
+        self.collapse = CollapseWatch(dims={"test_feature_std": method.module.feature_dim},
+                                      patience={"test_feature_std": 1})
         train = config.train
         self.profiler = (StepProfiler(Path(config.out_dir) / "profile", fabric.device,
                                       train.profile_start_step, train.profile_steps)
@@ -552,7 +583,7 @@ class _Run:
                     if not epoch_done:  # the epoch's end saved it otherwise
                         self.save_checkpoint("last.ckpt")
                     path = self.checkpoint_dir / "last.ckpt"
-                    raise MixmaskError(
+                    raise RunStopped(
                         f"stopped by {self._stop_signal()} after step {self.state['step']}; "
                         f"saved {path}. Continue with resume=auto (same out_dir): it resumes "
                         "exactly where this run stopped.")
@@ -604,7 +635,8 @@ class _Run:
                                    step / self.total_steps, backward=fabric.backward,
                                    channels_last=config.train.channels_last,
                                    skip_nonfinite=config.train.on_nonfinite == "skip",
-                                   clip_gradients=self.clip_gradients)
+                                   clip_gradients=self.clip_gradients,
+                                   scaled_gradients=self.scaled_gradients)
             logs = dict(output.logs)
             if output.skipped:
                 self.state["skipped_steps"] += 1
@@ -627,6 +659,7 @@ class _Run:
             progress.advance(task)
             if ((step + 1) % config.train.log_every == 0 or step + 1 == self.total_steps
                     or (step + 1) % self.steps_per_epoch == 0):
+                self._add_collapse_monitor(output, logs)
                 self._log_step(step + 1, lr, logs, progress, task)
             every = config.train.checkpoint_every_steps
             if (every and (step + 1) % every == 0 and (step + 1) % self.steps_per_epoch
@@ -663,6 +696,15 @@ class _Run:
                  f"{'n/a' if busy is None else f'{100 * busy:.1f}%'} of the window "
                  f"({summary['busy_of']}); trace in {self.profiler.out_dir}.")
 
+    def _add_collapse_monitor(self, output, logs: dict[str, torch.Tensor]) -> None:
+        """The spread of the step's backbone features and projector outputs
+        (:mod:`mixmask.collapse`), as device tensors read with the other scalars."""
+        for name, embeddings in (("feature_std", output.features),
+                                 ("embedding_std", output.embedding)):
+            if embeddings is not None and len(embeddings) > 1:
+                logs[name] = embedding_std(embeddings)
+                self.collapse.dims.setdefault(name, embeddings.flatten(1).shape[1])
+
     def _log_step(self, step: int, lr: float, logs: dict[str, torch.Tensor], progress,
                   task) -> None:
         """Queue a step's scalars: on CUDA they are copied to the host asynchronously and
@@ -689,16 +731,25 @@ class _Run:
             ready.synchronize()
         row = dict(zip(names, values.tolist(), strict=True))
         state_finite = row.pop(_STATE_FINITE) == 1.0
-        # The loss first: a non-finite loss is usually why the weights went too.
+        # The loss first: a non-finite loss is usually why the weights went too. Only the
+        # loss terms: an fp16 overflow step logs an infinite grad_norm that the GradScaler
+        # handles (it skips that update), and non-finite weights are the state flag's.
+        losses = [value for name, value in row.items() if name.startswith("loss")]
         if (self.config.train.on_nonfinite == "stop"
-                and not all(math.isfinite(value) for value in row.values())):
+                and not all(math.isfinite(value) for value in losses)):
             raise self._diverged(step, f"the loss became {row.get('loss')}")
         if not state_finite:
             raise self._diverged(step, "the weights or buffers hold NaN or infinity")
         epoch = round(step / self.steps_per_epoch, 3)  # fractional: where in the schedule
         self.metrics.log({"step": step, "epoch": epoch, "lr": lr, **row})
+        self._watch_collapse({"step": step, **row})
         if progress is not None:
             progress.update(task, status=f"loss {row['loss']:.3f}")
+
+    def _watch_collapse(self, row: dict[str, Any]) -> None:
+        warning = self.collapse.add(row["step"], row)
+        if warning and self.fabric.is_global_zero:
+            self.say(warning)
 
     def _state_finite(self) -> torch.Tensor:
         """0-dim bool on the device: every saved tensor finite, on every process."""
@@ -725,9 +776,12 @@ class _Run:
         last = epoch == config.train.epochs or self.state["step"] >= self.total_steps
         if self.eval_data is not None and (config.monitor.knn or self.probe_trained) and (
                 epoch % config.monitor.knn_every == 0 or last) and self.fabric.is_global_zero:
+            # Decoded by loader workers (as at the end of the run): in the main process, a
+            # GPU run's monitor would take about as long as its training epoch.
             row.update(evaluate(self.method.module, self.eval_data, config, self.fabric.device,
                                 knn=config.monitor.knn, linear=False,
                                 probe=self.probe.module if self.probe_trained else None,
+                                num_workers=min(config.data.num_workers, 2),
                                 show_progress=config.train.progress_bar, progress=progress))
         if self.train_seconds > 0:
             row["images_per_s"] = self.train_images / self.train_seconds
@@ -735,8 +789,9 @@ class _Run:
         row["wall_time_s"] = self.elapsed_before + time.perf_counter() - self.started
         self.last_epoch_metrics = {k: v for k, v in row.items() if k not in ("step", "epoch")}
         self.metrics.log(row)
-        shown = ", ".join(f"{key} {value:.1f}" for key, value in row.items()
-                          if key not in ("step", "epoch"))
+        self._watch_collapse(row)
+        shown = ", ".join(f"{key} {value:.1f}" if abs(value) >= 1 else f"{key} {value:.3g}"
+                          for key, value in row.items() if key not in ("step", "epoch"))
         if self.fabric.is_global_zero:
             progress.console.print(f"epoch {epoch}: {shown}")
         every = config.train.checkpoint_every
@@ -836,6 +891,12 @@ class _Run:
         summary["images_per_s"] = (self.train_images / self.train_seconds
                                    if self.train_seconds else None)
         summary["skipped_steps"] = self.state["skipped_steps"]
+        if "test_feature_std" in summary:  # the end-of-run evaluation's test features
+            self._watch_collapse({"step": self.state["step"],
+                                  "test_feature_std": summary["test_feature_std"]})
+        summary.update({name: self.collapse.last[name] for name in self.collapse.last})
+        summary["collapsed"] = self.collapse.collapsed
+        summary["collapse_dims"] = dict(self.collapse.dims)  # d of 1/sqrt(d), the spread
         summary["bad_images"] = len(bad_files)
         summary["bad_image_files"] = bad_files[:100]
         if bad_files:
@@ -861,12 +922,14 @@ class _Run:
         try:
             written, skipped = write_plots(Path(self.config.out_dir),
                                            representation=self.config.train.plots == "all")
-        except (MixmaskError, OSError, ValueError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - optional work never fails a saved run
             # The run itself is finished and saved; a picture is not worth failing it.
-            self.say(f"Note: no plots written: {error}")
+            # (A crash in a plotting library happens in a child process: an error here.)
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.say(f"Note: some plots were not written: {first_line}")
             return
         if written:
             self.say(f"Plots: {', '.join(path.name for path in written)} in "
                      f"{written[0].parent}.")
         if skipped:
-            self.say(f"Note: no embedding or retrieval plot: {skipped}")
+            self.say(f"Note: {skipped}")

@@ -31,6 +31,16 @@ class CheckpointError(MixmaskError):
     """A checkpoint that is missing, corrupt or from an incompatible run."""
 
 
+class IsolatedWorkFailed(MixmaskError):
+    """Optional work run in a child process (:mod:`mixmask.isolated`) raised an unexpected
+    error or crashed; the message says which and why."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint that carries Python objects beyond plain data (which could run code):
+    refused by every command, never turned into a note."""
+
+
 @contextlib.contextmanager
 def writing(path: str | Path) -> Iterator[Path]:
     """``with writing(path) as path: ...`` writes an output file: its folder is made, and an

@@ -550,9 +550,15 @@ def _grid_keep_mask(
             )
         host_generator = generator
     keep_mask = beit_block_mask(num_masks, grid_size, mask_ratio, generator=host_generator)
+    return host_to_device(keep_mask, device)
+
+
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor drawn for this step on ``device`` without stalling the stream: from
+    pinned memory with ``non_blocking`` (a pageable copy to CUDA synchronises)."""
     if device.type == "cuda":
-        keep_mask = keep_mask.pin_memory()  # so the copy below does not synchronise
-    return keep_mask.to(device, non_blocking=True)
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def sample_mixmask(

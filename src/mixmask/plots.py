@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from mixmask.errors import MixmaskError, writing
+from mixmask.errors import (
+    IsolatedWorkFailed,
+    MixmaskError,
+    UntrustedCheckpointError,
+    writing,
+)
+from mixmask.isolated import run_isolated
 
 DPI = 100  # pixels per inch of every saved figure (sizes below are in inches)
 PANEL_COLUMNS = 3
@@ -70,9 +76,14 @@ def _step_curves(steps: list[dict[str, float]]) -> list[str]:
     return sorted(names, key=order)
 
 
-def training_figure(steps: list[dict[str, float]]):
-    """One panel per step scalar against the step; ``PANEL_COLUMNS`` panels a row."""
+def training_figure(steps: list[dict[str, float]], collapse_dims: dict[str, int] | None = None):
+    """One panel per step scalar against the step; ``PANEL_COLUMNS`` panels a row. The
+    collapse monitor's panels (``collapse_dims``: name -> d) show 1/sqrt(d), the spread of
+    embeddings spread over the sphere, and the threshold below which the run is called
+    collapsed."""
     import matplotlib.pyplot as plt
+
+    from mixmask.collapse import COLLAPSE_RATIO, healthy_std
 
     names = _step_curves(steps)
     rows = max(1, math.ceil(len(names) / PANEL_COLUMNS))
@@ -87,6 +98,13 @@ def training_figure(steps: list[dict[str, float]]):
         # Markers while the points are few enough to count (one logged step draws no line).
         axis.plot([x for x, _ in points], [y for _, y in points], linewidth=1.2,
                   marker="o" if len(points) <= 30 else None, markersize=3)
+        if collapse_dims and name in collapse_dims:
+            spread = healthy_std(collapse_dims[name])
+            axis.axhline(spread, color="tab:green", linestyle="--", linewidth=1,
+                         label=f"1/sqrt({collapse_dims[name]}): spread")
+            axis.axhline(COLLAPSE_RATIO * spread, color="tab:red", linestyle=":", linewidth=1,
+                         label="collapsed below")
+            axis.legend(fontsize="small")
         axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -194,6 +212,19 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _collapse_dims(run: Path) -> dict[str, int]:
+    """summary.json's ``collapse_dims`` (name -> d), or {} (a run not finished or older)."""
+    import json
+
+    try:
+        dims = json.loads((run / "summary.json").read_text()).get("collapse_dims", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(dims, dict):
+        return {}
+    return {name: dim for name, dim in dims.items() if isinstance(dim, int) and dim > 0}
+
+
 def write_curve_plots(run: Path) -> list[Path]:
     """training.png and (with monitors) monitor.png from ``RUN/metrics.csv``."""
     import matplotlib
@@ -208,17 +239,36 @@ def write_curve_plots(run: Path) -> list[Path]:
     folder.mkdir(exist_ok=True)
     written = []
     if steps:
-        written.append(_save(training_figure(steps), folder / "training.png"))
+        written.append(_save(training_figure(steps, _collapse_dims(run)),
+                             folder / "training.png"))
     monitors = monitor_figure(epochs)
     if monitors is not None:
         written.append(_save(monitors, folder / "monitor.png"))
     return written
 
 
+def note_figure(title: str, note: str):
+    """A figure that says why a picture is not there (it takes the picture's place)."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(EMBEDDING_SIZE[0], 2.5), dpi=DPI)
+    axis.set_axis_off()
+    axis.text(0.5, 0.6, title, ha="center", va="center", fontsize="large", weight="bold")
+    axis.text(0.5, 0.3, textwrap.fill(note, 70), ha="center", va="center")
+    return figure
+
+
 def write_representation_plots(run: Path, overrides: list[str] = (), *,
-                               checkpoint: str | None = None, console=None) -> list[Path]:
-    """embedding.png and retrieval.png of a run's checkpoint on its labelled data."""
+                               checkpoint: str | None = None, console=None
+                               ) -> tuple[list[Path], list[str]]:
+    """embedding.png and retrieval.png of a run's checkpoint on its labelled data, and the
+    notes on what could not be drawn (collapsed features: the t-SNE needs spread, so a
+    note takes its place)."""
     import matplotlib
+
+    from mixmask.collapse import spread_problem
 
     matplotlib.use("Agg")
     from torch.utils.data import Subset
@@ -245,25 +295,33 @@ def write_representation_plots(run: Path, overrides: list[str] = (), *,
             features[name] = extract_features(method, dataset, device=device,
                                               encode=method.features, progress=advance,
                                               num_workers=0)
-    (test_features, test_labels), (bank_features, bank_labels) = features["test"], \
-        features["train"]
+    # On the host from here: extract_features leaves them on the model's device, and the
+    # t-SNE, the neighbour search and the pixel lookups below all index host tensors.
+    (test_features, test_labels), (bank_features, bank_labels) = (
+        tuple(tensor.cpu() for tensor in features[name]) for name in ("test", "train"))
     folder = run / "plots"
     folder.mkdir(exist_ok=True)
     classes = list(eval_data.train.image_set.classes or [])
     step = content.get("step")
-    written = [_save(embedding_figure(
-        test_features, test_labels.cpu(), classes, seed=config.train.seed,
-        title=f"t-SNE of {len(test_labels)} test images ({config.method.name}, step {step})"),
-        folder / "embedding.png")]
+    title = f"t-SNE of {len(test_labels)} test images ({config.method.name}, step {step})"
+    notes = []
+    problem = spread_problem(test_features)
+    if problem is None:
+        embedding = embedding_figure(test_features, test_labels, classes,
+                                     seed=config.train.seed, title=title)
+    else:  # never handed to t-SNE: scikit-learn's crashes the process on identical rows
+        notes.append(f"no t-SNE: {problem}")
+        embedding = note_figure(title, f"Not drawn: {problem}.")
+    written = [_save(embedding, folder / "embedding.png")]
     queries = _spread(len(test_labels), RETRIEVAL_QUERIES)
     neighbours = nearest_neighbours(test_features[queries], bank_features,
                                     min(RETRIEVAL_NEIGHBOURS, len(bank_labels)))
     written.append(_save(retrieval_figure(
         _pixels(eval_data.test.image_set, queries),
-        test_labels.cpu()[queries],
+        test_labels[queries],
         torch.stack([_pixels(eval_data.train.image_set, row.tolist()) for row in neighbours]),
-        bank_labels.cpu()[neighbours]), folder / "retrieval.png"))
-    return written
+        bank_labels[neighbours]), folder / "retrieval.png"))
+    return written, notes
 
 
 def _spread(count: int, wanted: int) -> list[int]:
@@ -283,18 +341,23 @@ def _pixels(image_set, indices: list[int]) -> torch.Tensor:
 
 
 def write_plots(run: Path, overrides: list[str] = (), *, checkpoint: str | None = None,
-                representation: bool = True, console=None) -> tuple[list[Path], str | None]:
+                representation: bool = True) -> tuple[list[Path], str | None]:
     """Every plot of a run; returns the files and, when the embedding and retrieval plots
     could not be drawn (no labels, no test split, no checkpoint), the reason."""
     written = write_curve_plots(run)
     if not representation:
         return written, None
     try:
-        written += write_representation_plots(run, overrides, checkpoint=checkpoint,
-                                              console=console)
+        # In a child process: features, t-SNE and figures call into torch, scikit-learn
+        # and matplotlib, and a crash there must not take this process with it.
+        pictures, notes = run_isolated(write_representation_plots, run,
+                                       list(overrides), checkpoint=checkpoint,
+                                       what="drawing the embedding and retrieval plots")
+    except (UntrustedCheckpointError, IsolatedWorkFailed):
+        raise  # a file that could run code, or a crash: an error, not a plot left out
     except MixmaskError as error:
         return written, str(error)
-    return written, None
+    return written + pictures, "; ".join(notes) or None
 
 
 __all__ = ["embedding_figure", "monitor_figure", "nearest_neighbours", "read_metrics",

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from mixmask.errors import MixmaskError, writing
+from mixmask.isolated import run_isolated
 
 __all__ = ["write_report", "flatten", "changed_keys"]
 
@@ -105,10 +106,10 @@ def _load_run(path: Path) -> _Run:
     _compare_with_recipe(run)
     from mixmask.eval.results import result_rows
 
-    try:
-        run.evaluations = result_rows([path])
-    except MixmaskError as error:
-        run.evaluation_note = str(error)
+    problems: list[str] = []
+    run.evaluations = result_rows([path], problems)
+    if problems:
+        run.evaluation_note = " ".join(problems)
     for row, result_file in zip(run.evaluations, _result_files(path), strict=False):
         row["file"] = result_file.name
     return run
@@ -342,7 +343,24 @@ def _summary_part(run: _Run) -> str:
             rows.append(f'<tr><th scope="row">{_text(key)}</th>'
                         f"{_value_cell(run, key, value, 'summary')}</tr>")
     return ('<h3>Summary <span class="note">(summary.json)</span></h3>'
+            f'{_collapse_note(run.summary)}'
             f'<table class="summary"><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _collapse_note(summary: dict[str, Any]) -> str:
+    """A warning above the summary of a run whose collapse monitor said so."""
+    if summary.get("collapsed") is not True:
+        return ""
+    dims = summary.get("collapse_dims") if isinstance(summary.get("collapse_dims"), dict) else {}
+    spreads = ", ".join(
+        f"{name} {_number(summary[name])} (about {_number(1 / dims[name] ** 0.5)} when spread)"
+        for name in ("feature_std", "embedding_std")
+        if isinstance(summary.get(name), (int, float)) and isinstance(dims.get(name), int)
+        and dims[name] > 0)
+    return ('<p class="warning"><b>Collapsed:</b> at the end of training every image mapped '
+            f"to nearly the same point{': ' + _text(spreads) if spreads else ''}. Usual "
+            "causes: too high a learning rate, a missing predictor or stop-gradient, too "
+            "small a batch for the method.</p>")
 
 
 def _eval_cell(run: _Run, row: dict[str, Any], metric: str) -> str:
@@ -358,8 +376,10 @@ def _eval_cell(run: _Run, row: dict[str, Any], metric: str) -> str:
 
 
 def _evaluation_part(run: _Run) -> str:
-    if run.evaluation_note:
-        return f'<h3>Evaluations</h3><p class="note">{_text(run.evaluation_note)}</p>'
+    note = (f'<p class="note">{_text(run.evaluation_note)}</p>' if run.evaluation_note
+            else "")
+    if not run.evaluations and note:
+        return f"<h3>Evaluations</h3>{note}"
     if not run.evaluations:
         return ('<h3>Evaluations</h3><p class="note">No evaluation in eval/*.json (run '
                 "<code>mixmask knn RUN</code>, <code>mixmask linear RUN</code> or "
@@ -378,7 +398,8 @@ def _evaluation_part(run: _Run) -> str:
         cells.append(f"<td><code>{_text(row.get('file', ''))}</code></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return ('<h3>Evaluations <span class="note">(eval/*.json; test-set accuracy)</span></h3>'
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f"{note}<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody>"
+            "</table>")
 
 
 def _config_part(run: _Run) -> str:
@@ -438,7 +459,9 @@ def _plots_part(run: _Run) -> str:
 
 def _gallery_part(run: _Run) -> str:
     try:
-        data, rows = _mask_gallery(run.path)
+        # In a child process: a crash inside matplotlib or the data costs this picture
+        # (said on the page), never the report.
+        data, rows = run_isolated(_mask_gallery, run.path, what="drawing the mask gallery")
     except MixmaskError as error:
         reason = str(error)
     except Exception as error:  # noqa: BLE001 - the page says why instead of failing
@@ -497,6 +520,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .protocol { color: #2c6e91; font-size: .8rem; }
 th.protocol { font-size: .92rem; }
 .note { color: #5b6770; font-size: .9rem; }
+.warning { background: #fdecea; border-left: 4px solid #c0392b; padding: .5rem .75rem; }
 pre.config { background: #f8fafb; border: 1px solid #dde3e8; padding: .6rem;
              font-size: .85rem; overflow-x: auto; }
 pre.config .line { display: block; }

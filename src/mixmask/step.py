@@ -39,7 +39,8 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
                   backward: Callable[[Tensor], None] | None = None,
                   autocast: contextlib.AbstractContextManager | None = None,
                   channels_last: bool = False, skip_nonfinite: bool = False,
-                  clip_gradients: Callable[[], Tensor] | None = None) -> StepOutput:
+                  clip_gradients: Callable[[], Tensor] | None = None,
+                  scaled_gradients: bool = False) -> StepOutput:
     """One optimisation step of ``method`` on ``batch``; returns the method's output.
 
     backward: how to backpropagate the loss (the engine passes ``fabric.backward``;
@@ -52,6 +53,10 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
     clip_gradients: called after the backward, before the update (the engine passes
         Fabric's ``clip_gradients`` at ``train.grad_clip``); the norm it returns is logged
         as ``grad_norm``.
+    scaled_gradients: the gradients are scaled by fp16's GradScaler, which skips the
+        update of a step whose gradients overflow and lowers its scale, inside
+        ``optimizer.step()``; skip_nonfinite then checks the loss only, so that routine
+        overflow still reaches the scaler (else the scale would never come down).
     """
     if channels_last:
         batch = batch.channels_last()
@@ -66,10 +71,11 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
     else:
         backward(output.loss)
     if skip_nonfinite:
-        gradients = [param.grad for group in optimizer.param_groups
-                     for param in group["params"] if param.grad is not None]
-        finite = torch.isfinite(output.loss.detach()).all() & all_finite(gradients).to(
-            output.loss.device)
+        finite = torch.isfinite(output.loss.detach()).all()
+        if not scaled_gradients:
+            gradients = [param.grad for group in optimizer.param_groups
+                         for param in group["params"] if param.grad is not None]
+            finite = finite & all_finite(gradients).to(output.loss.device)
         if not bool(finite):
             optimizer.zero_grad(set_to_none=True)
             if buffers:

@@ -654,12 +654,15 @@ def _extract_archive(archive: str, destination: str, progress: bool = False) -> 
                                os.fstat(raw.fileno()).st_size, enabled=progress,
                                unit="MB") as advance:
             done = 0
+            if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4
+                raise DatasetError(
+                    f"Cannot unpack {archive!r} safely: this Python's tarfile has no 'data' "
+                    "filter (added in 3.10.12 and 3.11.4). Upgrade Python, or unpack the "
+                    "archive yourself and point data.root at the folder.")
             for member in tar:
-                if hasattr(tarfile, "data_filter"):
-                    # Refuses absolute paths, links out of the tree and device files.
-                    tar.extract(member, destination, filter="data")
-                else:  # Python < 3.10.12 / 3.11.4
-                    tar.extract(member, destination)
+                # The 'data' filter refuses absolute paths, '..', links that leave the
+                # tree and device files: an archive cannot write outside its folder.
+                tar.extract(member, destination, filter="data")
                 advance(raw.tell() - done)
                 done = raw.tell()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -974,8 +977,9 @@ def _write_decoded_cache(
 def _read_decoded_cache(entry: str, num_kept: int, paths: list[str], labels: list[int]
                         ) -> tuple[torch.Tensor, list[int]]:
     """What `_decode_all` gives for the first `num_kept` files, from the cache."""
-    images = np.load(os.path.join(entry, "images.npy"), mmap_mode="r")
-    cached_labels = np.load(os.path.join(entry, "labels.npy"))
+    # allow_pickle=False (numpy's default, said here): the cache holds plain arrays only.
+    images = np.load(os.path.join(entry, "images.npy"), mmap_mode="r", allow_pickle=False)
+    cached_labels = np.load(os.path.join(entry, "labels.npy"), allow_pickle=False)
     with open(os.path.join(entry, "meta.json")) as f:
         unreadable = json.load(f).get("unreadable", [])
     skipped = set(unreadable)

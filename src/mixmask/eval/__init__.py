@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mixmask.collapse import embedding_std
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
 from mixmask.eval.linear import linear_top1
@@ -45,6 +46,9 @@ def evaluate(method: nn.Module, eval_data, config, device: torch.device, *, knn:
     if knn or linear:
         train_features, train_labels = features("train", eval_data.train)
     test_features, test_labels = features("test", eval_data.test)
+    # The spread of the test features as evaluation sees them (eval-mode BN): what the
+    # collapse monitor checks beside the training batches' (mixmask.collapse).
+    results["test_feature_std"] = float(embedding_std(test_features))
     if knn:
         results["knn_top1"] = knn_top1(
             train_features, train_labels, test_features, test_labels,

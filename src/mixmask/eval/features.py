@@ -28,7 +28,10 @@ def extract_features(model: nn.Module, dataset: Dataset, *, device: torch.device
     try:
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
-            features.append(encode(images).float())
+            # clone(): .float() of float32 features is the same tensor, and a network
+            # compiled with mode=reduce-overhead (CUDA graphs) overwrites its outputs on
+            # the next call, before torch.cat below reads them.
+            features.append(encode(images).float().clone())
             labels.append(targets.to(device, non_blocking=True))
             if progress is not None:
                 progress(len(targets))

@@ -33,6 +33,7 @@ from lightning.fabric import Fabric
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from mixmask.checkpoint import load_optimizer_state, load_state, read_checkpoint
 from mixmask.data.batch import Batch
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.accuracy import EpochRecord, topk_accuracy
@@ -334,14 +335,9 @@ def finetune(*, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabe
 
 
 def _resume(path: Path, settings: dict[str, Any], model, optimizer, state: dict) -> None:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means corrupt
-        raise CheckpointError(f"{path} is corrupt ({type(error).__name__}); delete it to "
-                              "finetune from the start.") from None
-    if not isinstance(checkpoint, dict) or "classifier" not in checkpoint:
-        raise CheckpointError(f"{path} is not a mixmask finetune checkpoint; delete it to "
-                              "finetune from the start.")
+    checkpoint = read_checkpoint(path, required=("classifier", "optimizer", "step", "history"),
+                                 other="delete it to finetune from the start",
+                                 what="mixmask finetune checkpoint")
     saved = checkpoint.get("settings", {})
     differing = sorted(key for key in set(saved) | set(settings)
                        if saved.get(key) != settings.get(key))
@@ -350,7 +346,7 @@ def _resume(path: Path, settings: dict[str, Any], model, optimizer, state: dict)
                           for key in differing[:3])
         raise ConfigError(f"{path.parent} holds a finetune with other settings ({shown}); "
                           "delete that folder to finetune afresh with these.")
-    model.module.load_state_dict(checkpoint["classifier"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_state(model.module, checkpoint["classifier"], path)
+    load_optimizer_state(optimizer, checkpoint["optimizer"], path)
     state.update(step=checkpoint["step"], history=checkpoint["history"],
                  wall_time_s=checkpoint.get("wall_time_s", 0.0))

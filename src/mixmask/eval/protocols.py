@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from mixmask.checkpoint import load_state, nonfinite_tensors, read_checkpoint
 from mixmask.config import Config, load_config
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.accuracy import EpochRecord
@@ -60,12 +61,10 @@ def load_run_config(run: Path, overrides: list[str], protocol_file: str | None =
 
 
 def load_run_checkpoint(run: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any]]:
-    from mixmask.engine import load_checkpoint_file, nonfinite_tensors
-
     path = Path(checkpoint) if checkpoint else run / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; has the run saved one yet?")
-    content = load_checkpoint_file(path, other="pass another one with --checkpoint PATH")
+    content = read_checkpoint(path, other="pass another one with --checkpoint PATH")
     bad = nonfinite_tensors(content["method"])
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite values ({len(bad)} tensors, "
@@ -78,7 +77,6 @@ def build_run_method(config: Config, pixel_stats, checkpoint_path: Path | None,
                      checkpoint: dict[str, Any] | None):
     """The run's method, with the checkpoint's weights, or (no checkpoint) the random init
     of ``train.seed``: the init pretraining started from (the engine seeds the same way)."""
-    from mixmask.engine import load_state
     from mixmask.methods import build_method
 
     torch.manual_seed(config.train.seed)

@@ -33,14 +33,19 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def result_rows(runs: list[Path]) -> list[dict[str, Any]]:
+def result_rows(runs: list[Path], problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per protocol result in ``RUN/eval/*.json``. A file that cannot be read is
+    left out and named in ``problems`` (one sentence each), so one bad file never hides
+    the other results."""
     rows = []
     for run in runs:
         for path in sorted((run / "eval").glob("*.json")):
             try:
                 result = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise MixmaskError(f"{path} is not a readable result ({error}).") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                if problems is not None:
+                    problems.append(f"{path} is not a readable result ({error}); left out.")
+                continue
             if not isinstance(result, dict) or "protocol" not in result:
                 continue  # not a protocol result
             rows.append({

@@ -170,6 +170,11 @@ class A2MIM(Method):
             # mim_vit.py SimMIMViT.init_weights: trunc_normal(std=0.02).
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.feature_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
+            # The loss reads the token map; the pooled features (the online probe's input)
+            # are detached, so global_pool=avg's fc_norm would get no gradient, and DDP
+            # (find_unused_parameters=False) fails on the second step with one such
+            # parameter: frozen in pretraining; finetuning trains it.
+            self.backbone.fc_norm.requires_grad_(False)
             decoder_channels, decoder_stride = self.feature_dim, self.backbone.patch_size
         else:
             input_strides, output_stride, channels = resnet_stage_geometry(self.backbone)

@@ -253,11 +253,11 @@ class SiameseMethod(Method):
 
         total = views[0].new_zeros(())
         logs: dict[str, Tensor] = {}
-        probe_features = None
+        probe_features = projection = None
         for online_index in online_views:
             online, target = embeddings[(online_kind, online_index)], targets[1 - online_index]
             if probe_features is None:
-                probe_features = online.features.detach()
+                probe_features, projection = online.features.detach(), online.projection.detach()
             pair_total = self.pair_loss(online.output, target)
             logs["loss_erased" if masking.erases else "loss_clean"] = pair_total.detach().mean()
             for name, mix in mixes[online_index]:
@@ -266,7 +266,7 @@ class SiameseMethod(Method):
             total = total + pair_total.mean()
         loss = total / len(online_views) if self.symmetric_reduction == "mean" else total
         logs["loss"] = loss.detach()
-        return StepOutput(loss=loss, logs=logs, features=probe_features,
+        return StepOutput(loss=loss, logs=logs, features=probe_features, embedding=projection,
                           targets=[targets[1 - index].detach() for index in online_views])
 
     def _embed_batches(self, batches: dict[tuple[str, int], Tensor]

@@ -112,6 +112,11 @@ class MAE(Method):
                                   patch_size=self.patch_size, dim=params.decoder_dim,
                                   depth=params.decoder_depth, heads=params.decoder_heads)
         self.radius = params.lowpass_radius or lowpass_radius(config.data.image_size)
+        # Pretraining never pools (the decoder reads the encoded tokens), so the pooled
+        # LayerNorm of global_pool=avg (fc_norm) would get no gradient, and DDP
+        # (find_unused_parameters=False) fails on the second step with one such parameter.
+        # Frozen: models_mae.py's pretraining encoder has no fc_norm; finetuning trains it.
+        self.backbone.fc_norm.requires_grad_(False)
 
     @classmethod
     def validate_config(cls, config) -> None:

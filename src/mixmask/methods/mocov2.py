@@ -27,6 +27,26 @@ from mixmask.methods.base import (
 from mixmask.methods.registry import register_method
 from mixmask.models.heads import MLPHead
 
+# Say so when more than this share of the images meet their own previous-epoch key among
+# their negatives (stale_key_share): 1 in 100, ten times MoCo's own recipes; warn when
+# most do (the queue then covers the whole set).
+STALE_KEY_NOTE = 0.01
+STALE_KEY_WARNING = 0.5
+
+
+def stale_key_share(queue_size: int, train_images: int, keys_per_image: int) -> float:
+    """The share of images whose key from the previous epoch is still in the queue when
+    they are drawn again. The queue holds the keys of the last C = queue_size /
+    keys_per_image images (a symmetric loss enqueues both views' keys). With the order
+    reshuffled every epoch, an image drawn at p1 in one epoch and p2 in the next (p1, p2
+    uniform on [0, N)) comes back after N + p2 - p1 images, fewer than C with probability
+    r^2 / 2 for r = C / N <= 1, and 1 - (2 - r)^2 / 2 up to r = 2. MoCo on ImageNet
+    (65,536 keys, 1.28M images, one key each): 0.13%; MoCo's CIFAR demo (4,096 keys,
+    50,000 images, symmetric): 0.08%; our quickstart before issue 22 (4,096 keys, 5,000
+    images, one key each): 34%."""
+    ratio = min(queue_size / keys_per_image / train_images, 2.0)
+    return ratio ** 2 / 2 if ratio <= 1 else 1 - (2 - ratio) ** 2 / 2
+
 
 @dataclass
 class MoCoV2Config:
@@ -76,14 +96,36 @@ class MoCoV2(SiameseMethod):
     def validate_config(cls, config) -> None:
         super().validate_config(config)
         params = config.method.mocov2
-        if params.queue_size < config.train.batch_size:
+        # A step enqueues the keys of the whole (global) batch, of both views when
+        # symmetric: a smaller queue would write some slots twice in one step, and which
+        # write wins is unspecified on CUDA.
+        keys_per_step = config.train.batch_size * (2 if params.symmetric else 1)
+        if params.queue_size < keys_per_step:
             raise ConfigError(
                 f"'method.mocov2.queue_size' ({params.queue_size}) must hold at least one "
-                f"batch of keys (train.batch_size={config.train.batch_size}).")
+                f"step's keys ({keys_per_step}: train.batch_size={config.train.batch_size}"
+                f"{' x 2 views, symmetric' if params.symmetric else ''}).")
         check_unit_interval(params, "method.mocov2", "momentum", "momentum_end")
         if params.temperature <= 0:
             raise ConfigError(f"'method.mocov2.temperature' must be positive, got "
                               f"{params.temperature}.")
+
+    @classmethod
+    def data_warnings(cls, config, train_images: int) -> list[str]:
+        params = config.method.mocov2
+        keys_per_image = 2 if params.symmetric else 1
+        stale = stale_key_share(params.queue_size, train_images, keys_per_image)
+        if stale <= STALE_KEY_NOTE:
+            return []
+        # Measured on the quickstart (34%; docs/results.md): no kNN cost against a queue of
+        # 512 (0.5%), so a note; a queue that holds every image's previous key is a warning.
+        kind = "Warning" if stale >= STALE_KEY_WARNING else "Note"
+        return [f"{kind}: the MoCo queue ({params.queue_size:,} keys) covers "
+                f"{params.queue_size / keys_per_image / train_images:.0%} of the "
+                f"{train_images:,} training images, so about {stale:.0%} of them meet their "
+                "own key from the previous epoch among their negatives (MoCo's recipes: "
+                "about 0.1%). If that matters here, lower method.mocov2.queue_size or train "
+                "on more images."]
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor) -> Tensor:

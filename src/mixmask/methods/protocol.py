@@ -62,6 +62,9 @@ class StepOutput:
     # Pooled backbone features of the step's first view, detached: the online probe's
     # input (None: no probe for this method).
     features: Tensor | None = None
+    # The online projector's output for those images, detached (Siamese methods; None
+    # elsewhere): with ``features``, what the collapse monitor measures at logging steps.
+    embedding: Tensor | None = None
     # What after_optimizer_step needs from this step (e.g. MoCo's keys for its queue),
     # detached: handed back explicitly instead of being stashed on the module.
     targets: list[Tensor] = field(default_factory=list)
@@ -130,6 +133,12 @@ class Method(nn.Module):
             raise ConfigError(f"method '{config.method.name}' takes {cls.num_views} view(s) "
                               f"per image; data.num_views={wanted} cannot change that (0 = "
                               "the method's count).")
+
+    @classmethod
+    def data_warnings(cls, config: Config, train_images: int) -> list[str]:
+        """Warnings about settings that run but fit the training set badly (said once at
+        the start; the engine knows the set's size only after loading it)."""
+        return []
 
     def view_configs(self) -> list[ViewConfig]:
         """The augmentation of each view the method needs (``num_views`` views, or

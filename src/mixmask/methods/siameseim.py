@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mixmask.errors import ConfigError
-from mixmask.masking import beit_block_mask, upsample_mask
+from mixmask.masking import beit_block_mask, host_to_device, upsample_mask
 from mixmask.methods.base import check_unit_interval, cosine_momentum, ema_update
 from mixmask.methods.masking_axis import HostGenerator
 from mixmask.methods.protocol import Method, StepOutput
@@ -119,10 +119,12 @@ class SiameseIM(Method):
             encoder_dim = self.backbone.embed_dim
             if params.freeze_patch_embed:
                 self.backbone.patch_embed.requires_grad_(False)
-            # Pretraining predicts from the token sequence and never pools, so the pooled
-            # LayerNorm (fc_norm, global_pool=avg) gets no gradient: frozen, DDP would
-            # otherwise fail on its second step. The reference's pretraining encoder has no
-            # such norm either (models_sim.py); finetuning trains it (requires_grad again).
+            # Pretraining runs the blocks itself and never pools, so neither pooling
+            # LayerNorm (norm for global_pool=token, fc_norm for avg) gets a gradient:
+            # frozen, DDP would otherwise fail on its second step. The reference's
+            # pretraining encoder normalises in its own decoder (models_sim.py);
+            # finetuning trains both (requires_grad again).
+            self.backbone.norm.requires_grad_(False)
             self.backbone.fc_norm.requires_grad_(False)
         else:
             self.grid, encoder_dim = _resnet_grid(self.backbone, size), self.feature_dim
@@ -200,7 +202,7 @@ class SiameseIM(Method):
         keep_ratio = 1.0 - self.masked_count / self.num_patches
         blocks = beit_block_mask(batch_size, self.grid, keep_ratio, generator=host,
                                  min_block_cells=self.min_block, fill_to_target=True)
-        return blocks.reshape(batch_size, -1).bool().to(device)
+        return host_to_device(blocks.reshape(batch_size, -1).bool(), device)
 
     def online_tokens(self, images: Tensor, mask: Tensor, generator: torch.Generator
                       ) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,33 @@
+"""Benchmarks stopped by a time limit still write their JSON (what they measured so far).
+
+``timeout --signal=TERM`` (benchmarks/gpu_suite.sh) sends SIGTERM: inside a pretraining
+run the engine stops at the next step boundary and raises ``RunStopped``; elsewhere
+:func:`stoppable` turns the signal into :class:`Stopped` where the benchmark can catch it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+
+class Stopped(BaseException):
+    """A signal asked the benchmark to stop; the message names it. A BaseException, like
+    KeyboardInterrupt, so a benchmark's ``except Exception`` does not swallow it."""
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """SIGTERM (and SIGINT) raise :class:`Stopped` inside the block."""
+
+    def stop(signum, frame):
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM,
+                                                                   signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
