@@ -8,7 +8,7 @@ from mixmask.cli import main
 from mixmask.config import Config, load_config, save_config
 from mixmask.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = (Path(__file__).resolve().parents[1] / "configs").resolve()  # the packaged folder
 
 
 def test_defaults_and_overrides():
@@ -161,7 +161,7 @@ def test_cli_config_errors_exit_2(tmp_path, capsys):
     assert main(["pretrain", str(bad)]) == 2
     assert "'train.batch_size' must be an integer" in capsys.readouterr().err
     assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "is neither a file nor a recipe name" in capsys.readouterr().err
 
 
 def test_the_slurm_script_runs_a_valid_config_with_matching_task_counts():

@@ -38,7 +38,8 @@ TRUST_HINT = ("mixmask reads checkpoints as data only, because unpickling other 
 
 
 def read_checkpoint(path: Path, *, required: tuple[str, ...] = ("method",),
-                    other: str = "point resume= at another checkpoint",
+                    other: str = "point resume= at another checkpoint, or delete it to "
+                                 "start over",
                     what: str = "mixmask checkpoint") -> dict[str, Any]:
     """The checkpoint at ``path``, loaded with the safe unpickler and checked: every key of
     ``required`` present and every known key of the kind mixmask writes. ``other`` says how
@@ -55,9 +56,9 @@ def read_checkpoint(path: Path, *, required: tuple[str, ...] = ("method",),
                 f"checkpoint {path} carries Python objects that are not plain data "
                 f"({', '.join(unsafe[:3])}) and was not loaded: {TRUST_HINT}; {other}."
             ) from None
-        raise CheckpointError(_corrupt(path, error, other)) from None
+        raise CheckpointError(_corrupt(path, error, what, other)) from None
     except Exception as error:  # noqa: BLE001 - any other failure to read means corrupt
-        raise CheckpointError(_corrupt(path, error, other)) from None
+        raise CheckpointError(_corrupt(path, error, what, other)) from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path} is not a {what} (it holds a {type(content).__name__}, "
                               f"not a mapping); {other}.")
@@ -74,9 +75,9 @@ def read_checkpoint(path: Path, *, required: tuple[str, ...] = ("method",),
     return content
 
 
-def _corrupt(path: Path, error: BaseException, other: str) -> str:
-    return (f"checkpoint {path} is corrupt or not a mixmask checkpoint "
-            f"({type(error).__name__}). Delete it to start over, or {other}.")
+def _corrupt(path: Path, error: BaseException, what: str, other: str) -> str:
+    return (f"checkpoint {path} is corrupt or not a {what} ({type(error).__name__}); "
+            f"{other}.")
 
 
 def _unsafe_globals(path: Path) -> list[str]:

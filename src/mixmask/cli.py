@@ -4,14 +4,17 @@ sentence, no traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from mixmask import __version__
 from mixmask.errors import MixmaskError
 
 EXAMPLES = """examples:
-  mixmask pretrain configs/quickstart.yaml data.root=~/data/cifar10
-  mixmask pretrain configs/cifar100/mixmask_mocov2_r18.yaml train.device=cuda train.precision=bf16
+  mixmask recipes                                  # the recipes that ship with mixmask
+  mixmask pretrain quickstart data.root=~/data/cifar10
+  mixmask pretrain cifar100/mixmask_mocov2_r18 train.device=cuda train.precision=bf16
   mixmask knn runs/quickstart
   mixmask linear runs/quickstart --protocol moco eval.linear_epochs=10
   mixmask finetune runs/quickstart --labels 10% --config configs/eval/semisup_10pct.yaml
@@ -40,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="MODULE", help="a module or .py file that registers methods "
                         "or backbones (register_method); repeatable")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    parser.add_argument("--version", action="version", version=f"mixmask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone from a YAML config")
-    pretrain.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    pretrain.add_argument("config", help="a recipe's name (quickstart, cifar10/mae_vit_tiny: "
+                                         "`mixmask recipes`) or a YAML file")
     pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides")
     _evaluation_parser(commands, "knn", "weighted kNN top-1/top-5 -> RUN/eval/knn.json")
     linear = _evaluation_parser(commands, "linear", "linear classifier on the frozen backbone "
@@ -62,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="one table of every evaluation of the runs")
     results.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
     results.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    recipes = commands.add_parser(
+        "recipes", help="list the recipes that ship with mixmask, or copy one out to edit")
+    recipes.add_argument("name", nargs="?", help="a recipe to print (or to --copy)")
+    recipes.add_argument("--copy", metavar="DIR", help="write the recipe into DIR")
     show = commands.add_parser(
         "show-masks", help="write a PNG of what a config feeds the model: originals, masks, "
                            "mixed and switched views, erased and Un-Mix views")
@@ -105,7 +114,8 @@ def _evaluation_parser(commands, name: str, what: str):
     command = _run_parser(commands, name, what)
     command.add_argument("--config", dest="protocol_file", metavar="YAML",
                          help="a protocol's settings merged over the run's config before the "
-                              "overrides, e.g. configs/eval/cifar_linear_moco.yaml")
+                              "overrides: a file or a shipped protocol's name, e.g. "
+                              "cifar_linear_moco (`mixmask recipes` lists them)")
     return command
 
 
@@ -135,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "results":
             return _results(args)
+        if args.command == "recipes":
+            return _recipes(args)
         if args.command == "plot":
             return _plot(args)
         if args.command == "report":
@@ -143,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except MixmaskError as error:
         print(f"mixmask: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mixmask recipes | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _plot(args) -> int:
@@ -274,6 +289,33 @@ def _export(args) -> int:
     print(f"wrote {report['out']}: {report['tensors']} tensors for {report['target']}.")
     for note in report["notes"]:
         print(f"  {note}")
+    return 0
+
+
+def _recipes(args) -> int:
+    from mixmask.config import resolve_recipe
+    from mixmask.recipes import copy_recipe, pretraining_recipes, protocol_files
+
+    if args.copy:
+        if not args.name:
+            raise MixmaskError("name the recipe to copy: mixmask recipes NAME --copy DIR.")
+        print(f"wrote {copy_recipe(args.name, args.copy)}")
+        return 0
+    if args.name:
+        sys.stdout.write(resolve_recipe(args.name, protocol=True).read_text())
+        return 0
+    rows = pretraining_recipes()
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'recipe':<{width}}  {'method':<12} {'masking':<8} {'backbone':<9} {'dataset':<12} "
+          "what it is")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['method']:<12} {row['masking']:<8} "
+              f"{row['backbone']:<9} {row['dataset']:<12} {row['about']}")
+    print("\nprotocol files (--config of knn, linear, finetune):")
+    for row in protocol_files():
+        print(f"  {row['name'].removeprefix('eval/'):<24} {row['about']}")
+    print("\nmixmask pretrain NAME [section.key=value ...]; mixmask recipes NAME --copy DIR "
+          "writes one out to edit.")
     return 0
 
 

@@ -13,6 +13,7 @@ composes a recipe with a masking fragment (configs/make_matrix.py).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -382,14 +383,58 @@ def _to_plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
+# The recipes shipped with the package (a checkout's configs/ is a link to this folder).
+RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+# Folders of RECIPES_DIR that hold no mixmask config (detectron2's, SLURM's).
+_NOT_MIXMASK = ("transfer", "cluster")
+
+
+def recipe_names() -> list[str]:
+    """Every YAML the package ships, by name: its path under RECIPES_DIR without ``.yaml``
+    (``quickstart``, ``cifar10/mixmask_mocov2_r18``, ``eval/knn``, ``masking/none``)."""
+    names = (path.relative_to(RECIPES_DIR).with_suffix("").as_posix()
+             for path in RECIPES_DIR.rglob("*.yaml"))
+    return sorted(name for name in names if name.split("/")[0] not in _NOT_MIXMASK)
+
+
+def resolve_recipe(given: str | Path, *, protocol: bool = False) -> Path:
+    """A config file: ``given`` when it is a file (a path wins), else the shipped recipe of
+    that name (``quickstart``, ``cifar10/mae_vit_tiny``; ``configs/...yaml`` as the docs
+    write it works from any folder; a protocol file also by its bare name, ``knn``)."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        return path
+    name = str(given).replace("\\", "/").removesuffix(".yaml").removeprefix("configs/")
+    names = recipe_names()  # only these: a name cannot reach outside the folder
+    for candidate in [name, *([f"eval/{name}"] if protocol else [])]:
+        if candidate in names:
+            return RECIPES_DIR / f"{candidate}.yaml"
+    what = "protocol file" if protocol else "config"
+    # Closest by full name, else by the file name alone (the folder left out).
+    hint = did_you_mean(name, names, cutoff=0.5)
+    if not hint:
+        by_file = {item.split("/")[-1]: item for item in reversed(names)}
+        close = difflib.get_close_matches(name.split("/")[-1], list(by_file), n=1, cutoff=0.5)
+        hint = f" Did you mean '{by_file[close[0]]}'?" if close else ""
+    raise ConfigError(f"{what} {given} is neither a file nor a recipe name.{hint} "
+                      "`mixmask recipes` lists the recipes.")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping with its ``base:`` files merged in (no defaults, no checks)."""
+    return _read_yaml(Path(path))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
                 layers: list[str | Path] | tuple[str | Path, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), merge the ``layers``
-    files over it in order (an evaluation protocol's settings over a run's config), then
-    apply overrides."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    """Read a YAML config (a file, or a shipped recipe by name; the defaults when ``path``
+    is None), merge the ``layers`` files over it in order (an evaluation protocol's
+    settings over a run's config), then apply overrides."""
+    path = resolve_recipe(path) if path is not None else None
+    layers = [resolve_recipe(layer, protocol=True) for layer in layers]
+    raw = _read_yaml(path) if path is not None else {}
     for layer in layers:
-        _deep_merge(raw, _read_yaml(Path(layer)))
+        _deep_merge(raw, _read_yaml(layer))
     for override in overrides:
         _apply_override(raw, override)
     overridden = {override.split("=", 1)[0].strip() for override in overrides}
