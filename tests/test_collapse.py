@@ -304,3 +304,16 @@ def test_a_crash_while_drawing_the_reports_gallery_is_a_note_on_the_page(tmp_pat
     text = " ".join(page.read_text().split())
     assert "Not drawn: drawing the mask gallery crashed (the process was killed by SIGSEGV)" \
         in text
+
+
+def test_mixmask_plot_with_a_crash_in_its_pictures_exits_2_with_one_sentence(
+        collapsed_run, monkeypatch, capsys):
+    from mixmask import plots
+
+    code, out = collapsed_run
+    monkeypatch.setattr(plots, "write_plots", plots.write_plots.__wrapped__)
+    monkeypatch.setattr(plots, "write_representation_plots", _abort)
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "killed by SIGABRT" in err, err

@@ -193,3 +193,15 @@ def test_siameseims_host_masks_reach_the_device_without_a_blocking_copy(monkeypa
     monkeypatch.setattr(torch.Tensor, "to", to)
     masks = method.sample_mask(4, torch.Generator().manual_seed(0), torch.device("meta"))
     assert masks.device.type == "meta" and copies == [True]
+
+
+def test_a_queue_smaller_than_one_steps_keys_is_refused():
+    # A symmetric loss enqueues both views' keys: 2 x batch per step; fewer slots would be
+    # written twice in one step (which write wins is unspecified on CUDA).
+    from mixmask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least one step's keys \\(64"):
+        load_config(None, ["train.batch_size=32", "method.mocov2.queue_size=48",
+                           "method.mocov2.symmetric=true"])
+    load_config(None, ["train.batch_size=32", "method.mocov2.queue_size=48",
+                       "method.mocov2.symmetric=false"])
