@@ -317,3 +317,31 @@ def test_mixmask_plot_with_a_crash_in_its_pictures_exits_2_with_one_sentence(
     assert main(["plot", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "killed by SIGABRT" in err, err
+
+
+class _OnTheDevice(torch.Tensor):
+    """Features as extract_features returns them on a GPU: usable only after ``.cpu()``
+    (a CUDA tensor cannot index or be indexed by a host tensor)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor).clone()
+        raise RuntimeError(f"{getattr(func, '__name__', func)} on a tensor still on the device")
+
+
+def test_the_pictures_bring_device_features_to_the_host_first(collapsed_run, monkeypatch):
+    # Every GPU run ended with "no plots written" (host labels indexed by device indices).
+    from mixmask import plots
+    from mixmask.eval import features as features_module
+
+    code, out = collapsed_run
+    extract = features_module.extract_features
+
+    def on_the_device(*args, **kwargs):
+        features, labels = extract(*args, **kwargs)
+        return features.as_subclass(_OnTheDevice), labels.as_subclass(_OnTheDevice)
+
+    monkeypatch.setattr(features_module, "extract_features", on_the_device)
+    written, notes = plots.write_representation_plots(out, ["train.progress_bar=false"])
+    assert sorted(path.name for path in written) == ["embedding.png", "retrieval.png"]

@@ -205,3 +205,45 @@ def test_a_queue_smaller_than_one_steps_keys_is_refused():
                            "method.mocov2.symmetric=true"])
     load_config(None, ["train.batch_size=32", "method.mocov2.queue_size=48",
                        "method.mocov2.symmetric=false"])
+
+
+def test_the_shuffle_bn_permutation_comes_from_the_step_generator(monkeypatch):
+    # Under DDP the permutation came from the global CUDA generator, which checkpoints do
+    # not hold, so a resumed run shuffled differently; now the step's generator draws it.
+    def all_gather(parts, tensor):
+        for part in parts:
+            part.copy_(tensor)
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: None)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    images = torch.arange(4.0).reshape(4, 1)
+    seen = []
+
+    def encode(batch):  # what the key encoder sees: the shuffled order of both "processes"
+        seen.append(batch.flatten().tolist())
+        return batch * 10
+
+    global_state = torch.get_rng_state()
+    keys = [distributed.shuffled_forward(encode, images, torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global stream untouched
+    assert seen[0] == seen[1] and torch.equal(keys[0], keys[1])  # the same draw again
+    distributed.shuffled_forward(encode, images, torch.Generator().manual_seed(8))
+    assert seen[2] != seen[0]  # another stream, another shuffle
+
+
+def test_the_epoch_monitors_decode_with_the_loader_workers(tmp_path, monkeypatch):
+    # In the main process, a GPU run's kNN monitor decoding the evaluation images took about
+    # as long as its training epoch (and every other DDP rank waited).
+    calls = []
+    evaluate = engine.evaluate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("num_workers", 0))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", recording)
+    _pretrain(tmp_path, "monitor.knn=true", "data.num_workers=1")
+    assert calls and all(workers == 1 for workers in calls), calls

@@ -28,14 +28,18 @@ def gather_all(tensor: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def shuffled_forward(encode: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+def shuffled_forward(encode: Callable[[Tensor], Tensor], images: Tensor,
+                     generator: torch.Generator) -> Tensor:
     """MoCo's shuffle-BN: run ``encode`` on a batch shuffled across processes, so per-process
-    BN statistics of the keys do not come from the queries' own images, then un-shuffle."""
+    BN statistics of the keys do not come from the queries' own images, then un-shuffle.
+    The permutation comes from ``generator`` (the step's, which checkpoints hold), so a
+    resumed DDP run draws the permutations the uninterrupted one drew; process 0's wins."""
     if world_size() == 1:
         return encode(images)
     local = images.shape[0]
     gathered = gather_all(images)
-    permutation = torch.randperm(gathered.shape[0], device=images.device)
+    permutation = torch.randperm(gathered.shape[0], generator=generator,
+                                 device=generator.device).to(images.device)
     dist.broadcast(permutation, src=0)
     rank = dist.get_rank()
     own = permutation[rank * local:(rank + 1) * local]

@@ -190,8 +190,9 @@ class SiameseMethod(Method):
         output = projection if self.predictor is None else self.predictor(projection)
         return Embedding(features, projection, output)
 
-    def target_embedding(self, images: Tensor) -> Tensor:
-        """Target of a view from the separate target network (called under no_grad)."""
+    def target_embedding(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Target of a view from the separate target network (called under no_grad);
+        ``generator`` is the step's, for any draw the target makes (MoCo's shuffle-BN)."""
         raise NotImplementedError
 
     def target_from_online(self, embedding: Embedding) -> Tensor:
@@ -247,7 +248,8 @@ class SiameseMethod(Method):
             target_index = 1 - online_index
             if self.has_target_network:
                 with torch.no_grad():
-                    targets[target_index] = self.target_embedding(views[target_index])
+                    targets[target_index] = self.target_embedding(views[target_index],
+                                                                  generator)
             else:
                 targets[target_index] = self.target_from_online(embeddings[("view", target_index)])
 

@@ -63,7 +63,7 @@ class BYOL(SiameseMethod):
         check_unit_interval(config.method.byol, "method.byol", "momentum_start", "momentum_end")
 
     @torch.no_grad()
-    def target_embedding(self, images: Tensor) -> Tensor:
+    def target_embedding(self, images: Tensor, generator: torch.Generator) -> Tensor:
         return self.target_projector(self.target_backbone(images))
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:

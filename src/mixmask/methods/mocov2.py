@@ -128,13 +128,14 @@ class MoCoV2(SiameseMethod):
                 "on more images."]
 
     @torch.no_grad()
-    def target_embedding(self, images: Tensor) -> Tensor:
+    def target_embedding(self, images: Tensor, generator: torch.Generator) -> Tensor:
         def encode(batch: Tensor) -> Tensor:
             return self.target_projector(self.target_backbone(batch))
 
         # Shuffle-BN (MoCo sec. 3.3) across processes; on one process BN already sees the
         # whole batch, so shuffling would change nothing.
-        keys = shuffled_forward(encode, images) if self.shuffle_bn else encode(images)
+        keys = (shuffled_forward(encode, images, generator) if self.shuffle_bn
+                else encode(images))
         return F.normalize(keys.float(), dim=1)
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
