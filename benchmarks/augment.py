@@ -76,7 +76,7 @@ from mixmask.data import (
 from mixmask.runtime import keep_freed_cpu_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stopping import Stopped, stoppable  # noqa: E402
+from stopping import measure_until_stopped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MIXMASK_DATA", ROOT.parent / "shared" / "data"))
@@ -406,14 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"data: {data_desc}")
 
     rows: list[dict] = []
-    stopped = None
-    try:
-        with stoppable():  # a time limit keeps the sizes measured so far
-            measure(rows, args, batches, distinct, base_images, device, kornia)
-    except Stopped as stop:
-        stopped = str(stop)
-        notes.append(f"{stopped}: partial results, the sizes measured by then")
-        print(f"note: {notes[-1]}", flush=True)
+    stopped = measure_until_stopped(  # a time limit keeps the sizes measured so far
+        lambda: measure(rows, args, batches, distinct, base_images, device, kornia), notes,
+        "the sizes measured by then")
 
     print_table(rows)
     for size in args.sizes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class Stopped(BaseException):
@@ -31,3 +31,17 @@ def stoppable() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def measure_until_stopped(measure: Callable[[], None], notes: list[str], kept: str) -> str | None:
+    """Run ``measure`` (which fills the benchmark's rows as it goes); a stop signal ends it
+    with a note that the results are partial (``kept``: what they hold). Returns the
+    signal's sentence, or None when it ran to the end."""
+    try:
+        with stoppable():
+            measure()
+    except Stopped as stop:
+        notes.append(f"{stop}: partial results, {kept}")
+        print(f"note: {notes[-1]}", flush=True)
+        return str(stop)
+    return None

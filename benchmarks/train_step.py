@@ -139,7 +139,7 @@ from mixmask.step import training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, synchronize, write_result  # noqa: E402
-from stopping import Stopped, stoppable  # noqa: E402
+from stopping import measure_until_stopped  # noqa: E402
 
 LIBRARIES = ("ours", "lightly")
 MASKINGS = ("none", "mixmask")
@@ -689,15 +689,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     views = make_views(args, device)
     rows: list[Row] = []
-    stopped = None
-    try:
-        with stoppable():  # a time limit keeps the rows timed so far
-            measure(rows, notes, args, views, device, lightly, meter)
-    except Stopped as stop:
-        stopped = str(stop)
-        rows = [row for row in rows if row.step_seconds]
-        notes.append(f"{stopped}: partial results, the rows timed by then")
-        print(f"note: {notes[-1]}", flush=True)
+    stopped = measure_until_stopped(  # a time limit keeps the rows timed so far
+        lambda: measure(rows, notes, args, views, device, lightly, meter), notes,
+        "the rows timed by then")
+    rows = [row for row in rows if row.step_seconds]
 
     results = [summarise(row, args.batch) for row in rows]
     add_ratios(results)
