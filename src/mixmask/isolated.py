@@ -26,8 +26,10 @@ def run_isolated(function: Callable[..., Any], *args: Any, what: str, **kwargs: 
     Raises IsolatedWorkFailed naming ``what`` when the child raises or dies."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
+    # Not a daemon: the work may start DataLoader workers of its own, which a daemonic
+    # process may not; the parent waits for it in any case.
     child = context.Process(target=_child, args=(sender, function, args, kwargs),
-                            name=f"mixmask {what}", daemon=True)
+                            name=f"mixmask {what}", daemon=False)
     child.start()
     sender.close()  # the child holds the only writer: EOF once it exits
     try:
