@@ -28,7 +28,7 @@ Methods:
   not installed: it is no dependency of mixmask (``pip install kornia`` to compare).
 
 Allocator (CPU): by default (``--malloc keep``) the process keeps freed memory for reuse,
-as the engine does on the CPU (``train.keep_cpu_memory``, :mod:`mixmask.runtime`); the
+as the engine does on the CPU (``train.keep_cpu_memory``, :mod:`mixmask.train.runtime`); the
 DataLoader workers of the PIL rows inherit it. ``--malloc system`` keeps glibc's defaults,
 under which every image-sized buffer is faulted in from the OS page by page (at 224 px
 that was a quarter to a half of ours' time on a 2-core CPU).
@@ -73,7 +73,7 @@ from mixmask.data import (
     load_image_set,
     preset_views,
 )
-from mixmask.runtime import keep_freed_cpu_memory
+from mixmask.train.runtime import keep_freed_cpu_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stopping import measure_until_stopped  # noqa: E402

@@ -3,7 +3,7 @@
 Trains short runs on real CIFAR-10 (the quickstart recipe, quarter-width ResNet-18 or
 ViT-Tiny/4) with every step logged, and prints, for each, the logged ``feature_std``
 (backbone features) and ``embedding_std`` (projector output) as ratios to 1/sqrt(d),
-the spread of uniformly spread embeddings (:mod:`mixmask.collapse`). The collapsed case
+the spread of uniformly spread embeddings (:mod:`mixmask.eval.collapse`). The collapsed case
 is issue 22's: two steps of Barlow Twins with MixMask at batch 32. Writes
 runs/benchmarks/collapse_threshold/collapse_threshold.json.
 
@@ -20,9 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
-from mixmask.collapse import COLLAPSE_RATIO, healthy_std
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.eval.collapse import COLLAPSE_RATIO, healthy_std
+from mixmask.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.log_every=1", "train.plots=none", "eval.knn=true", "eval.linear=false",

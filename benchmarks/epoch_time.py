@@ -14,7 +14,7 @@ so the table's "steady" figure is the mean of the later epochs.
 
 Busy share: ``train.profile_steps`` profiles ``--profile-steps`` steps of the first epoch
 (from step ``--profile-start``), out of the timed epochs, and reports the share of that
-window during which the device ran work (mixmask.profiling; on the CPU: the share spent
+window during which the device ran work (mixmask.train.profiling; on the CPU: the share spent
 inside torch operators, the rest being Python overhead).
 
 CPU scale (default; a 2,048-image subset, batch 64, 2 epochs: a few minutes on 2 cores)::
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from mixmask.config import load_config
-from mixmask.engine import RunStopped, pretrain
+from mixmask.train.loop import RunStopped, pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, write_result  # noqa: E402

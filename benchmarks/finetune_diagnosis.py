@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from mixmask.checkpoint import load_state, read_checkpoint
 from mixmask.eval.accuracy import topk_accuracy
 from mixmask.eval.finetune import Classifier
-from mixmask.eval.protocols import _eval_sets, build_run_method, load_run_config
 from mixmask.methods.protocol import PixelStats
+from mixmask.runs.checkpoint import load_state, read_checkpoint
+from mixmask.runs.folder import build_run_method, evaluation_sets, load_run_config
 
 BATCH = 250
 
@@ -61,7 +61,7 @@ def main() -> None:
         raise SystemExit(f"no finetune checkpoint at {checkpoint}; run `mixmask finetune` "
                          "on the run first.")
     config = load_run_config(args.run, args.overrides)
-    eval_data = _eval_sets(config)
+    eval_data = evaluation_sets(config)
     train_images = eval_data.train.image_set
     method = build_run_method(config, PixelStats(tuple(train_images.mean),
                                                  tuple(train_images.std)), None, None)

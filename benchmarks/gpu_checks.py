@@ -29,10 +29,10 @@ from mixmask.cli import main as mixmask_main
 from mixmask.config import load_config
 from mixmask.data import EpochBatchSampler, build_train_loader
 from mixmask.data.splits import load_split
-from mixmask.engine import pretrain
 from mixmask.methods import PixelStats, build_method
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
+from mixmask.ops.optim import build_optimizer
+from mixmask.train.loop import pretrain
+from mixmask.train.step import training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=imagefolder", "data.eval_train_subset=256",

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"

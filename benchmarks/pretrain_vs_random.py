@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -74,20 +74,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mixmask.checkpoint import read_checkpoint
 from mixmask.config import load_config
 from mixmask.data.splits import load_eval_data, load_split
-from mixmask.engine import (
-    RunStopped,
-    device_name,
-    pretrain,
-    resolve_accelerator,
-    versions,
-)
 from mixmask.errors import MixmaskError
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
 from mixmask.models.backbones import build_backbone
+from mixmask.runs.checkpoint import read_checkpoint
+from mixmask.train.fabric import device_name, resolve_accelerator, versions
+from mixmask.train.loop import RunStopped, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -373,7 +368,7 @@ def compare_with_lightly(args) -> None:
         # Decoded (and unpacked) once here, so no pipeline's budget pays the first decode.
         load_split(reference, "pretrain", reference.data.subset)
         eval_data = _eval_data(reference)
-        # lightly first: our engine sets process-wide malloc options (mixmask.runtime) that
+        # lightly first: our engine sets process-wide malloc options (mixmask.train.runtime) that
         # would otherwise speed up the lightly loop too.
         rows = [lightly_moco_v2(configs["lightly MoCo v2"], budget_s=budget, eval_data=eval_data)]
         for pipeline in ("mixmask MoCo v2", "mixmask MixMask"):

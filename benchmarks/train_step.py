@@ -6,7 +6,7 @@ optimizer step, EMA and queue / memory-bank update) on pre-made device tensors: 
 loading, no augmentation. Rows:
 
 * ``ours mocov2``: ``build_method`` with ``method.name=mocov2 method.masking=none``, the
-  engine's step function ``mixmask.step.training_step`` (``method(batch, generator,
+  engine's step function ``mixmask.train.step.training_step`` (``method(batch, generator,
   progress)`` -> loss; backward; ``build_optimizer("sgd", ..., fused=True)`` step;
   zero_grad; ``method.after_optimizer_step``).
   ``--online-forward joint`` and ``--foreach`` select ``method.online_forward=joint`` and
@@ -19,7 +19,7 @@ loading, no augmentation. Rows:
   forward, loss, backward, ``optimizer.step()``, ``optimizer.zero_grad()``), with
   ``torch.optim.SGD(model.parameters(), ...)`` as that example builds it.
 * ``lightly mixmask``: the same plus a MixMask branch on lightly's parts: the query view is
-  mixed with the reversed batch by ``mixmask.masking.sample_mixmask`` (both libraries'
+  mixed with the reversed batch by ``mixmask.ops.mixing.sample_mixmask`` (both libraries'
   rows draw the vectorised ``exact_count`` block masks on the device,
   ``method.mask.generator=exact_count``, so neither row pays the host-side BEiT loop and
   a CUDA step stays free of host syncs), one extra online
@@ -66,7 +66,7 @@ update reads the pointer on the host once per enqueue.
 
 Allocator (CPU): by default (``--malloc keep``) the whole process keeps freed memory for
 the next step, as the engine does on the CPU (``train.keep_cpu_memory``,
-:mod:`mixmask.runtime`); every row, lightly's included, runs under it. ``--malloc system``
+:mod:`mixmask.train.runtime`); every row, lightly's included, runs under it. ``--malloc system``
 keeps glibc's defaults, under which each step faults its activation memory back in from
 the OS: the ``faults/step`` column counts the process's minor page faults per timed step.
 
@@ -129,13 +129,13 @@ import mixmask
 from mixmask.config import Config, load_config
 from mixmask.data.batch import Batch
 from mixmask.data.datasets import DATASET_STATS
-from mixmask.engine import compile_networks
-from mixmask.masking import sample_mixmask
 from mixmask.methods import PixelStats, build_method
 from mixmask.models import build_resnet
-from mixmask.optim import build_optimizer
-from mixmask.runtime import keep_freed_cpu_memory
-from mixmask.step import training_step
+from mixmask.ops.mixing import sample_mixmask
+from mixmask.ops.optim import build_optimizer
+from mixmask.train.fabric import compile_networks
+from mixmask.train.runtime import keep_freed_cpu_memory
+from mixmask.train.step import training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment import machine_info, resolve_device, synchronize, write_result  # noqa: E402

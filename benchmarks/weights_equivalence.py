@@ -1,21 +1,23 @@
 """Weights equivalence across code versions: do two checkouts train the same model?
 
-``run`` pretrains a fixed set of short runs (the quickstart recipe cut to 12 steps on 640
-real CIFAR-10 images, over the five Siamese bases, every masking strategy and both data
-pipelines) and saves each run's final ``method`` state_dict; ``compare`` reports, run by
-run, which tensors are bit-identical between two such folders and the largest difference
-of the others. Run ``run`` once per checkout (``PYTHONPATH=/old/checkout/src`` for the
-old one), then ``compare``::
+``run`` pretrains a fixed set of short runs (12 steps on 640 real CIFAR-10 images): the
+quickstart recipe over the five Siamese bases, every masking strategy and both data
+pipelines, and one run each of the masked-image methods from their CIFAR-10 recipes (MAE,
+PixMIM, A2MIM on a ViT and on a ResNet, SiameseIM), and saves each run's final ``method``
+state_dict; ``compare`` reports, run by run, which tensors are bit-identical between two
+such folders and the largest difference of the others. Run ``run`` once per checkout
+(``PYTHONPATH=/old/checkout/src`` for the old one), then ``compare``::
 
-    PYTHONPATH=/tmp/old/src python benchmarks/weights_equivalence.py run /tmp/eq/old --legacy
+    PYTHONPATH=/tmp/old/src python benchmarks/weights_equivalence.py run /tmp/eq/old
     python benchmarks/weights_equivalence.py run /tmp/eq/new
     python benchmarks/weights_equivalence.py compare /tmp/eq/old /tmp/eq/new
 
-By default the runs switch this version's fidelity mends off (``method.mask.generator=
-exact_count``, ``symmetric_reduction: mean``: the behaviour before they existed);
-``--legacy`` leaves those keys out, for a checkout that predates them. Add
+By default the Siamese runs switch this version's fidelity mends off
+(``method.mask.generator=exact_count``, ``symmetric_reduction: mean``: the behaviour before
+they existed); ``--legacy`` leaves those keys out, for a checkout that predates them. Add
 ``--data PATH`` for the CIFAR-10 tarball (default ``../shared/data``). Writes
-``compare.json`` beside the second folder.
+``compare.json`` beside the second folder. Works with checkouts before and after the
+package's redesign (``mixmask.engine`` became ``mixmask.train.loop``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ RUNS = {
     "vicreg_erase": ["method.name=vicreg", "method.masking=erase", "method.erase.shape=focal",
                      "monitor.online_probe=false"],
 }
+# Masked image modelling, from each method's CIFAR-10 recipe: a small decoder, 64 images a
+# step (the recipes' batch of 256 is the slow part on a CPU).
+MIM = ["train.batch_size=64", "data.augmentation=conservative"]
+MIM_RUNS = {
+    "mae_vit": ("cifar10/mae_vit_tiny.yaml", [*MIM, "method.mae.decoder_depth=1"]),
+    "pixmim_vit": ("cifar10/pixmim_vit_tiny.yaml", [*MIM, "method.mae.decoder_depth=1"]),
+    "a2mim_vit": ("cifar10/a2mim_vit_tiny.yaml", MIM),
+    "a2mim_resnet": ("cifar10/a2mim_r18.yaml", [*MIM, "model.width=0.25"]),
+    "siameseim_vit": ("cifar10/siameseim_vit_tiny.yaml",
+                      [*MIM, "method.siameseim.predictor_depth=1"]),
+}
 # The fidelity mends of the method-protocol change, switched off.
 MENDS_OFF = {"mocov2": ["method.mocov2.symmetric_reduction=mean"],
              "byol": ["method.byol.symmetric_reduction=mean"],
@@ -67,21 +80,38 @@ MENDS_OFF = {"mocov2": ["method.mocov2.symmetric_reduction=mean"],
              "barlow_twins": [], "vicreg": []}
 
 
-def run(out: Path, data: Path, legacy: bool, only: list[str] | None) -> None:
-    from mixmask.config import load_config
-    from mixmask.engine import pretrain
+def _pretrain():
+    try:
+        from mixmask.train.loop import pretrain
+    except ImportError:  # a checkout from before the redesign
+        from mixmask.engine import pretrain
+    return pretrain
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def planned_runs(data: Path, legacy: bool) -> dict[str, tuple[Path, list[str]]]:
+    """Run name -> (recipe, overrides without out_dir)."""
+    runs = {}
     for name, extra in RUNS.items():
-        if only and name not in only:
-            continue
         method = next((item.split("=", 1)[1] for item in extra
                        if item.startswith("method.name=")), "mocov2")
-        overrides = [f"data.root={data}", *COMMON, *SMALL_HEADS[method], *extra,
-                     f"out_dir={out / name}"]
+        overrides = [f"data.root={data}", *COMMON, *SMALL_HEADS[method], *extra]
         if not legacy:
             overrides += ["method.mask.generator=exact_count", *MENDS_OFF[method]]
-        pretrain(load_config(ROOT / "configs" / "quickstart.yaml", overrides))
+        runs[name] = (ROOT / "configs" / "quickstart.yaml", overrides)
+    for name, (recipe, extra) in MIM_RUNS.items():
+        runs[name] = (ROOT / "configs" / recipe, [f"data.root={data}", *COMMON, *extra])
+    return runs
+
+
+def run(out: Path, data: Path, legacy: bool, only: list[str] | None) -> None:
+    from mixmask.config import load_config
+
+    pretrain = _pretrain()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (recipe, overrides) in planned_runs(data, legacy).items():
+        if only and name not in only:
+            continue
+        pretrain(load_config(recipe, [*overrides, f"out_dir={out / name}"]))
         checkpoint = torch.load(out / name / "checkpoints" / "last.ckpt", weights_only=True)
         torch.save(checkpoint["method"], out / f"{name}.pt")
         print(f"{name}: saved {out / f'{name}.pt'}", flush=True)
@@ -124,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     run_parser.add_argument("--legacy", action="store_true",
                             help="a checkout without the fidelity-mend keys")
-    run_parser.add_argument("--only", nargs="*", choices=list(RUNS))
+    run_parser.add_argument("--only", nargs="*", choices=[*RUNS, *MIM_RUNS])
     compare_parser = commands.add_parser("compare")
     compare_parser.add_argument("first", type=Path)
     compare_parser.add_argument("second", type=Path)

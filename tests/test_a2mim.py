@@ -14,13 +14,13 @@ from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.data.datasets import load_image_set
 from mixmask.data.transforms import eval_transform
-from mixmask.engine import pretrain
-from mixmask.masking import upsample_mask
 from mixmask.methods import PixelStats, build_method
-from mixmask.methods.a2mim import add_mask_token
-from mixmask.mim_block_masks import mean_fill
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
+from mixmask.methods.mim.a2mim import add_mask_token
+from mixmask.ops.block_masks import mean_fill
+from mixmask.ops.grid_masks import upsample_mask
+from mixmask.ops.optim import build_optimizer
+from mixmask.train.loop import pretrain
+from mixmask.train.step import training_step
 
 VIT = ["model.backbone=vit_tiny", "model.patch_size=4"]
 R18 = ["model.backbone=resnet18", "model.width=0.25"]

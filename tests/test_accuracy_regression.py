@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.train.loop import pretrain
 
 REGRESSION_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # The quickstart recipe at width 0.125 (about 4-5 minutes here), without the monitors.

@@ -16,15 +16,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixmask import checkpoint as checkpoint_module
-from mixmask.checkpoint import read_checkpoint
 from mixmask.cli import main
 from mixmask.config import load_config, save_config
-from mixmask.engine import RESUME_KEYS, pretrain, restore_training_state
 from mixmask.errors import CheckpointError, MixmaskError
-from mixmask.eval.protocols import build_run_method, load_run_checkpoint
 from mixmask.methods import build_method
-from mixmask.optim import build_optimizer
+from mixmask.ops.optim import build_optimizer
+from mixmask.runs import checkpoint as checkpoint_module
+from mixmask.runs.checkpoint import read_checkpoint
+from mixmask.runs.folder import build_run_method, load_run_checkpoint
+from mixmask.runs.resume import RESUME_KEYS, restore_training_state
+from mixmask.train.loop import pretrain
 
 # A tiny run on the built-in synthetic images: no data files needed, seconds to train.
 TINY = ["data.dataset=synthetic", "data.subset=64", "data.num_workers=0",
@@ -109,10 +110,6 @@ def _one_sentence(err: str) -> str:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_payload_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, monkeypatch,
                                                          command, payload):
-    from mixmask import plots
-
-    # The suite draws curves only (conftest); plot's representation reads the checkpoint.
-    monkeypatch.setattr(plots, "write_plots", plots.write_plots.__wrapped__)
     run, marker = _payload_run(tmp_path, payload, TINY_MAE if command == "reconstruct" else TINY)
     capsys.readouterr()
     assert main(COMMANDS[command](run, tmp_path)) == 2

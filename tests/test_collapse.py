@@ -17,17 +17,17 @@ import torch
 from host_sync import HostSyncRecorder, seeded
 
 from mixmask.cli import main
-from mixmask.collapse import (
+from mixmask.config import load_config
+from mixmask.errors import IsolatedWorkFailed
+from mixmask.eval.collapse import (
     COLLAPSE_PATIENCE,
     COLLAPSE_RATIO,
     CollapseWatch,
     embedding_std,
     spread_problem,
 )
-from mixmask.config import load_config
-from mixmask.errors import IsolatedWorkFailed
-from mixmask.isolated import run_isolated
-from mixmask.methods.mocov2 import MoCoV2, stale_key_share
+from mixmask.methods.siamese.mocov2 import MoCoV2, stale_key_share
+from mixmask.pictures.isolated import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -145,7 +145,7 @@ _CRASHING_RUN = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import test_collapse
-    from mixmask import plots
+    from mixmask.pictures import plots
     from mixmask.cli import main
 
     plots.write_representation_plots = test_collapse.{crash}
@@ -197,18 +197,15 @@ def collapsed_run(tmp_path_factory):
 
     if not CIFAR10_TARBALL.is_file():
         pytest.skip(f"real CIFAR-10 not found at {CIFAR10_TARBALL}")
-    from mixmask import plots
-
     out = tmp_path_factory.mktemp("collapsed") / "run"
-    with pytest.MonkeyPatch.context() as patch:  # every plot, as a user's run draws them
-        patch.setattr(plots, "write_plots", plots.write_plots.__wrapped__)
-        code = main(["pretrain", "configs/quickstart.yaml", "data.dataset=imagefolder",
-                     f"data.root={CIFAR10_TARBALL}", "data.subset=256", "train.batch_size=32",
-                     "train.max_steps=2", "model.width=0.125", "method.name=barlow_twins",
-                     "method.masking=mixmask", "data.eval_train_subset=500",
-                     "data.eval_test_subset=200", "eval.linear=false",
-                     "eval.compare_random_init=false", "train.progress_bar=false",
-                     f"out_dir={out}"])
+    # Every plot (train.plots=all, the default), as a user's run draws them.
+    code = main(["pretrain", "configs/quickstart.yaml", "data.dataset=imagefolder",
+                 f"data.root={CIFAR10_TARBALL}", "data.subset=256", "train.batch_size=32",
+                 "train.max_steps=2", "model.width=0.125", "method.name=barlow_twins",
+                 "method.masking=mixmask", "data.eval_train_subset=500",
+                 "data.eval_test_subset=200", "eval.linear=false",
+                 "eval.compare_random_init=false", "train.progress_bar=false",
+                 f"out_dir={out}"])
     return code, out
 
 
@@ -219,16 +216,12 @@ def test_a_collapsed_run_ends_with_exit_0_a_note_and_collapsed_true(collapsed_ru
     assert summary["collapsed"] is True
     assert summary["test_feature_std"] < COLLAPSE_RATIO / math.sqrt(
         summary["collapse_dims"]["test_feature_std"])
-    from mixmask.checkpoint import nonfinite_tensors, read_checkpoint
+    from mixmask.runs.checkpoint import nonfinite_tensors, read_checkpoint
 
     assert nonfinite_tensors(read_checkpoint(out / "checkpoints" / "last.ckpt")["method"]) == []
     assert (out / "plots" / "embedding.png").is_file()  # the note in the t-SNE's place
-    from mixmask import plots
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plots, "write_plots", plots.write_plots.__wrapped__)
-        capsys.readouterr()
-        assert main(["plot", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 0
     assert "features collapsed" in capsys.readouterr().out
     assert main(["knn", str(out), "data.eval_train_subset=200", "data.eval_test_subset=100",
                  "train.progress_bar=false"]) == 0
@@ -291,8 +284,8 @@ def test_results_print_the_good_rows_and_name_the_bad_file(tmp_path, capsys):
 
 
 def test_a_crash_while_drawing_the_reports_gallery_is_a_note_on_the_page(tmp_path, monkeypatch):
-    from mixmask import report
     from mixmask.config import save_config
+    from mixmask.pictures import report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -308,10 +301,9 @@ def test_a_crash_while_drawing_the_reports_gallery_is_a_note_on_the_page(tmp_pat
 
 def test_mixmask_plot_with_a_crash_in_its_pictures_exits_2_with_one_sentence(
         collapsed_run, monkeypatch, capsys):
-    from mixmask import plots
+    from mixmask.pictures import plots
 
     code, out = collapsed_run
-    monkeypatch.setattr(plots, "write_plots", plots.write_plots.__wrapped__)
     monkeypatch.setattr(plots, "write_representation_plots", _abort)
     capsys.readouterr()
     assert main(["plot", str(out)]) == 2
@@ -332,8 +324,8 @@ class _OnTheDevice(torch.Tensor):
 
 def test_the_pictures_bring_device_features_to_the_host_first(collapsed_run, monkeypatch):
     # Every GPU run ended with "no plots written" (host labels indexed by device indices).
-    from mixmask import plots
     from mixmask.eval import features as features_module
+    from mixmask.pictures import plots
 
     code, out = collapsed_run
     extract = features_module.extract_features

@@ -171,7 +171,7 @@ def test_the_slurm_script_runs_a_valid_config_with_matching_task_counts():
     script = (CONFIGS / "cluster" / "slurm.sbatch").read_text()
     command = shlex.split(script[script.rindex("\nsrun ") + 1:].replace("\\\n", " "))
     assert command[:3] == ["srun", "mixmask", "pretrain"]
-    config = load_config(CONFIGS.parent / command[3], command[4:])
+    config = load_config(Path(__file__).resolve().parents[1] / command[3], command[4:])
     nodes = int(re.search(r"#SBATCH --nodes=(\d+)", script).group(1))
     tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", script).group(1))
     assert (config.train.num_nodes, config.train.devices) == (nodes, tasks)

@@ -13,8 +13,8 @@ from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.errors import ConfigError
 from mixmask.methods import BUILTIN_METHODS, build_method
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
+from mixmask.ops.optim import build_optimizer
+from mixmask.train.step import training_step
 
 NEGATIVE = st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False)
 NON_POSITIVE_INT = st.integers(max_value=0)

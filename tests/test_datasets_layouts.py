@@ -26,8 +26,8 @@ from mixmask.data import build_train_loader, load_image_set, preset_views
 from mixmask.data.datasets import DATASET_STATS, UnreadableImageWarning
 from mixmask.data.loaders import EpochBatchSampler, EvalDataset, MultiViewDataset
 from mixmask.data.splits import load_eval_data, load_split
-from mixmask.engine import pretrain
 from mixmask.errors import DatasetError
+from mixmask.train.loop import pretrain
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,7 @@ from mixmask.data import Batch, EpochBatchSampler, build_train_loader, load_imag
 from mixmask.data.datasets import ImageSet
 from mixmask.data.device_views import DecodedViews, DeviceViews, _batch_seed
 from mixmask.data.loaders import CropDataset
-from mixmask.engine import pretrain
+from mixmask.train.loop import pretrain
 
 CPU = torch.device("cpu")
 

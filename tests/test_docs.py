@@ -171,7 +171,7 @@ def test_placeholders_are_replaced_and_a_misspelt_one_is_an_error():
     page = "# Config\n\n<!-- generated: config-reference -->\n"
     generated = reference.on_page_markdown(page)
     assert "<!--" not in generated and "| `train.batch_size` |" in generated
-    api = reference.on_page_markdown("<!-- generated: api-index mixmask.losses -->")
+    api = reference.on_page_markdown("<!-- generated: api-index mixmask.ops.mixing -->")
     assert "| `weighted_mix_loss(" in api
     with pytest.raises(ValueError, match="unknown generated block"):
         reference.on_page_markdown("<!-- generated: config-refrence -->")

@@ -14,9 +14,10 @@ from mixmask.cli import main
 from mixmask.config import load_config
 from mixmask.data import EpochBatchSampler
 from mixmask.data.batch import Batch
-from mixmask.engine import TrainingDiverged, learning_rate, pretrain
 from mixmask.errors import CheckpointError, ConfigError
 from mixmask.methods import build_method
+from mixmask.train.loop import TrainingDiverged, pretrain
+from mixmask.train.schedule import learning_rate
 
 TINY = ["model.width=0.125", "method.mocov2.proj_hidden_dim=64", "method.mocov2.queue_size=256",
         "train.batch_size=32", "data.num_workers=0", "train.progress_bar=false",
@@ -241,7 +242,7 @@ class _Linear(torch.nn.Module):
 
 def test_gradient_clipping_bounds_the_update_and_logs_the_norm_before_it():
     from mixmask.data.batch import Batch
-    from mixmask.step import training_step
+    from mixmask.train.step import training_step
 
     method = _Linear()
     optimizer = torch.optim.SGD(method.parameters(), lr=1.0)

@@ -23,7 +23,6 @@ from mixmask.cli import main
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.data.datasets import ImageSet, load_image_set
-from mixmask.engine import pretrain
 from mixmask.eval.data import (
     AugmentedLabelled,
     EpochBatches,
@@ -38,7 +37,8 @@ from mixmask.eval.knn import knn_accuracy, knn_votes
 from mixmask.eval.linear import linear_moco
 from mixmask.eval.protocols import run_finetune
 from mixmask.models.backbones import build_backbone
-from mixmask.step import training_step
+from mixmask.train.loop import pretrain
+from mixmask.train.step import training_step
 
 CPU = torch.device("cpu")
 TINY = ["model.width=0.125", "method.mocov2.proj_hidden_dim=64", "method.mocov2.queue_size=256",

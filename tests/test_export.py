@@ -1,4 +1,4 @@
-"""mixmask.export: each format loads strictly into its library's model with equal outputs,
+"""mixmask.runs.export: each format loads strictly into its library's model with equal outputs,
 detectron2's names follow its ResNet scheme, refusals are clear, writes are atomic."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch import nn
 
 from mixmask.config import ModelConfig, load_config
 from mixmask.errors import MixmaskError
-from mixmask.export import EXPORT_FORMATS, ExportError, backbone_state, export_backbone
 from mixmask.methods import build_method
 from mixmask.models.backbones import build_backbone
+from mixmask.runs.export import EXPORT_FORMATS, ExportError, backbone_state, export_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -276,7 +276,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pt"]
 
     # A failure after the partial file is written (the rename) removes it too.
-    monkeypatch.setattr("mixmask.export.os.replace", full_disk)
+    monkeypatch.setattr("mixmask.runs.export.os.replace", full_disk)
     with pytest.raises(ExportError, match="could not write"):
         export(model, "resnet18", "cifar", "timm", out)
     assert out.read_bytes() == b"old"

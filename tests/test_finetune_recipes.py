@@ -17,7 +17,6 @@ from torch import nn
 
 from mixmask.cli import main
 from mixmask.config import load_config
-from mixmask.engine import pretrain
 from mixmask.errors import ConfigError, MixmaskError
 from mixmask.eval.data import classifier_train_transform
 from mixmask.eval.finetune import (
@@ -25,10 +24,11 @@ from mixmask.eval.finetune import (
     FinetuneStopped,
     mix_for_classification,
     parameter_groups,
-    warmup_cosine_lr,
 )
 from mixmask.eval.protocols import run_finetune
 from mixmask.models.vit import ViTBackbone
+from mixmask.train.loop import pretrain
+from mixmask.train.schedule import warmup_cosine_lr
 
 
 def test_warmup_cosine_lr_matches_maes_schedule_by_hand():

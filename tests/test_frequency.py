@@ -1,4 +1,4 @@
-"""Tests for mixmask.frequency (PixMIM's low-pass target), against images whose spectra
+"""Tests for mixmask.ops.lowpass (PixMIM's low-pass target), against images whose spectra
 are known by construction and a DFT written out in the test."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixmask.frequency import ideal_lowpass, lowpass_mask, lowpass_radius
+from mixmask.ops.lowpass import ideal_lowpass, lowpass_mask, lowpass_radius
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -13,13 +13,15 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 
-from mixmask import distributed, engine
 from mixmask.config import load_config
 from mixmask.data import EpochBatchSampler, build_train_loader
 from mixmask.data.datasets import load_image_set
 from mixmask.methods import PixelStats, build_method
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
+from mixmask.ops import distributed
+from mixmask.ops.optim import build_optimizer
+from mixmask.train import loop as engine
+from mixmask.train import trainer
+from mixmask.train.step import training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=synthetic", "data.subset=64", "data.num_workers=0",
@@ -40,7 +42,7 @@ class _Fp16:
         self.init_scale = 2.0 ** 16
         self.scalers: list[torch.amp.GradScaler] = []
 
-    def __call__(self, config, accelerator, processes) -> Fabric:
+    def __call__(self, config, accelerator) -> Fabric:
         scaler = torch.amp.GradScaler("cpu", init_scale=self.init_scale)
         self.scalers.append(scaler)
         return Fabric(accelerator="cpu", devices=1,
@@ -238,12 +240,12 @@ def test_the_epoch_monitors_decode_with_the_loader_workers(tmp_path, monkeypatch
     # In the main process, a GPU run's kNN monitor decoding the evaluation images took about
     # as long as its training epoch (and every other DDP rank waited).
     calls = []
-    evaluate = engine.evaluate
+    evaluate = trainer.evaluate
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("num_workers", 0))
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", recording)
+    monkeypatch.setattr(trainer, "evaluate", recording)
     _pretrain(tmp_path, "monitor.knn=true", "data.num_workers=1")
     assert calls and all(workers == 1 for workers in calls), calls

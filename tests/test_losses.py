@@ -1,4 +1,4 @@
-"""Tests for mixmask.losses against hand-computed values."""
+"""Tests for mixmask.ops.losses.siamese against hand-computed values."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from host_sync import HostSyncRecorder
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mixmask.losses import (
+from mixmask.ops.losses.siamese import (
     barlow_twins_loss,
     byol_loss,
     info_nce,
     simsiam_loss,
     vicreg_loss,
-    weighted_mix_loss,
 )
+from mixmask.ops.mixing import weighted_mix_loss
 
 
 def nce_by_hand(positive: float, negatives: list[float], temperature: float) -> float:

@@ -14,13 +14,13 @@ from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.data.datasets import load_image_set
 from mixmask.data.transforms import eval_transform
-from mixmask.engine import pretrain
 from mixmask.methods import PixelStats, build_method
-from mixmask.methods.mae import MAEDecoder
-from mixmask.mim_masking import mae_random_masking
+from mixmask.methods.mim.mae import MAEDecoder
 from mixmask.models.vit import patchify
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
+from mixmask.ops.optim import build_optimizer
+from mixmask.ops.token_masks import mae_random_masking
+from mixmask.train.loop import pretrain
+from mixmask.train.step import training_step
 
 SMALL = ["method.name=mae", "model.backbone=vit_tiny", "model.patch_size=4",
          "method.mae.decoder_depth=1", "method.mae.decoder_dim=64", "method.mae.decoder_heads=2",
@@ -85,7 +85,7 @@ def test_the_loss_ignores_visible_patches():
     generator = torch.Generator().manual_seed(1)
     keep, mask, restore = mae_random_masking(2, 64, 0.75, generator)
     predicted = method.decoder(method.backbone.forward_visible(images, keep), restore)
-    from mixmask.mim_losses import masked_mse_per_patch
+    from mixmask.ops.losses.mim import masked_mse_per_patch
 
     target = method.target_patches(images)
     changed = target.clone()

@@ -1,4 +1,4 @@
-"""Tests for mixmask.masking, each against an independent calculation."""
+"""Tests for mixmask.ops.mixing, each against an independent calculation."""
 
 from __future__ import annotations
 
@@ -13,25 +13,19 @@ import torchvision.transforms.functional as TF
 from host_sync import HostSyncRecorder
 from torch import nn
 
-from mixmask.masking import (
-    EraseBatch,
+from mixmask.ops.erasing import EraseBatch, focal_mask, high_pass_filter, sample_erase
+from mixmask.ops.grid_masks import beit_block_mask, block_mask, discrete_mask, upsample_mask
+from mixmask.ops.mixing import (
     MixMaskBatch,
     UnMixBatch,
-    beit_block_mask,
-    block_mask,
-    discrete_mask,
-    focal_mask,
-    high_pass_filter,
     inverse_partner,
     mix_images,
     mix_ratio,
     permutation_partner,
     reversed_partner,
-    sample_erase,
     sample_mixmask,
     sample_unmix,
     switched_lambda,
-    upsample_mask,
 )
 
 

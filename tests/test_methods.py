@@ -10,10 +10,11 @@ from torch import nn
 
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
-from mixmask.masking import permutation_partner, sample_mixmask, sample_unmix
 from mixmask.methods import build_method, method_class, method_names
-from mixmask.methods.base import Embedding, SiameseMethod, cosine_momentum
-from mixmask.optim import build_optimizer, param_groups_for_lars
+from mixmask.methods.common import cosine_momentum
+from mixmask.methods.siamese.base import Embedding, SiameseMethod
+from mixmask.ops.mixing import permutation_partner, sample_mixmask, sample_unmix
+from mixmask.ops.optim import build_optimizer, param_groups_for_lars
 
 BASES = ("mocov2", "byol", "simsiam", "barlow_twins", "vicreg")
 MASKINGS = ("none", "erase", "mixmask", "unmix", "both")

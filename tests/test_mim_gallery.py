@@ -10,12 +10,12 @@ from torch import nn
 
 from mixmask.cli import main
 from mixmask.config import load_config
-from mixmask.engine import pretrain
 from mixmask.methods import PixelStats, build_method
-from mixmask.mim_gallery import MIM_LABEL_WIDTH
-from mixmask.mim_losses import norm_pix_target
 from mixmask.models.vit import patchify
-from mixmask.viz import GALLERY_PADDING
+from mixmask.ops.losses.mim import norm_pix_target
+from mixmask.pictures.masks import GALLERY_PADDING
+from mixmask.pictures.mim_gallery import MIM_LABEL_WIDTH
+from mixmask.train.loop import pretrain
 
 STATS = PixelStats((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 SMALL_DECODER = ["method.mae.decoder_depth=1", "method.mae.decoder_dim=64",

@@ -1,4 +1,4 @@
-"""Tests for mixmask.mim_losses, mixmask.mim_block_masks and the "conservative" view
+"""Tests for mixmask.ops.losses.mim, mixmask.ops.block_masks and the "conservative" view
 preset, each against a hand calculation (explicit DFT sums, values worked out on paper)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from mixmask.data.gpu_augment import BatchedViewAugment
 from mixmask.data.transforms import view_transform
 from mixmask.data.views import ViewConfig, preset_views
 from mixmask.errors import ConfigError
-from mixmask.masking import upsample_mask
-from mixmask.mim_block_masks import a2mim_block_mask, a2mim_block_size, mean_fill
-from mixmask.mim_losses import (
+from mixmask.ops.block_masks import a2mim_block_mask, a2mim_block_size, mean_fill
+from mixmask.ops.grid_masks import upsample_mask
+from mixmask.ops.losses.mim import (
     a2mim_frequency_loss,
     fft_composite,
     focal_frequency_loss,

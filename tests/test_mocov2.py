@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.methods import build_method
-from mixmask.methods.base import ema_update
+from mixmask.methods.common import ema_update
 
 
 def tiny_method(*overrides):

@@ -1,4 +1,4 @@
-"""Tests for mixmask.optim: LARS steps against hand computations, parameter groups (weight
+"""Tests for mixmask.ops.optim: LARS steps against hand computations, parameter groups (weight
 decay exclusion, lr scales, layer-wise lr decay) and the optimizers built from them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from host_sync import HostSyncRecorder
 from torch import nn
 
-from mixmask.optim import (
+from mixmask.ops.optim import (
     LARS,
     build_optimizer,
     layer_decay_lr_scale,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mixmask import plots
 from mixmask.cli import main
 from mixmask.config import load_config
-from mixmask.engine import pretrain
+from mixmask.pictures import plots
+from mixmask.train.loop import pretrain
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TINY = ["data.dataset=synthetic", "data.subset=32", "data.eval_train_subset=32",
@@ -24,15 +24,6 @@ TINY = ["data.dataset=synthetic", "data.subset=32", "data.eval_train_subset=32",
         "monitor.knn_every=1",
         "monitor.online_probe=false", "eval.linear=false", "eval.knn=false",
         "eval.compare_random_init=false"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _every_plot():
-    """tests/conftest.py has the suite draw curves only; this module tests every plot."""
-    curves_only = plots.write_plots
-    plots.write_plots = curves_only.__wrapped__
-    yield
-    plots.write_plots = curves_only
 
 
 def _write_metrics(path: Path) -> None:
@@ -108,8 +99,19 @@ def test_nearest_neighbours_by_cosine_similarity():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("plots") / "run"
-    pretrain(load_config(RECIPE, [*TINY, "train.progress_bar=false", f"out_dir={out_dir}"]))
+    # The CLI draws a run's pictures (train.plots=all, the default) once pretrain() returns.
+    assert main(["pretrain", str(RECIPE), *TINY, "train.progress_bar=false",
+                 f"out_dir={out_dir}"]) == 0
     return out_dir
+
+
+def test_pretrain_from_python_draws_no_pictures(tmp_path):
+    # The engine trains and saves; pictures are the CLI's (mixmask.pictures), so a Python
+    # caller's run has none unless it asks.
+    out_dir = tmp_path / "run"
+    tiny = [*TINY, "train.epochs=1", "monitor.knn=false"]
+    pretrain(load_config(RECIPE, [*tiny, "train.progress_bar=false", f"out_dir={out_dir}"]))
+    assert (out_dir / "summary.json").is_file() and not (out_dir / "plots").exists()
 
 
 def test_pretraining_ends_with_every_plot(run):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
 from mixmask.errors import ConfigError
-from mixmask.profiling import (
+from mixmask.train.loop import pretrain
+from mixmask.train.profiling import (
     CPU_CATEGORIES,
     GPU_CATEGORIES,
     StepProfiler,

@@ -20,8 +20,8 @@ from mixmask.data.splits import load_split
 from mixmask.errors import ConfigError
 from mixmask.methods import Method, PixelStats, StepOutput, build_method, method_names
 from mixmask.methods.registry import register_method
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
+from mixmask.ops.optim import build_optimizer
+from mixmask.train.step import training_step
 
 
 @dataclass
@@ -120,7 +120,7 @@ def test_a_one_view_method_defined_in_a_test_pretrains_through_the_cli(tmp_path,
         "model": {"width": 0.125},
         "train": {"epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3,
                   "weight_decay": 0.05, "betas": [0.9, 0.95], "progress_bar": False,
-                  "log_every": 1},
+                  "log_every": 1, "plots": "curves"},
         "eval": {"linear": False},
         "out_dir": str(tmp_path / "run"),
     }))

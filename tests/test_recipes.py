@@ -12,8 +12,8 @@ import yaml
 from mixmask import __version__
 from mixmask.cli import main
 from mixmask.config import RECIPES_DIR, load_config, recipe_names, resolve_recipe
+from mixmask.config.catalog import pretraining_recipes, protocol_files
 from mixmask.errors import ConfigError
-from mixmask.recipes import pretraining_recipes, protocol_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_every_file_the_wheel_must_carry_is_in_its_package_data():
     import tomllib
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())[
-        "tool"]["setuptools"]["package-data"]["mixmask"]
+        "tool"]["setuptools"]["package-data"]["mixmask.config"]
     package = RECIPES_DIR.parent
     carried = {path for pattern in patterns for path in package.glob(pattern)}
     needed = {path for path in RECIPES_DIR.rglob("*") if path.suffix in (".yaml", ".sbatch")}

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from mixmask.checkpoint import nonfinite_tensors
 from mixmask.cli import main
 from mixmask.config import load_config
-from mixmask.engine import pretrain
 from mixmask.errors import CheckpointError, ConfigError
 from mixmask.methods import Method, StepOutput
 from mixmask.methods.registry import register_method
+from mixmask.runs.checkpoint import nonfinite_tensors
+from mixmask.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -34,7 +34,7 @@ TINY = {
              "eval_test_subset": 64},
     "model": {"width": 0.125},
     "train": {"batch_size": 32, "epochs": 4, "progress_bar": False, "log_every": 1,
-              "checkpoint_every": 1},
+              "checkpoint_every": 1, "plots": "curves"},
     "monitor": {"knn": False, "online_probe": False},
     "eval": {"knn": False, "linear": False},
 }
@@ -243,16 +243,16 @@ def test_a_signal_mid_epoch_stops_at_a_step_boundary_and_resumes_exactly(
 
 def test_checkpoint_every_steps_saves_mid_epoch_and_resumes(tmp_path, cifar10_tarball,
                                                              monkeypatch):
-    import mixmask.engine
+    import mixmask.train.trainer
 
     saves = []
-    original = mixmask.engine._Run.save_checkpoint
+    original = mixmask.train.trainer.Trainer.save_checkpoint
 
     def recording(run, name):
         saves.append((name, run.state["step"]))
         original(run, name)
 
-    monkeypatch.setattr(mixmask.engine._Run, "save_checkpoint", recording)
+    monkeypatch.setattr(mixmask.train.trainer.Trainer, "save_checkpoint", recording)
     config = write_config(tmp_path, cifar10_tarball,
                           train={"epochs": 2, "checkpoint_every_steps": 3, "max_steps": 7,
                                  "checkpoint_every": 0})
@@ -325,7 +325,7 @@ def test_two_nodes_under_torchrun_train_as_two_local_processes(tmp_path):
               "method.mocov2.queue_size=256", "train.batch_size=32", "data.num_workers=0",
               "train.progress_bar=false", "data.dataset=synthetic", "data.subset=128",
               "train.epochs=1", "train.device=cpu", "eval.linear=false", "eval.knn=false",
-              "monitor.knn=false", "monitor.online_probe=false"]
+              "monitor.knn=false", "monitor.online_probe=false", "train.plots=curves"]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     port = _free_port()
     nodes = [subprocess.Popen(

@@ -11,10 +11,10 @@ import yaml
 from PIL import Image
 
 from mixmask.config import load_config
-from mixmask.engine import pretrain
 from mixmask.errors import MixmaskError
 from mixmask.eval.protocols import run_knn
-from mixmask.report import write_report
+from mixmask.pictures.report import write_report
+from mixmask.train.loop import pretrain
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # Every value differs from configs/quickstart.yaml's, so exactly these keys differ from the

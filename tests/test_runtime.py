@@ -1,4 +1,4 @@
-"""Tests for mixmask.runtime: glibc keeps freed memory, measured by page faults."""
+"""Tests for mixmask.train.runtime: glibc keeps freed memory, measured by page faults."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     from mixmask.models import build_resnet
-    from mixmask.runtime import keep_freed_cpu_memory
+    from mixmask.train.runtime import keep_freed_cpu_memory
     if sys.argv[1] == "keep":
         assert keep_freed_cpu_memory()
     torch.manual_seed(0)

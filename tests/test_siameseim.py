@@ -17,11 +17,11 @@ from mixmask.config import load_config
 from mixmask.data import preset_views, view_transform
 from mixmask.data.batch import Batch
 from mixmask.data.datasets import load_image_set
-from mixmask.engine import pretrain
 from mixmask.methods import PixelStats, build_method
-from mixmask.optim import build_optimizer
-from mixmask.step import training_step
-from mixmask.unigrad import unigrad_loss
+from mixmask.ops.losses.unigrad import unigrad_loss
+from mixmask.ops.optim import build_optimizer
+from mixmask.train.loop import pretrain
+from mixmask.train.step import training_step
 
 VIT = ["method.siameseim.projector_depth=1", "method.siameseim.predictor_depth=1",
        "data.root=/nonexistent"]
@@ -70,7 +70,7 @@ def test_the_predictor_reads_cls_visible_tokens_and_one_query_per_view2_patch(mo
     # cls + the 26 visible patches of 64, in patch order.
     assert online.shape == (2, 1 + 26, 192) and keep.shape == (2, 26)
     assert torch.equal(keep, torch.stack([torch.nonzero(~row).flatten() for row in mask]))
-    from mixmask.relative_position import relative_position_embedding
+    from mixmask.ops.relative_position import relative_position_embedding
 
     batch = _full_crop_batch(views)
     relative = relative_position_embedding(batch.boxes[0], batch.flips[0], batch.boxes[1],

@@ -1,6 +1,6 @@
-"""Tests for SiameseIM's parts: mixmask.relative_position, mixmask.unigrad and the fixed-count
-BEiT masks of mixmask.masking, each against an independent (hand or reference-formula)
-calculation."""
+"""Tests for SiameseIM's parts: mixmask.ops.relative_position, mixmask.ops.losses.unigrad
+and the fixed-count BEiT masks of mixmask.ops.grid_masks, each against an independent (hand
+or reference-formula) calculation."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import random
 import pytest
 import torch
 
-from mixmask.masking import beit_block_mask
 from mixmask.models.vit import sincos_2d_position_embedding
-from mixmask.relative_position import (
+from mixmask.ops.grid_masks import beit_block_mask
+from mixmask.ops.losses.unigrad import unigrad_loss
+from mixmask.ops.relative_position import (
     crop_geometry_reference,
     relative_position_embedding,
     view2_patch_centres_in_view1,
 )
-from mixmask.unigrad import unigrad_loss
 
 
 def crops(*boxes: tuple[int, int, int, int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for mixmask.models.vit and mixmask.mim_masking, each against an independent
+"""Tests for mixmask.models.vit and mixmask.ops.token_masks, each against an independent
 calculation (hand-written numbers, timm's own forward, or position-coded inputs)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.errors import ConfigError
 from mixmask.methods import build_method
-from mixmask.mim_masking import gather_tokens, mae_random_masking, num_kept, unshuffle
 from mixmask.models import backbone_names, build_backbone
 from mixmask.models.vit import (
     VIT_ARCHS,
@@ -22,6 +21,7 @@ from mixmask.models.vit import (
     sincos_2d_position_embedding,
     unpatchify,
 )
+from mixmask.ops.token_masks import gather_tokens, mae_random_masking, num_kept, unshuffle
 
 timm = pytest.importorskip("timm")
 

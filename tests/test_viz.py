@@ -1,4 +1,5 @@
-"""Tests for mixmask.viz: the gallery's layout and pixels, against independent calculations."""
+"""Tests for mixmask.pictures.masks: the gallery's layout and pixels, against independent
+calculations."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mixmask.methods.masking_axis import MaskConfig, MaskingAxisConfig
-from mixmask.viz import (
+from mixmask.methods.siamese.masking_axis import MaskConfig, MaskingAxisConfig
+from mixmask.pictures.masks import (
     GALLERY_PADDING,
     GALLERY_ROWS,
     LABEL_WIDTH,

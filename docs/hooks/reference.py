@@ -9,7 +9,7 @@ mkdocs loads this file as a hook (``hooks:`` in mkdocs.yml); a page asks for a g
 block with a placeholder comment, replaced in :func:`on_page_markdown`::
 
     <!-- generated: config-reference -->
-    <!-- generated: api-index mixmask.masking -->
+    <!-- generated: api-index mixmask.ops.grid_masks mixmask.ops.mixing mixmask.ops.erasing -->
 
 The generators are pure functions (:func:`config_reference_markdown`,
 :func:`api_index_markdown`) that tests call directly.
@@ -84,7 +84,16 @@ def config_reference_markdown() -> str:
 
 def field_comments(cls: type) -> dict[str, str]:
     """The comment of each field of dataclass ``cls``: the ``#`` lines directly above it
-    (no blank line between) and any comment on the field's own lines, joined."""
+    (no blank line between) and any comment on the field's own lines, joined. Fields a
+    dataclass inherits (``PixelTargetConfig``'s) carry their base class's comments."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     text = Path(inspect.getsourcefile(cls)).read_text()
     lines = text.splitlines()
     comment_at = {token.start[0]: token.string.lstrip("#").strip()

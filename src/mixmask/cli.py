@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(args) -> int:
-    from mixmask.plots import write_plots
+    from mixmask.pictures.plots import write_plots
 
     written, skipped = write_plots(Path(args.run), args.overrides, checkpoint=args.checkpoint,
                                    representation=not args.curves_only)
@@ -174,7 +174,7 @@ def _plot(args) -> int:
 
 def _report(args) -> int:
     from mixmask.eval.results import find_runs
-    from mixmask.report import write_report
+    from mixmask.pictures.report import write_report
 
     print(f"wrote {write_report(find_runs(args.runs), Path(args.out))}")
     return 0
@@ -184,7 +184,8 @@ def _pretrain(args) -> int:
     from rich.console import Console
 
     from mixmask.config import load_config
-    from mixmask.engine import pretrain
+    from mixmask.pictures.plots import draw_end_of_run_plots
+    from mixmask.train.loop import pretrain
 
     config = load_config(args.config, args.overrides)
     console = Console()
@@ -193,14 +194,17 @@ def _pretrain(args) -> int:
                       f"ignored: method '{config.method.name}' has no masking axis.")
     summary = pretrain(config, console=console)
     if summary is not None:  # global rank 0
+        # The pictures are the CLI's: pretrain() trains and saves, and Python callers
+        # (benchmarks, tests) draw what they want with mixmask.pictures.plots.
+        draw_end_of_run_plots(Path(config.out_dir), config.train.plots, say=console.print)
         _print_summary(console, summary, Path(config.out_dir))
     return 0
 
 
 def _show_masks(args) -> int:
     from mixmask.config import load_config
-    from mixmask.mim_gallery import is_mim_method, mim_gallery_from_config
-    from mixmask.viz import GALLERY_ROWS, gallery_from_config
+    from mixmask.pictures.masks import GALLERY_ROWS, gallery_from_config
+    from mixmask.pictures.mim_gallery import is_mim_method, mim_gallery_from_config
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(config.out_dir) / "mask_gallery.png"
@@ -214,7 +218,7 @@ def _show_masks(args) -> int:
 
 
 def _reconstruct(args) -> int:
-    from mixmask.mim_gallery import reconstruct_run
+    from mixmask.pictures.mim_gallery import reconstruct_run
 
     path = reconstruct_run(Path(args.run), args.out, overrides=args.overrides,
                            checkpoint=args.checkpoint, num_images=args.num_images)
@@ -278,8 +282,8 @@ def _evaluate(args) -> int:
 
 
 def _export(args) -> int:
-    from mixmask.eval.protocols import build_run_method, load_run_checkpoint, load_run_config
-    from mixmask.export import backbone_state, export_backbone
+    from mixmask.runs.export import backbone_state, export_backbone
+    from mixmask.runs.folder import build_run_method, load_run_checkpoint, load_run_config
 
     run = Path(args.run)
     config = load_run_config(run, args.overrides)
@@ -294,7 +298,7 @@ def _export(args) -> int:
 
 def _recipes(args) -> int:
     from mixmask.config import resolve_recipe
-    from mixmask.recipes import copy_recipe, pretraining_recipes, protocol_files
+    from mixmask.config.catalog import copy_recipe, pretraining_recipes, protocol_files
 
     if args.copy:
         if not args.name:

@@ -32,7 +32,7 @@ class CheckpointError(MixmaskError):
 
 
 class IsolatedWorkFailed(MixmaskError):
-    """Optional work run in a child process (:mod:`mixmask.isolated`) raised an unexpected
+    """Optional work run in a child process (:mod:`mixmask.pictures.isolated`) raised an unexpected
     error or crashed; the message says which and why."""
 
 

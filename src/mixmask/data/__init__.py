@@ -4,12 +4,8 @@ evaluation."""
 from mixmask.data.batch import UNLABELED, Batch
 from mixmask.data.datasets import DATASET_STATS, ImageSet, load_image_set
 from mixmask.data.gpu_augment import BatchedViewAugment
-from mixmask.data.loaders import (
-    EpochBatchSampler,
-    EvalDataset,
-    MultiViewDataset,
-    build_train_loader,
-)
+from mixmask.data.loaders import EpochBatchSampler, EvalDataset, MultiViewDataset
+from mixmask.data.pipeline import build_train_loader
 from mixmask.data.transforms import eval_transform, view_transform
 from mixmask.data.views import AUGMENTATION_PRESETS, ViewConfig, preset_views
 

@@ -35,8 +35,8 @@ import PIL.Image
 import torch
 
 from mixmask.data.batch import UNLABELED
+from mixmask.data.progress import image_progress
 from mixmask.errors import DatasetError
-from mixmask.progress import image_progress
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "synthetic", "stl10", "tinyimagenet")
 # "pretrain" is what self-supervised pretraining reads: STL-10's unlabeled + train images,

@@ -1,5 +1,6 @@
-"""torch Datasets pairing an `ImageSet` with a transform, the batch order of training, and
-the training loader of either pipeline.
+"""torch Datasets pairing an `ImageSet` with a transform, the batch order of training, the
+CPU pipeline's loader, and what DataLoader workers share. The training loader of either
+pipeline is :func:`mixmask.data.pipeline.build_train_loader`.
 
     >>> train = load_image_set("synthetic", "", "train")
     >>> views = preset_views("cifar", 32, num_views=2)
@@ -35,7 +36,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 import PIL.Image
 import torch
@@ -55,7 +55,6 @@ __all__ = [
     "EvalDataset",
     "HostViews",
     "MultiViewDataset",
-    "build_train_loader",
     "item_seed",
 ]
 
@@ -262,43 +261,3 @@ class HostViews:
             yield batch.channels_last() if self.channels_last else batch
 
 
-def build_train_loader(
-    image_set: ImageSet,
-    batch_sampler,
-    views: Sequence[ViewConfig],
-    *,
-    pipeline: Literal["cpu", "device"],
-    device: torch.device,
-    seed: int,
-    rank: int = 0,
-    num_workers: int = 0,
-    channels_last: bool = False,
-):
-    """The training loader: an iterable of :class:`~mixmask.data.batch.Batch` on
-    ``device``, one per batch of ``batch_sampler`` (lists of ``(index, epoch)``, as
-    :class:`EpochBatchSampler` yields them), with ``len()`` = ``len(batch_sampler)``.
-
-    views: one :class:`~mixmask.data.views.ViewConfig` per view, in view order
-        (:func:`~mixmask.data.views.preset_views` gives a preset's).
-    pipeline: "cpu", :class:`HostViews` (PIL in ``num_workers`` DataLoader workers);
-        "device", :class:`~mixmask.data.device_views.DeviceViews` for an in-memory
-        ImageSet (``image_set.images`` is not None; no workers) or
-        :class:`~mixmask.data.device_views.DecodedViews` for files (``num_workers``
-        workers decode and crop).
-    seed: the run's seed; items draw from :func:`item_seed` (seed, epoch, index) and
-        device batches from (seed, epoch, batch, rank).
-    channels_last: the views in ``torch.channels_last`` memory format.
-    """
-    device = torch.device(device)
-    if pipeline == "cpu":
-        return HostViews(image_set, batch_sampler, views, device=device, seed=seed,
-                         num_workers=num_workers, channels_last=channels_last)
-    if pipeline == "device":
-        # Imported here: device_views builds on this module.
-        from mixmask.data.device_views import DecodedViews, DeviceViews
-
-        common = dict(device=device, seed=seed, rank=rank, channels_last=channels_last)
-        if image_set.images is not None:
-            return DeviceViews(image_set, batch_sampler, views, **common)
-        return DecodedViews(image_set, batch_sampler, views, num_workers=num_workers, **common)
-    raise ValueError(f"Unknown pipeline {pipeline!r}. Use one of: cpu, device.")

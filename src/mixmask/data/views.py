@@ -37,7 +37,7 @@ Presets:
   are BYOL's colour ops: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, blur 1.0 / 0.1,
   solarize 0 / 0.2, crop scale (0.08, 1) (its 1600-epoch script's crop_min), the flip drawn
   per view (the reference flips before cropping: the same views, see
-  :mod:`mixmask.relative_position`), bicubic as the reference resamples.
+  :mod:`mixmask.ops.relative_position`), bicubic as the reference resamples.
 * "siameseim_cifar": the same at 32 px with crop scale (0.2, 1) (0.08 of a 32 px image is
   a few pixels) and no blur, as the CIFAR recipes of BYOL do.
 

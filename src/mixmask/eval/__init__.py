@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixmask.collapse import embedding_std
+from mixmask.data.progress import image_progress
+from mixmask.eval.collapse import embedding_std
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
 from mixmask.eval.linear import linear_top1
-from mixmask.progress import image_progress
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def evaluate(method: nn.Module, eval_data, config, device: torch.device, *, knn:
         train_features, train_labels = features("train", eval_data.train)
     test_features, test_labels = features("test", eval_data.test)
     # The spread of the test features as evaluation sees them (eval-mode BN): what the
-    # collapse monitor checks beside the training batches' (mixmask.collapse).
+    # collapse monitor checks beside the training batches' (mixmask.eval.collapse).
     results["test_feature_std"] = float(embedding_std(test_features))
     if knn:
         results["knn_top1"] = knn_top1(

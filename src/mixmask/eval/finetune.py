@@ -11,7 +11,7 @@ decay per epoch over 20 epochs, batch 256, BN in train mode, RandomResizedCrop +
 test after every epoch (evaluate.py reports the best epoch; we report the last and the
 best, and say which is which).
 
-Training runs on Fabric (devices, precision, DDP) through :func:`mixmask.step.training_step`,
+Training runs on Fabric (devices, precision, DDP) through :func:`mixmask.train.step.training_step`,
 as pretraining does; the state is saved at every epoch's end, every
 ``train.checkpoint_every_steps`` steps and on a stop signal, and the same command
 continues it exactly (the batches and augmentation are a pure function of seed, epoch and
@@ -20,7 +20,6 @@ image).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -33,13 +32,15 @@ from lightning.fabric import Fabric
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from mixmask.checkpoint import load_optimizer_state, load_state, read_checkpoint
 from mixmask.data.batch import Batch
 from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.accuracy import EpochRecord, topk_accuracy
 from mixmask.eval.data import AugmentedLabelled, EpochBatches, train_loader
 from mixmask.methods.protocol import StepOutput
-from mixmask.step import all_finite, training_step
+from mixmask.ops.tensors import all_finite
+from mixmask.runs.checkpoint import load_optimizer_state, load_state, read_checkpoint
+from mixmask.train.schedule import cosine_epoch_lr, warmup_cosine_lr
+from mixmask.train.step import training_step
 
 
 def mix_for_classification(images: Tensor, labels: Tensor, num_classes: int, *,
@@ -53,9 +54,9 @@ def mix_for_classification(images: Tensor, labels: Tensor, num_classes: int, *,
     area. Targets are ``lam * y + (1 - lam) * y[partner]`` with label-smoothed one-hots
     ``y`` (``smoothing / K`` off, ``1 - smoothing + smoothing / K`` on).
 
-    The pixels come from :func:`mixmask.masking.sample_unmix` (Un-Mix uses the same two
+    The pixels come from :func:`mixmask.ops.mixing.sample_unmix` (Un-Mix uses the same two
     mixes with the same box rule); returns ``(mixed images, targets [B, K])``."""
-    from mixmask.masking import sample_unmix
+    from mixmask.ops.mixing import sample_unmix
 
     if mixup_alpha > 0 and cutmix_alpha > 0:
         # One host read per step, to pick the alpha the draw uses.
@@ -73,7 +74,7 @@ def mix_for_classification(images: Tensor, labels: Tensor, num_classes: int, *,
 
 class Classifier(nn.Module):
     """A backbone and a linear head; its forward is a training step (cross-entropy on the
-    batch's first view), so :func:`mixmask.step.training_step` and Fabric drive it as they
+    batch's first view), so :func:`mixmask.train.step.training_step` and Fabric drive it as they
     drive a pretraining method.
 
     ``head_std``: the head's init, N(0, 0.01) (Barlow Twins' evaluate.py) or MAE's
@@ -117,23 +118,6 @@ class Classifier(nn.Module):
         return StepOutput(loss, {"loss": loss.detach()})
 
 
-def cosine_epoch_lr(base: float, epoch: int, epochs: int) -> float:
-    """torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch (evaluate.py):
-    the lr of epoch ``epoch`` (0-based)."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-def warmup_cosine_lr(peak: float, floor: float, epoch: float, *, warmup_epochs: float,
-                     epochs: float) -> float:
-    """MAE's ``util/lr_sched.py: adjust_learning_rate`` at a fractional epoch (it is called
-    every step with ``step / steps_per_epoch + epoch``): linear from 0 over the warm-up,
-    then a half-cosine from ``peak`` to ``floor``."""
-    if epoch < warmup_epochs:
-        return peak * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def parameter_groups(classifier: Classifier, *, lr_backbone: float, lr_head: float,
                      recipe: str = "sgd", weight_decay: float = 0.0, layer_decay: float = 1.0,
                      min_lr: float = 0.0) -> list[dict[str, Any]]:
@@ -147,11 +131,11 @@ def parameter_groups(classifier: Classifier, *, lr_backbone: float, lr_head: flo
     ``layer_decay ** (depth + 1 - layer id)`` (BEiT / MAE: embeddings 0, block i at i + 1,
     final norm and head at depth + 1), the floor too (MAE scales ``min_lr`` with the group).
     """
-    from mixmask.optim import (
+    from mixmask.ops.optim import (
         layer_decay_lr_scale,
         no_decay_bias_norm_and_tokens,
     )
-    from mixmask.optim import parameter_groups as named_groups
+    from mixmask.ops.optim import parameter_groups as named_groups
 
     scale = None
     if layer_decay != 1.0:

@@ -9,8 +9,6 @@ different protocols never overwrite each other and ``mixmask results`` can tabul
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from mixmask.checkpoint import load_state, nonfinite_tensors, read_checkpoint
-from mixmask.config import Config, load_config
-from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.config import Config
+from mixmask.data.progress import image_progress
+from mixmask.errors import ConfigError
 from mixmask.eval.accuracy import EpochRecord
 from mixmask.eval.data import (
     LABEL_FRACTIONS,
@@ -29,9 +27,20 @@ from mixmask.eval.data import (
     label_subset,
 )
 from mixmask.eval.features import extract_features
+from mixmask.eval.finetune import Classifier, finetune
 from mixmask.eval.knn import knn_accuracy
 from mixmask.eval.linear import linear_moco, train_linear_probe
-from mixmask.progress import image_progress
+from mixmask.methods import PixelStats
+from mixmask.runs.folder import (
+    build_run_method,
+    evaluation_sets,
+    load_run_checkpoint,
+    load_run_config,
+    pretrained_method,
+    write_result,
+)
+from mixmask.train.fabric import build_fabric, device_name, resolve_accelerator, versions
+from mixmask.train.signals import GivenStop, StopSignals
 
 PROTOCOL_DESCRIPTIONS = {
     "knn": "weighted kNN (InstDisc): k={k}, t={t}, cosine similarity, centre-crop features",
@@ -51,76 +60,13 @@ PROTOCOL_DESCRIPTIONS = {
 # --------------------------------------------------------------------------- the run
 
 
-def load_run_config(run: Path, overrides: list[str], protocol_file: str | None = None
-                    ) -> Config:
-    if not (run / "config.yaml").is_file():
-        raise MixmaskError(f"{run} is not a run folder (no config.yaml); pass the out_dir of "
-                           "`mixmask pretrain`.")
-    layers = [protocol_file] if protocol_file else []
-    return load_config(run / "config.yaml", overrides, layers=layers)
-
-
-def load_run_checkpoint(run: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any]]:
-    path = Path(checkpoint) if checkpoint else run / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; has the run saved one yet?")
-    content = read_checkpoint(path, other="pass another one with --checkpoint PATH")
-    bad = nonfinite_tensors(content["method"])
-    if bad:
-        raise CheckpointError(f"checkpoint {path} holds non-finite values ({len(bad)} tensors, "
-                              f"e.g. {bad[0]}): it comes from a diverged run; evaluate an "
-                              "earlier one with --checkpoint PATH.")
-    return path, content
-
-
-def build_run_method(config: Config, pixel_stats, checkpoint_path: Path | None,
-                     checkpoint: dict[str, Any] | None):
-    """The run's method, with the checkpoint's weights, or (no checkpoint) the random init
-    of ``train.seed``: the init pretraining started from (the engine seeds the same way)."""
-    from mixmask.methods import build_method
-
-    torch.manual_seed(config.train.seed)
-    method = build_method(config, pixel_stats)
-    if checkpoint is not None:
-        load_state(method, checkpoint["method"], checkpoint_path)
-    return method
-
-
 def _device(config: Config) -> torch.device:
-    from mixmask.engine import resolve_accelerator
-
     return torch.device(resolve_accelerator(config.train.device))
-
-
-def _eval_sets(config: Config):
-    from mixmask.data.splits import load_eval_data
-
-    eval_data, reason = load_eval_data(config)
-    if eval_data is None:
-        raise MixmaskError(f"cannot evaluate: {reason}.")
-    return eval_data
-
-
-def write_result(run: Path, name: str, result: dict[str, Any]) -> Path:
-    """``RUN/eval/<name>.json``, written atomically."""
-    folder = run / "eval"
-    path = folder / f"{name}.json"
-    partial = path.with_suffix(".partial")
-    try:
-        folder.mkdir(exist_ok=True)
-        partial.write_text(json.dumps(result, indent=2))
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise MixmaskError(f"cannot write {path}: {error.strerror or error}.") from None
-    return path
 
 
 def _common(config: Config, run: Path, protocol: str, description: str,
             checkpoint_path: Path | None, checkpoint: dict[str, Any] | None, device,
             wall_time_s: float) -> dict[str, Any]:
-    from mixmask.engine import device_name, versions
-
     return {
         "protocol": protocol, "description": description,
         "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
@@ -153,9 +99,10 @@ def run_knn(run: Path, overrides: list[str], *, checkpoint: str | None = None,
             ) -> tuple[Path, dict[str, Any]]:
     config = load_run_config(run, overrides, protocol_file)
     checkpoint_path, content = load_run_checkpoint(run, checkpoint)
-    eval_data = _eval_sets(config)
+    eval_data = evaluation_sets(config)
     started = time.perf_counter()
-    method, device = _pretrained(config, eval_data, checkpoint_path, content)
+    device = _device(config)
+    method = pretrained_method(config, eval_data, checkpoint_path, content, device)
     train_features, train_labels, test_features, test_labels = _features(
         method, eval_data, config, device, console)
     k, t = config.eval.knn_k, config.eval.knn_temperature
@@ -169,16 +116,6 @@ def run_knn(run: Path, overrides: list[str], *, checkpoint: str | None = None,
                   train_images=len(train_labels), test_images=len(test_labels),
                   **_bad_images(eval_data))
     return write_result(run, "knn", result), result
-
-
-def _pretrained(config: Config, eval_data, checkpoint_path, content):
-    from mixmask.methods import PixelStats
-
-    train_set = eval_data.train.image_set
-    method = build_run_method(config, PixelStats(tuple(train_set.mean), tuple(train_set.std)),
-                              checkpoint_path, content)
-    device = _device(config)
-    return method.to(device), device
 
 
 def _features(method, eval_data, config: Config, device, console, *, train: bool = True):
@@ -204,9 +141,10 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
         raise ConfigError(f"--protocol must be moco or cached, got {protocol!r}.")
     config = load_run_config(run, overrides, protocol_file)
     checkpoint_path, content = load_run_checkpoint(run, checkpoint)
-    eval_data = _eval_sets(config)
+    eval_data = evaluation_sets(config)
     started = time.perf_counter()
-    method, device = _pretrained(config, eval_data, checkpoint_path, content)
+    device = _device(config)
+    method = pretrained_method(config, eval_data, checkpoint_path, content, device)
     evaluation = config.eval
     steps = [int(fraction * evaluation.linear_epochs)
              for fraction in evaluation.linear_milestones]
@@ -283,12 +221,6 @@ def finetune_name(labels: str, from_scratch: bool) -> str:
 def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: bool = False,
                  checkpoint: str | None = None, protocol_file: str | None = None,
                  console: Console | None = None, stop=None) -> tuple[Path, dict[str, Any]]:
-    from lightning.fabric import Fabric
-
-    from mixmask.engine import PRECISIONS, _StopSignals, resolve_accelerator
-    from mixmask.eval.finetune import Classifier, finetune
-    from mixmask.methods import PixelStats
-
     if labels not in LABEL_FRACTIONS:
         raise ConfigError(f"--labels must be one of {', '.join(LABEL_FRACTIONS)}, got "
                           f"{labels!r}.")
@@ -300,18 +232,15 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
         run, checkpoint)
     evaluation, train = config.eval, config.train
     # The labelled train split (the label subset is drawn from it) and the test split.
-    eval_data = _eval_sets(config)
+    eval_data = evaluation_sets(config)
     train_images = eval_data.train.image_set
     indices, chosen = label_subset(train_images, labels, seed=evaluation.label_seed,
                                    split_file=evaluation.label_split_file)
-    processes = train.devices * train.num_nodes
+    processes = train.processes
     if evaluation.finetune_batch_size % processes:
         raise ConfigError(f"eval.finetune_batch_size={evaluation.finetune_batch_size} does not "
                           f"divide over {processes} processes.")
-    accelerator = resolve_accelerator(train.device)
-    fabric = Fabric(accelerator=accelerator, devices=train.devices, num_nodes=train.num_nodes,
-                    precision=PRECISIONS[train.precision],
-                    strategy="ddp" if processes > 1 else "auto")
+    fabric = build_fabric(config, resolve_accelerator(train.device))
     fabric.launch()
     pixel_stats = PixelStats(tuple(train_images.mean), tuple(train_images.std))
     method = build_run_method(config, pixel_stats, checkpoint_path, content)
@@ -374,7 +303,7 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
             _say(console, message)
 
     total = evaluation.finetune_epochs * len(indices)
-    stop_context = _StopSignals() if stop is None else _Given(stop)
+    stop_context = StopSignals() if stop is None else GivenStop(stop)
     with stop_context as stop_signals, image_progress(
             name.replace("_", " "), total, enabled=train.progress_bar and fabric.is_global_zero,
             console=console) as advance:
@@ -413,16 +342,3 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     if not fabric.is_global_zero:
         return run / "eval" / f"{name}.json", result
     return write_result(run, name, result), result
-
-
-class _Given:
-    """A stop flag given by the caller (tests), in place of the signal handlers."""
-
-    def __init__(self, stop):
-        self.stop = stop
-
-    def __enter__(self):
-        return self.stop
-
-    def __exit__(self, *exc) -> None:
-        return None

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from mixmask.data.batch import Batch
 from mixmask.models.backbones import build_backbone
-from mixmask.optim import no_decay_bias_norm_and_tokens, param_groups_for_lars, parameter_groups
+from mixmask.ops.optim import no_decay_bias_norm_and_tokens, param_groups_for_lars, parameter_groups
 
 if TYPE_CHECKING:
     from mixmask.config import Config
@@ -68,7 +68,7 @@ class StepOutput:
     # What after_optimizer_step needs from this step (e.g. MoCo's keys for its queue),
     # detached: handed back explicitly instead of being stashed on the module.
     targets: list[Tensor] = field(default_factory=list)
-    # Set by mixmask.step.training_step when it dropped this step's update (a non-finite
+    # Set by mixmask.train.step.training_step when it dropped this step's update (a non-finite
     # loss or gradient with skip_nonfinite).
     skipped: bool = False
 
@@ -150,7 +150,7 @@ class Method(nn.Module):
         return preset_views(data.augmentation, data.image_size, data.num_views or self.num_views)
 
     def parameter_groups(self, optimizer: str) -> list[dict[str, Any]]:
-        """Parameter groups for ``train.optimizer`` (:func:`mixmask.optim.build_optimizer`):
+        """Parameter groups for ``train.optimizer`` (:func:`mixmask.ops.optim.build_optimizer`):
         sgd decays every parameter (MoCo's and MixMask's reference code); lars excludes
         biases and norms from adaptation and decay (BYOL sec. 3.3); adamw excludes biases,
         norms and tokens from decay (MAE, arXiv 2111.06377, app. A.1). A method may add

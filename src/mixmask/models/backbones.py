@@ -1,8 +1,15 @@
 """The backbone registry (``model.backbone``) and its ResNets.
 
 A name maps to a builder ``(model_config) -> (module, feature_dim)`` whose module returns
-pooled features [B, D]; :func:`register_backbone` adds one (timm ViTs next) without any
-change to the engine or the methods.
+pooled features [B, D], and to its :class:`BackboneTraits`: what the backbone can do, known
+before it is built, so a method validates a config by capability ("a token model", "a
+ConvNet with stages"), never by a list of names. :func:`register_backbone` adds one
+without any change to the engine or the methods.
+
+Capabilities of the built modules: a ViT (:class:`mixmask.models.vit.ViTBackbone`) has the
+visible-token forward and the forward with a mask token; a ResNet
+(:class:`ResNetBackbone`) has its last feature map, its stage geometry and the forward with
+an edit at a stage's input.
 
 ResNets: torchvision's ResNet with a CIFAR stem option and a width multiplier.
 
@@ -13,23 +20,41 @@ the classifier is added back (``fc`` is replaced by an identity here).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
 BackboneBuilder = Callable[..., tuple[nn.Module, int]]
-_BACKBONES: dict[str, BackboneBuilder] = {}
 
 
-def register_backbone(name: str):
+@dataclass(frozen=True)
+class BackboneTraits:
+    """What a registered backbone can do, known from its name alone."""
+
+    # Patch tokens (a ViT): forward_visible, forward_with_mask_token, patch grid, blocks.
+    tokens: bool = False
+    # Stages of feature maps (a ResNet): feature_map, stage_geometry, forward_stages.
+    stages: bool = False
+    # Blocks of a token model (a ViT's depth; its mask-token layers run 0..blocks).
+    blocks: int = 0
+    # The torchvision ResNet depth its weights fit (18, 34, 50), for the exports; 0: none.
+    torchvision_resnet_depth: int = 0
+
+
+_BACKBONES: dict[str, tuple[BackboneBuilder, BackboneTraits]] = {}
+
+
+def register_backbone(name: str, traits: BackboneTraits | None = None):
     """Decorator: register ``builder(model_config, image_size) -> (module, feature_dim)``
-    as ``model.backbone: <name>``."""
+    as ``model.backbone: <name>``, with what it can do (``traits``; none by default)."""
 
     def register(builder: BackboneBuilder) -> BackboneBuilder:
-        if name in _BACKBONES and _BACKBONES[name] is not builder:
+        if name in _BACKBONES and _BACKBONES[name][0] is not builder:
             raise ValueError(f"Backbone {name!r} is already registered.")
-        _BACKBONES[name] = builder
+        _BACKBONES[name] = (builder, traits or BackboneTraits())
         return builder
 
     return register
@@ -38,10 +63,58 @@ def register_backbone(name: str):
 def backbone_names() -> tuple[str, ...]:
     return tuple(_BACKBONES)
 
+
+def backbone_traits(name: str) -> BackboneTraits:
+    """The traits of a registered backbone (none for a name the registry lacks)."""
+    return _BACKBONES[name][1] if name in _BACKBONES else BackboneTraits()
+
+
+class ResNetBackbone(tv_resnet.ResNet):
+    """torchvision's ResNet (same modules and parameter names) with the stage-level
+    capabilities the masked-image methods use: the last feature map, the stride and width
+    of each stage's input, and a forward that edits one stage's input."""
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The last stage's feature map [B, C, h, w] (before pooling)."""
+        return self.forward_stages(images)
+
+    def forward_stages(self, images: Tensor, stage: int = -1,
+                       edit: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Stem, then stages 0..3 (``layer1``..``layer4``), with ``edit`` applied to the
+        input of ``stage`` (A2MIM's mask token, ``MIMResNet.forward``); the last map."""
+        features = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        for index, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            if index == stage and edit is not None:
+                features = edit(features)
+            features = layer(features)
+        return features
+
+    def stage_geometry(self) -> tuple[list[int], int, list[int]]:
+        """(stride of each stage's input, stride of the last map, channels of each stage's
+        input), read from the modules."""
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        stem_stride = _module_stride(self.conv1) * (
+            _module_stride(self.maxpool) if isinstance(self.maxpool, nn.MaxPool2d) else 1)
+        strides = [_module_stride(stage[0]) for stage in stages]
+        input_strides = [stem_stride * math.prod(strides[:i]) for i in range(4)]
+        channels = [stage[0].conv1.in_channels for stage in stages]
+        return input_strides, stem_stride * math.prod(strides), channels
+
+
+def resnet_stage_input_stride(stem: str, stage: int) -> int:
+    """Stride of ResNet stage ``stage``'s input from the config: the stem (1 for the CIFAR
+    stem, 4 for torchvision's conv + max-pool), then x2 per stage after the first."""
+    return (1 if stem == "cifar" else 4) * 2 ** max(stage - 1, 0)
+
+
+def _module_stride(module: nn.Module) -> int:
+    stride = getattr(module, "stride", 1)
+    return stride[0] if isinstance(stride, tuple) else int(stride)
+
 _RESNETS = {
-    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2], 18),
+    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3], 34),
+    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3], 50),
 }
 
 
@@ -54,8 +127,8 @@ def build_resnet(name: str, *, stem: str = "cifar", width: float = 1.0) -> tuple
     """
     if name not in _RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(_RESNETS)}")
-    block, layers = _RESNETS[name]
-    model = tv_resnet.ResNet(block, layers)
+    block, layers, _ = _RESNETS[name]
+    model = ResNetBackbone(block, layers)
     if width != 1.0 or stem == "cifar":
         channels = [max(8, int(round(base * width))) for base in (64, 128, 256, 512)]
         # Rebuild with torchvision's own layer builder so parameter names stay identical.
@@ -93,8 +166,9 @@ def _resnet_builder(name: str) -> BackboneBuilder:
     return build
 
 
-for _name in _RESNETS:
-    register_backbone(_name)(_resnet_builder(_name))
+for _name, (_, _, _depth) in _RESNETS.items():
+    register_backbone(_name, BackboneTraits(stages=True, torchvision_resnet_depth=_depth))(
+        _resnet_builder(_name))
 
 
 def validate_backbone(model_config) -> None:
@@ -111,4 +185,4 @@ def build_backbone(model_config, image_size: int | None = None) -> tuple[nn.Modu
     """``(backbone, feature_dim)`` for a :class:`mixmask.config.ModelConfig` and the input
     size (``data.image_size``; a ViT's patch grid depends on it), from the registry."""
     validate_backbone(model_config)
-    return _BACKBONES[model_config.backbone](model_config, image_size=image_size)
+    return _BACKBONES[model_config.backbone][0](model_config, image_size=image_size)

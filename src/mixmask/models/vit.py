@@ -27,8 +27,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from mixmask.mim_masking import gather_tokens
-from mixmask.models.backbones import register_backbone
+from mixmask.models.backbones import BackboneTraits, register_backbone
+from mixmask.ops.token_masks import gather_tokens
 
 # name -> (embed_dim, depth, num_heads): DeiT's tiny / small and ViT-B (timm's vit_*_patch16).
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
@@ -256,7 +256,7 @@ class ViTBackbone(nn.Module):
     def forward_visible(self, images: Tensor, keep_indices: Tensor) -> Tensor:
         """MAE's encoder (arXiv 2111.06377, sec. 3 "MAE encoder"; ``forward_encoder``):
         position embeddings are added to all patches, then only ``keep_indices`` [B, K]
-        (e.g. from :func:`mixmask.mim_masking.mae_random_masking`) are kept, in that order,
+        (e.g. from :func:`mixmask.ops.token_masks.mae_random_masking`) are kept, in that order,
         behind the cls token: [B, 1 + K, D]."""
         visible = gather_tokens(self.embed_patches(images), keep_indices)
         return self.norm(self.blocks(self.prepend_cls(visible)))
@@ -327,5 +327,5 @@ def _vit_builder(name: str):
     return build
 
 
-for _name in VIT_ARCHS:
-    register_backbone(_name)(_vit_builder(_name))
+for _name, (_, _depth, _) in VIT_ARCHS.items():
+    register_backbone(_name, BackboneTraits(tokens=True, blocks=_depth))(_vit_builder(_name))

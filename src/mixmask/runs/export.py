@@ -1,0 +1,261 @@
+"""Backbone weights for other libraries: ``mixmask export RUN --format F --out FILE``.
+
+Only the pretrained backbone leaves: no projector, predictor or EMA/target copy (MoCo's
+conversion likewise takes the query encoder, ``encoder_q``, only). No tensor is changed,
+only renamed, so what a downstream model loads is bit-for-bit what was pretrained.
+
+- ``torchvision``: a ``torch.save`` state dict with torchvision's names (ours already are:
+  :mod:`mixmask.models.backbones` builds torchvision ``ResNet`` instances)::
+
+      m = torchvision.models.resnet50(); m.fc = nn.Identity()
+      m.load_state_dict(torch.load("r50.pt", weights_only=True))   # strict
+
+- ``timm``: the same file layout; timm's ResNet uses torchvision's names for conv1, bn1,
+  layer1-4 and calls its classifier ``fc``, which ``num_classes=0`` makes an identity::
+
+      m = timm.create_model("resnet50", num_classes=0)
+      m.load_state_dict(torch.load("r50.pt", weights_only=True))   # strict
+
+- ``detectron2``: MoCo's ``detection/convert-pretrain-to-detectron2.py`` (facebookresearch/
+  moco, MIT): a pickle ``{"model": {name: numpy array}, "__author__": ...,
+  "matching_heuristics": True}`` with detectron2's ResNet names (``stem.conv1``,
+  ``res2``-``res5``, ``convN.norm``, ``shortcut``). See docs/transfer.md and
+  configs/transfer/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mixmask.errors import MixmaskError
+from mixmask.models.backbones import backbone_names, backbone_traits, build_resnet
+
+EXPORT_FORMATS = ("torchvision", "timm", "detectron2")
+
+# The backbones a format can hold: those whose traits name a torchvision ResNet depth (the
+# registry names them as torchvision and timm do; detectron2's MODEL.RESNETS.DEPTH).
+_BOTTLENECK_DEPTHS = (50,)
+
+# torchvision's ImageNet normalisation, the statistics MoCo's detectron2 configs put in
+# MODEL.PIXEL_MEAN / PIXEL_STD (x255, RGB).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR_STEM_SNIPPET = ("m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False); "
+                      "m.maxpool = nn.Identity(); m.fc = nn.Identity()")
+
+
+class ExportError(MixmaskError):
+    """A backbone that the asked-for format cannot hold, or an output that cannot be
+    written."""
+
+
+def backbone_state(method: nn.Module) -> dict[str, Tensor]:
+    """The backbone's own ``state_dict`` of a built method: ``method.backbone`` (the online
+    / query network, not ``target_backbone``, the EMA copy), without heads."""
+    if isinstance(method, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        method = method.module
+    backbone = getattr(method, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ExportError(f"{type(method).__name__} has no 'backbone' network to export.")
+    # torch.compile(module) wraps it (keys gain '_orig_mod.'); the engine compiles in place,
+    # but a user's own wrapped backbone should export the same names.
+    backbone = getattr(backbone, "_orig_mod", backbone)
+    return dict(backbone.state_dict())
+
+
+def export_backbone(backbone_state: dict[str, Tensor], model_config: Any, fmt: str,
+                    out: str | Path, *, pixel_stats: Any = None) -> dict[str, Any]:
+    """Write ``backbone_state`` (of a backbone built from ``model_config``, a
+    :class:`mixmask.config.ModelConfig`) to ``out`` in format ``fmt``, atomically.
+
+    ``pixel_stats`` (optional, :class:`mixmask.methods.PixelStats`): the normalisation
+    the run pretrained with; detectron2's notes then give the PIXEL_MEAN/STD to match.
+
+    Returns ``{"format", "target", "tensors", "out", "notes"}``: the model the file loads
+    into, how many tensors it holds, its path, and sentences on how to load it.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}.")
+    name, stem, width = model_config.backbone, model_config.stem, float(model_config.width)
+    depth = backbone_traits(name).torchvision_resnet_depth
+    if not depth:
+        exportable = [item for item in backbone_names()
+                      if backbone_traits(item).torchvision_resnet_depth]
+        raise ExportError(f"{fmt} export holds the ResNets ({', '.join(exportable)}); this "
+                          f"run's model.backbone is {name!r}.")
+    if width != 1.0:
+        raise ExportError(f"{fmt}'s {name} has the standard channel counts (model.width=1.0); "
+                          f"this run's backbone has model.width={width:g}, so its weights do "
+                          "not fit it.")
+    if stem not in ("cifar", "imagenet"):
+        raise ExportError(f"model.stem must be 'cifar' or 'imagenet' to export; got {stem!r}.")
+    if fmt == "detectron2" and stem == "cifar":
+        # detectron2's BasicStem is conv1 7x7/2 + max-pool 3x3/2 (stride 4); it has no place
+        # for the CIFAR stem's 3x3/1 conv and would also see the stages at 4x the stride.
+        raise ExportError("detectron2's ResNet stem is a 7x7 stride-2 conv with a max-pool, so "
+                          "this run's CIFAR stem (3x3 stride 1, no max-pool) does not fit it; "
+                          "pretrain with model.stem=imagenet to transfer to detectron2.")
+    _check_matches_builder(backbone_state, name, stem)
+    out = Path(out)
+
+    if fmt == "detectron2":
+        model = detectron2_state(backbone_state)
+        payload = {"model": model, "__author__": "mixmask", "matching_heuristics": True}
+        _write_atomically(out, lambda handle: pickle.dump(payload, handle))
+        target = (f"detectron2 R{depth}-C4 (MoCo conversion)" if depth in _BOTTLENECK_DEPTHS
+                  else f"detectron2 R{depth} backbone (MoCo conversion)")
+        return {"format": fmt, "target": target, "tensors": len(model), "out": str(out),
+                "notes": _detectron2_notes(depth, pixel_stats)}
+
+    state = {key: tensor.detach().cpu() for key, tensor in backbone_state.items()}
+    _write_atomically(out, lambda handle: torch.save(state, handle))
+    if fmt == "torchvision":
+        target = f"torchvision.models.{name}()"
+        model_line = f"m = torchvision.models.{name}()"
+    else:
+        target = f"timm.create_model('{name}', num_classes=0)"
+        model_line = f"m = {target}"
+    return {"format": fmt, "target": target, "tensors": len(state), "out": str(out),
+            "notes": _classifier_notes(fmt, name, stem, model_line, out)}
+
+
+def detectron2_state(backbone_state: dict[str, Tensor]) -> dict[str, Any]:
+    """torchvision ResNet names -> detectron2's, values as numpy arrays (MoCo's
+    ``convert-pretrain-to-detectron2.py``): ``conv1``/``bn1`` -> ``stem.conv1``/
+    ``stem.conv1.norm``; ``layerN`` -> ``res(N+1)``; ``bnK`` -> ``convK.norm``;
+    ``downsample.0``/``.1`` -> ``shortcut``/``shortcut.norm``.
+
+    Every key is kept, BN ``num_batches_tracked`` included, as MoCo's script keeps them:
+    detectron2's BatchNorm/SyncBN load them, its FrozenBN has none and logs them unused.
+    """
+    converted = {}
+    for key, tensor in backbone_state.items():
+        if tensor.dtype == torch.bfloat16:
+            raise ExportError(f"{key} is bfloat16, which numpy (detectron2's format) cannot "
+                              "hold; export a float32 checkpoint.")
+        converted[_detectron2_name(key)] = tensor.detach().cpu().numpy()
+    return converted
+
+
+def _detectron2_name(key: str) -> str:
+    if not key.startswith("layer"):
+        key = "stem." + key
+    for stage in (1, 2, 3, 4):
+        key = key.replace(f"layer{stage}", f"res{stage + 1}")
+    for index in (1, 2, 3):
+        key = key.replace(f"bn{index}", f"conv{index}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def _check_matches_builder(backbone_state: dict[str, Tensor], name: str, stem: str) -> None:
+    """The weights must be exactly those of our builder for (name, stem, width 1): the key
+    set and every shape, so a wrong model.* section fails here, not in the user's load."""
+    with torch.device("meta"):
+        reference, _ = build_resnet(name, stem=stem, width=1.0)
+    expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    not_tensors = [key for key, value in backbone_state.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise ExportError(f"the backbone state holds non-tensors ({not_tensors[0]!r}); pass "
+                          "backbone_state(method).")
+    missing = sorted(set(expected) - set(backbone_state))
+    unexpected = sorted(set(backbone_state) - set(expected))
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise ExportError(f"the weights are not a {name} with model.stem={stem}: "
+                          f"{len(missing)} tensors missing, {len(unexpected)} unexpected "
+                          f"(e.g. {example!r}); check the run's model.* settings.")
+    for key, shape in expected.items():
+        if tuple(backbone_state[key].shape) != shape:
+            raise ExportError(f"the weights are not a {name} with model.stem={stem}: {key} has "
+                              f"shape {tuple(backbone_state[key].shape)}, expected {shape}; "
+                              "check the run's model.* settings.")
+
+
+def _classifier_notes(fmt: str, name: str, stem: str, model_line: str, out: Path) -> list[str]:
+    load = f"m.load_state_dict(torch.load('{out}', weights_only=True))"
+    notes = ["The file holds the backbone only (no classifier: pretraining has none)."]
+    if stem == "cifar":
+        # Our CIFAR stem (mixmask.models.backbones.build_resnet): Conv2d(3, 64, 3, stride 1,
+        # padding 1, bias=False) and no max-pool; tests/test_export.py loads it this way.
+        notes.append("The run used the CIFAR stem (3x3 stride-1 conv1, no max-pool), so "
+                     f"replace the stem before a strict load: {model_line}; "
+                     f"{CIFAR_STEM_SNIPPET}; {load}.")
+    elif fmt == "torchvision":
+        notes.append(f"Load it strictly with fc replaced: {model_line}; m.fc = nn.Identity(); "
+                     f"{load}.")
+    else:
+        notes.append(f"Load it strictly: {model_line}; {load}.")
+    if fmt == "torchvision":
+        notes.append("To fine-tune with a new classifier, load with strict=False into "
+                     f"torchvision.models.{name}(num_classes=N): only fc.weight and fc.bias "
+                     "are reported missing.")
+    else:
+        notes.append("To fine-tune with a new classifier, load as above, then "
+                     "m.reset_classifier(N).")
+    return notes
+
+
+def _detectron2_notes(depth: int, pixel_stats: Any) -> list[str]:
+    if depth in _BOTTLENECK_DEPTHS:
+        notes = ["Fine-tune it with configs/transfer/*_moco.yaml and MODEL.WEIGHTS set to this "
+                 "file; they set INPUT.FORMAT RGB and MODEL.RESNETS.STRIDE_IN_1X1 False "
+                 "(torchvision's bottleneck strides in the 3x3 conv).",
+                 "matching_heuristics=True lets detectron2 map res5.* onto the C4 ROI head's "
+                 "roi_heads.res5.* (suffix matching, as for MoCo's conversion)."]
+    else:
+        # Res5ROIHeads._build_res5_block always builds BottleneckBlock stages, while
+        # build_resnet_backbone builds BasicBlock stages for DEPTH 18/34.
+        notes = [f"Use it with MODEL.RESNETS.DEPTH {depth}, RES2_OUT_CHANNELS 64, INPUT.FORMAT "
+                 "RGB and an FPN backbone: the C4 configs' res5 ROI head is always bottleneck "
+                 "blocks, so res5.* would not load there."]
+    notes.append("BN num_batches_tracked counters are kept, as MoCo's conversion keeps every "
+                 "key; with FrozenBN detectron2 logs them as unused.")
+    if pixel_stats is not None:
+        mean = [round(255 * value, 3) for value in pixel_stats.mean]
+        std = [round(255 * value, 3) for value in pixel_stats.std]
+        if (tuple(pixel_stats.mean), tuple(pixel_stats.std)) == (_IMAGENET_MEAN, _IMAGENET_STD):
+            notes.append(f"The run normalised with ImageNet's statistics: MODEL.PIXEL_MEAN "
+                         f"{mean} and PIXEL_STD {std}, as in configs/transfer/*_moco.yaml.")
+        else:
+            notes.append(f"The run normalised with its own statistics: set MODEL.PIXEL_MEAN "
+                         f"{mean} and MODEL.PIXEL_STD {std} (RGB, x255) to match.")
+    return notes
+
+
+def _write_atomically(out: Path, serialise: Callable[[io.BufferedIOBase], None]) -> None:
+    """Serialise into memory, write ``out.partial``, fsync, then rename over ``out``: a
+    failure leaves ``out`` as it was and no partial file. Serialising first keeps write
+    errors OSErrors (torch's zip writer reports a full disk as a RuntimeError)."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        buffer = io.BytesIO()
+        serialise(buffer)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, out)
+    except OSError as error:
+        _remove(partial)
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ExportError(f"could not write {out}: {reason}; check that its folder is "
+                          "writable and the disk has space.") from error
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
