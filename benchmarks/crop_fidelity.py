@@ -21,7 +21,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from mixmask.data.datasets import load_image_set
-from mixmask.data.gpu_augment import resized_crop
+from mixmask.data.gpu_ops import resized_crop
 
 # (top, left, height, width) in a 32 x 32 image, and the output size.
 CASES = [((3, 5, 20, 17), 32), ((5, 2, 9, 11), 32), ((0, 0, 32, 32), 24), ((0, 0, 32, 32), 32)]

@@ -33,6 +33,3 @@ class HostSyncRecorder(TorchDispatchMode):
             self.syncing_ops.append(name)
         return func(*args, **(kwargs or {}))
 
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

@@ -2,9 +2,8 @@
 by its path: ``from scripts import load_script``."""
 
 import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def load_script(relative_path: str):

@@ -9,14 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from scripts import load_script
 
 from mixmask.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_time_to_accuracy_writes_the_per_epoch_curve(tmp_path):

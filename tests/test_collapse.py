@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from host_sync import HostSyncRecorder, seeded
+from helpers import ROOT, seeded
+from host_sync import HostSyncRecorder
 
 from mixmask.cli import main
 from mixmask.config import load_config
@@ -29,7 +30,6 @@ from mixmask.eval.collapse import (
 from mixmask.methods.siamese.mocov2 import MoCoV2, stale_key_share
 from mixmask.pictures.isolated import run_isolated
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------- the measure

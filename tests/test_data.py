@@ -20,7 +20,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
-import mixmask.data.datasets as datasets_module
+import mixmask.data.files as files_module
+import mixmask.data.image_folders as image_folders_module
 from mixmask.data import (
     AUGMENTATION_PRESETS,
     DATASET_STATS,
@@ -222,7 +223,7 @@ def test_archive_unpacked_once(tmp_path, tree, cache, monkeypatch, name):
     def refuse(*args):
         raise AssertionError("archive unpacked a second time")
 
-    monkeypatch.setattr(datasets_module, "_extract_archive", refuse)
+    monkeypatch.setattr(files_module, "_extract_archive", refuse)
     test = load_image_set("imagefolder", str(archive), "test", cache_dir=cache)
     assert red_values(test) == [0, 10, 20]
     assert (unpacked[0] / "mydata" / "train" / "ant" / "000.png").stat().st_mtime_ns == (
@@ -249,21 +250,21 @@ def test_changed_archive_is_unpacked_again(tmp_path, tree, cache):
 
 def test_interrupted_extraction_is_never_used(tmp_path, tree, cache, monkeypatch):
     archive = make_archive(tree, tmp_path / "data.tar.gz")
-    real_extract = datasets_module._extract_archive
+    real_extract = files_module._extract_archive
 
     def half_then_crash(path, destination, progress=False):
         with tarfile.open(path) as tar:
             tar.extract(tar.getmembers()[0], destination)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(datasets_module, "_extract_archive", half_then_crash)
+    monkeypatch.setattr(files_module, "_extract_archive", half_then_crash)
     with pytest.raises(KeyboardInterrupt):
         load_image_set("imagefolder", str(archive), "train", cache_dir=cache)
     assert list(Path(cache).iterdir()) == []  # the partial extraction was removed
 
     # A leftover staging folder from a killed process is ignored, too.
     (Path(cache) / ".tmp-unpack-dead" / "mydata").mkdir(parents=True)
-    monkeypatch.setattr(datasets_module, "_extract_archive", real_extract)
+    monkeypatch.setattr(files_module, "_extract_archive", real_extract)
     assert len(load_image_set("imagefolder", str(archive), "train", cache_dir=cache)) == 6
 
 
@@ -320,7 +321,7 @@ def test_decoded_tensor_is_cached_and_sliced(tree, cache, monkeypatch):
     def refuse(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(datasets_module, "_decode_all", refuse)
+    monkeypatch.setattr(image_folders_module, "_decode_all", refuse)
     again = load_image_set("imagefolder", str(tree), "train", cache_dir=cache)
     assert torch.equal(again.images, full.images) and torch.equal(again.labels, full.labels)
     part = load_image_set("imagefolder", str(tree), "train", subset=4, cache_dir=cache)

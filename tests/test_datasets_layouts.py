@@ -20,10 +20,11 @@ import torch
 import torchvision
 from PIL import Image
 
-import mixmask.data.datasets as datasets_module
+import mixmask.data.image_folders as image_folders_module
 from mixmask.config import load_config
 from mixmask.data import build_train_loader, load_image_set, preset_views
-from mixmask.data.datasets import DATASET_STATS, UnreadableImageWarning
+from mixmask.data.datasets import DATASET_STATS
+from mixmask.data.image_set import UnreadableImageWarning
 from mixmask.data.loaders import EpochBatchSampler, EvalDataset, MultiViewDataset
 from mixmask.data.splits import load_eval_data, load_split
 from mixmask.errors import DatasetError
@@ -373,7 +374,7 @@ def test_one_percent_of_bad_files_is_skipped_counted_and_cached(tmp_path, monkey
     def refuse(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(datasets_module, "_decode_all", refuse)
+    monkeypatch.setattr(image_folders_module, "_decode_all", refuse)
     with pytest.warns(UnreadableImageWarning):
         cached = load_image_set("imagefolder", str(root), "train")
     assert cached.bad_files == bad and torch.equal(cached.images, image_set.images)

@@ -16,8 +16,8 @@ from test_data import check_marks, geometry_view, marked_image_set
 
 from mixmask.config import load_config
 from mixmask.data import Batch, EpochBatchSampler, build_train_loader, load_image_set, preset_views
-from mixmask.data.datasets import ImageSet
 from mixmask.data.device_views import DecodedViews, DeviceViews, _batch_seed
+from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import CropDataset
 from mixmask.train.loop import pretrain
 

@@ -5,12 +5,12 @@ batch equal one process's gradients on the whole batch."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import free_port
 from torch.nn.parallel import DistributedDataParallel
 
 from mixmask.config import load_config
@@ -57,11 +57,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_every_method_ddp_gradients_equal_the_whole_batch_gradients(tmp_path):

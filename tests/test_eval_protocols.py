@@ -22,7 +22,8 @@ import mixmask.eval.finetune as finetune_module
 from mixmask.cli import main
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
-from mixmask.data.datasets import ImageSet, load_image_set
+from mixmask.data.datasets import load_image_set
+from mixmask.data.image_set import ImageSet
 from mixmask.eval.data import (
     AugmentedLabelled,
     EpochBatches,

@@ -4,17 +4,15 @@ step of every CIFAR-10 recipe must reach every parameter that requires a gradien
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import ROOT
 
 from mixmask.config import load_config
 from mixmask.data import EpochBatchSampler, build_train_loader
 from mixmask.data.datasets import load_image_set
 from mixmask.methods import PixelStats, build_method
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(path.stem for path in (ROOT / "configs" / "cifar10").glob("*.yaml"))
 SMALL = {"vit": ["model.backbone=vit_tiny"], "r18": ["model.width=0.25"]}
 

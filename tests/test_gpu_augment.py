@@ -13,36 +13,38 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as F2
+from helpers import seeded
 from host_sync import HostSyncRecorder
 from torchvision import transforms as T
 
 from mixmask.data.gpu_augment import (
+    BatchedViewAugment,
+    ViewParams,
+    apply_view,
+    sample_apply,
+    sample_color_jitter,
+    sample_crop_boxes,
+    sample_view_params,
+)
+from mixmask.data.gpu_ops import (
     BRIGHTNESS,
     CONTRAST,
     HUE,
     SATURATION,
-    BatchedViewAugment,
-    ViewConfig,
-    ViewParams,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
-    apply_view,
     color_jitter,
     gaussian_blur,
     grayscale,
     horizontal_flip,
     normalize,
     resized_crop,
-    sample_apply,
-    sample_color_jitter,
-    sample_crop_boxes,
-    sample_view_params,
     solarize,
 )
 from mixmask.data.transforms import view_transform
-from mixmask.data.views import preset_views
+from mixmask.data.views import ViewConfig, preset_views
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -50,9 +52,6 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # (fused blends, separable blur, matmul crop, closed-form hue), nothing else.
 ATOL = 2e-6
 
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def random_images(batch: int = 8, height: int = 20, width: int = 24, seed: int = 0):
@@ -274,7 +273,7 @@ def test_bicubic_resized_crop_matches_torchvision_antialiased_bicubic(size):
 def test_keys_cubic_kernel_at_hand_computed_distances():
     # a = -0.5: d = 0 -> 1; d = 0.5 -> 1.5 * 0.125 - 2.5 * 0.25 + 1 = 0.5625;
     # d = 1 -> 0; d = 1.5 -> -0.5 * (3.375 - 11.25 + 12 - 4) = -0.0625; d >= 2 -> 0.
-    from mixmask.data.gpu_augment import _keys_cubic
+    from mixmask.data.gpu_ops import _keys_cubic
 
     distance = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     torch.testing.assert_close(_keys_cubic(distance),

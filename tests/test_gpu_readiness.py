@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 
@@ -23,7 +24,6 @@ from mixmask.train import loop as engine
 from mixmask.train import trainer
 from mixmask.train.step import training_step
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=synthetic", "data.subset=64", "data.num_workers=0",
         "data.eval_train_subset=64", "data.eval_test_subset=32", "model.width=0.125",
         "method.mocov2.queue_size=64", "method.mocov2.proj_hidden_dim=32",

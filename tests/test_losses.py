@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import free_port
 from host_sync import HostSyncRecorder
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -518,11 +518,6 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ddp_gradients_equal_single_process_gradients_on_the_whole_batch(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from helpers import seeded
 from host_sync import HostSyncRecorder
 from torch import nn
 
@@ -27,10 +28,6 @@ from mixmask.ops.mixing import (
     sample_unmix,
     switched_lambda,
 )
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def masked_counts(keep_mask: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import math
 import PIL.Image
 import pytest
 import torch
+from helpers import seeded
 from torchvision import transforms as T
 
 from mixmask.data.gpu_augment import BatchedViewAugment
@@ -27,11 +28,6 @@ from mixmask.ops.losses.mim import (
     masked_mse_per_patch,
     norm_pix_target,
 )
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
 
 # -- MAE / PixMIM ------------------------------------------------------------------------
 

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
 from mixmask import __version__
 from mixmask.cli import main
 from mixmask.config import RECIPES_DIR, load_config, recipe_names, resolve_recipe
 from mixmask.config.catalog import pretraining_recipes, protocol_files
 from mixmask.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_checkouts_configs_folder_is_the_packaged_one():

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import ROOT
 from torch import nn
 
 from mixmask.cli import main
@@ -26,7 +27,6 @@ from mixmask.methods.registry import register_method
 from mixmask.runs.checkpoint import nonfinite_tensors
 from mixmask.train.loop import pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "method": {"name": "mocov2", "masking": "mixmask",
                "mocov2": {"proj_hidden_dim": 64, "queue_size": 256, "symmetric": False}},

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from helpers import seeded
 
 from mixmask.models.vit import sincos_2d_position_embedding
 from mixmask.ops.grid_masks import beit_block_mask
@@ -269,9 +270,6 @@ def test_unigrad_rejects_mismatched_shapes():
 
 # --- fixed-count BEiT block masks ----------------------------------------------------------
 
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize(("grid", "masked", "min_block", "num_masks"),

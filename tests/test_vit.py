@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import seeded
 
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
@@ -25,9 +26,6 @@ from mixmask.ops.token_masks import gather_tokens, mae_random_masking, num_kept,
 
 timm = pytest.importorskip("timm")
 
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")

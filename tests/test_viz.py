@@ -3,14 +3,14 @@ calculations."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from helpers import seeded
 from PIL import Image
 
-from mixmask.methods.siamese.masking_axis import MaskConfig, MaskingAxisConfig
+from mixmask.config import load_config
+from mixmask.methods.siamese.masking_axis import MaskingAxisConfig
 from mixmask.pictures.masks import (
     GALLERY_PADDING,
     GALLERY_ROWS,
@@ -23,9 +23,6 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 COUNT, SIZE = 8, 32
 
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def normalised_views() -> torch.Tensor:
@@ -112,9 +109,14 @@ def test_erase_and_unmix_rows():
             assert torch.allclose(unmixed, lam * original + (1 - lam) * partner, atol=1e-5)
 
 
-def test_gallery_without_erase_and_unmix_sections_uses_the_defaults():
-    config = SimpleNamespace(mask=MaskConfig())
-    assert torch.equal(gallery(config), gallery(method_config()))
+def test_a_method_config_draws_the_gallery_of_its_masking_axis():
+    # The run's `method` section (what show-masks and the report pass) and its axis alone
+    # give the same gallery; a method without an axis is refused.
+    config = load_config(None, ["method.name=byol", "method.mask.mode=discrete"])
+    assert torch.equal(gallery(config.method), gallery(config.method.axis))
+    assert not torch.equal(gallery(config.method), gallery(method_config()))
+    with pytest.raises(ValueError, match="no masking axis"):
+        gallery(load_config(None, ["method.name=mae", "model.backbone=vit_tiny"]).method)
 
 
 def test_gallery_follows_the_erase_and_unmix_config():

@@ -2,8 +2,9 @@
 evaluation."""
 
 from mixmask.data.batch import UNLABELED, Batch
-from mixmask.data.datasets import DATASET_STATS, ImageSet, load_image_set
+from mixmask.data.datasets import DATASET_STATS, load_image_set
 from mixmask.data.gpu_augment import BatchedViewAugment
+from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import EpochBatchSampler, EvalDataset, MultiViewDataset
 from mixmask.data.pipeline import build_train_loader
 from mixmask.data.transforms import eval_transform, view_transform

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mixmask.data.batch import UNLABELED, Batch
-from mixmask.data.datasets import ImageSet
 from mixmask.data.gpu_augment import BatchedViewAugment
+from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import CropDataset, collate_views, ignore_stop_signals
 from mixmask.data.views import ViewConfig
 

@@ -43,8 +43,8 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mixmask.data.batch import UNLABELED, Batch
-from mixmask.data.datasets import ImageSet
 from mixmask.data.gpu_augment import sample_crop_boxes
+from mixmask.data.image_set import ImageSet
 from mixmask.data.transforms import INTERPOLATION, view_transform
 from mixmask.data.views import ViewConfig
 

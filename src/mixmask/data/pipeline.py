@@ -9,8 +9,8 @@ from typing import Literal
 
 import torch
 
-from mixmask.data.datasets import ImageSet
 from mixmask.data.device_views import DecodedViews, DeviceViews
+from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import HostViews
 from mixmask.data.views import ViewConfig
 

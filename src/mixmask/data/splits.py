@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mixmask.data.datasets import DATASET_STATS, ImageSet, load_image_set
+from mixmask.data.datasets import DATASET_STATS, load_image_set
+from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import EvalDataset
 from mixmask.data.transforms import eval_transform
 from mixmask.errors import MixmaskError

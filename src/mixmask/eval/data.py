@@ -22,7 +22,7 @@ import torchvision.transforms as T
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mixmask.data.datasets import ImageSet
+from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import ignore_stop_signals, item_seed
 from mixmask.errors import MixmaskError
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ from mixmask.errors import CheckpointError, ConfigError, MixmaskError
 from mixmask.eval.accuracy import EpochRecord, topk_accuracy
 from mixmask.eval.data import AugmentedLabelled, EpochBatches, train_loader
 from mixmask.methods.protocol import StepOutput
+from mixmask.ops.mixing import sample_unmix
+from mixmask.ops.optim import layer_decay_lr_scale, no_decay_bias_norm_and_tokens
+from mixmask.ops.optim import parameter_groups as named_groups
 from mixmask.ops.tensors import all_finite
 from mixmask.runs.checkpoint import load_optimizer_state, load_state, read_checkpoint
 from mixmask.train.schedule import cosine_epoch_lr, warmup_cosine_lr
@@ -56,7 +60,6 @@ def mix_for_classification(images: Tensor, labels: Tensor, num_classes: int, *,
 
     The pixels come from :func:`mixmask.ops.mixing.sample_unmix` (Un-Mix uses the same two
     mixes with the same box rule); returns ``(mixed images, targets [B, K])``."""
-    from mixmask.ops.mixing import sample_unmix
 
     if mixup_alpha > 0 and cutmix_alpha > 0:
         # One host read per step, to pick the alpha the draw uses.
@@ -131,11 +134,6 @@ def parameter_groups(classifier: Classifier, *, lr_backbone: float, lr_head: flo
     ``layer_decay ** (depth + 1 - layer id)`` (BEiT / MAE: embeddings 0, block i at i + 1,
     final norm and head at depth + 1), the floor too (MAE scales ``min_lr`` with the group).
     """
-    from mixmask.ops.optim import (
-        layer_decay_lr_scale,
-        no_decay_bias_norm_and_tokens,
-    )
-    from mixmask.ops.optim import parameter_groups as named_groups
 
     scale = None
     if layer_decay != 1.0:
@@ -196,126 +194,171 @@ class FinetuneStopped(MixmaskError):
     """A stop signal ended finetuning at a step boundary; the state was saved."""
 
 
+@dataclass(frozen=True)
+class FinetuneSchedule:
+    """A finetuning recipe's optimisation: ``recipe`` ``"sgd"`` (SGD momentum 0.9, the lr
+    set once per epoch on a cosine) or ``"mae"`` (AdamW (0.9, 0.999), the lr set every step
+    by :func:`~mixmask.train.schedule.warmup_cosine_lr`, ``lr_head`` the peak, from
+    ``warmup_epochs`` down to ``min_lr``); see :func:`parameter_groups` for
+    ``layer_decay``."""
+
+    epochs: int
+    batch_size: int
+    lr_backbone: float
+    lr_head: float
+    weight_decay: float
+    seed: int
+    recipe: str = "sgd"
+    layer_decay: float = 1.0
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+
+
 def finetune(*, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabelled,
-             test_set: Dataset, epochs: int, batch_size: int, lr_backbone: float,
-             lr_head: float, weight_decay: float, seed: int, checkpoint_path: Path,
-             recipe: str = "sgd", layer_decay: float = 1.0, min_lr: float = 0.0,
-             warmup_epochs: float = 0.0,
+             test_set: Dataset, schedule: FinetuneSchedule, checkpoint_path: Path,
              settings: dict[str, Any], num_workers: int = 0, checkpoint_every_steps: int = 0,
              stop=None, say: Callable[[str], None] = print,
              progress: Callable[[int], None] | None = None,
              on_epoch: Callable[[int, dict[str, float]], None] | None = None
              ) -> tuple[EpochRecord, float]:
-    """Finetune ``classifier`` (resuming from ``checkpoint_path`` when it holds the same
-    ``settings``); returns the test record of every epoch and the wall time spent, resumed
-    parts included. ``stop.received`` (a signal name) ends it at the next step boundary,
-    saved, with :class:`FinetuneStopped`.
+    """Finetune ``classifier`` as ``schedule`` says (resuming from ``checkpoint_path``
+    when it holds the same ``settings``); returns the test record of every epoch and the
+    wall time spent, resumed parts included. ``stop.received`` (a signal name) ends it at
+    the next step boundary, saved, with :class:`FinetuneStopped`."""
+    run = _Finetune(fabric, classifier, train_set, schedule, checkpoint_path, settings,
+                    num_workers=num_workers, say=say)
+    while run.state["step"] < run.total_steps:
+        epoch = run.train_epoch(stop, checkpoint_every_steps, progress)
+        accuracy = {1: 0.0, 5: 0.0}
+        if fabric.is_global_zero:
+            autocast = getattr(fabric, "autocast", None)
+            accuracy = test_accuracy(run.model.module, test_set, device=fabric.device,
+                                     num_workers=num_workers, autocast=autocast)
+        accuracy = fabric.broadcast(accuracy, src=0)
+        run.record.add(epoch + 1, accuracy[1], accuracy[5])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, {"top1": accuracy[1], "top5": accuracy[5]})
+        run.save()
+        if stop is not None and stop.received is not None and (
+                run.state["step"] < run.total_steps):
+            raise FinetuneStopped(
+                f"stopped by {stop.received} after epoch {epoch + 1} of {schedule.epochs}; "
+                f"saved {checkpoint_path}. Run the same command again to continue.")
+    return run.record, run.state["wall_time_s"] + time.perf_counter() - run.started
 
-    ``recipe``: ``"sgd"`` (SGD momentum 0.9, the lr set once per epoch on a cosine) or
-    ``"mae"`` (AdamW (0.9, 0.999), the lr set every step by :func:`warmup_cosine_lr`, with
-    ``lr_head`` the peak); see :func:`parameter_groups` for ``layer_decay``."""
-    groups = parameter_groups(classifier, lr_backbone=lr_backbone, lr_head=lr_head,
-                              recipe=recipe, weight_decay=weight_decay,
-                              layer_decay=layer_decay, min_lr=min_lr)
-    if recipe == "mae":
-        optimizer = torch.optim.AdamW(groups, lr=lr_head, betas=(0.9, 0.999),
-                                      weight_decay=weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, weight_decay=weight_decay)
-    model, optimizer = fabric.setup(classifier, optimizer)
-    batches = EpochBatches(len(train_set), batch_size, seed=seed, rank=fabric.global_rank,
-                           world_size=fabric.world_size)
-    loader = train_loader(train_set, batches, num_workers=num_workers,
-                          pin_memory=fabric.device.type == "cuda")
-    steps_per_epoch = batches.batches_per_epoch
-    total_steps = epochs * steps_per_epoch
-    state = {"step": 0, "history": [], "wall_time_s": 0.0}
-    if checkpoint_path.is_file():
-        _resume(checkpoint_path, settings, model, optimizer, state)
-        say(f"Resumed {checkpoint_path} at step {state['step']} of {total_steps}.")
-    record = EpochRecord(list(state["history"]))
-    started = time.perf_counter()
-    state_tensors = [tensor for tensor in (*model.parameters(), *model.buffers())
-                     if tensor.is_floating_point()]
 
-    def save() -> None:
-        if not bool(all_finite(state_tensors)):
+def _build_optimizer(classifier: Classifier, schedule: FinetuneSchedule
+                     ) -> torch.optim.Optimizer:
+    groups = parameter_groups(classifier, lr_backbone=schedule.lr_backbone,
+                              lr_head=schedule.lr_head, recipe=schedule.recipe,
+                              weight_decay=schedule.weight_decay,
+                              layer_decay=schedule.layer_decay, min_lr=schedule.min_lr)
+    if schedule.recipe == "mae":
+        return torch.optim.AdamW(groups, lr=schedule.lr_head, betas=(0.9, 0.999),
+                                 weight_decay=schedule.weight_decay)
+    return torch.optim.SGD(groups, lr=schedule.lr_head, momentum=0.9,
+                           weight_decay=schedule.weight_decay)
+
+
+class _Finetune:
+    """One finetuning run's state: the Fabric-wrapped model and optimizer, the batches,
+    the step counter and history (resumed from the checkpoint), and saving."""
+
+    def __init__(self, fabric: Fabric, classifier: Classifier, train_set: AugmentedLabelled,
+                 schedule: FinetuneSchedule, checkpoint_path: Path, settings: dict[str, Any],
+                 *, num_workers: int, say: Callable[[str], None]):
+        self.fabric, self.schedule = fabric, schedule
+        self.checkpoint_path, self.settings = checkpoint_path, settings
+        self.model, self.optimizer = fabric.setup(classifier,
+                                                  _build_optimizer(classifier, schedule))
+        self.batches = EpochBatches(len(train_set), schedule.batch_size, seed=schedule.seed,
+                                    rank=fabric.global_rank, world_size=fabric.world_size)
+        self.loader = train_loader(train_set, self.batches, num_workers=num_workers,
+                                   pin_memory=fabric.device.type == "cuda")
+        self.steps_per_epoch = self.batches.batches_per_epoch
+        self.total_steps = schedule.epochs * self.steps_per_epoch
+        self.state = {"step": 0, "history": [], "wall_time_s": 0.0}
+        if checkpoint_path.is_file():
+            _resume(checkpoint_path, settings, self.model, self.optimizer, self.state)
+            say(f"Resumed {checkpoint_path} at step {self.state['step']} of "
+                f"{self.total_steps}.")
+        self.record = EpochRecord(list(self.state["history"]))
+        self.started = time.perf_counter()
+        self.state_tensors = [tensor for tensor in (*self.model.parameters(),
+                                                    *self.model.buffers())
+                              if tensor.is_floating_point()]
+        self.generator = torch.Generator(device=fabric.device).manual_seed(schedule.seed)
+        self.drop_path = _has_drop_path(self.model)
+
+    def train_epoch(self, stop, checkpoint_every_steps: int,
+                    progress: Callable[[int], None] | None) -> int:
+        """Train to the end of the current epoch (from a resumed step within it); returns
+        the epoch's index. A stop signal saves and raises :class:`FinetuneStopped`."""
+        fabric, schedule, optimizer, state = (self.fabric, self.schedule, self.optimizer,
+                                              self.state)
+        epoch, start_batch = divmod(state["step"], self.steps_per_epoch)
+        if schedule.recipe == "sgd":
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_epoch_lr(group["base_lr"], epoch, schedule.epochs)
+        self.batches.set_epoch(epoch, start_batch)
+        self.model.train()
+        for images, labels in self.loader:
+            batch = Batch.from_views(images.to(fabric.device, non_blocking=True),
+                                     labels=labels.to(fabric.device, non_blocking=True))
+            if schedule.recipe == "mae":
+                for group in optimizer.param_groups:
+                    group["lr"] = warmup_cosine_lr(
+                        group["base_lr"], group["min_lr"], state["step"] / self.steps_per_epoch,
+                        warmup_epochs=schedule.warmup_epochs, epochs=schedule.epochs)
+            # The step's draws (Mixup / CutMix from the generator; drop-path, which timm
+            # draws from torch's global generators) are a function of (seed, step), so a
+            # resumed finetune draws what the uninterrupted one drew.
+            step_seed = schedule.seed * 1_000_003 + state["step"]
+            self.generator.manual_seed(step_seed)
+            if self.drop_path:
+                torch.manual_seed(step_seed)
+            training_step(self.model, optimizer, batch, self.generator,
+                          state["step"] / self.total_steps, backward=fabric.backward)
+            state["step"] += 1
+            if progress is not None:
+                progress(len(labels) * fabric.world_size)
+            at_epoch_end = state["step"] % self.steps_per_epoch == 0
+            if stop is not None and stop.received is not None and not at_epoch_end:
+                self.save()
+                raise FinetuneStopped(
+                    f"stopped by {stop.received} after step {state['step']} of "
+                    f"{self.total_steps}; saved {self.checkpoint_path}. Run the same command "
+                    "again to continue exactly where it stopped.")
+            if (checkpoint_every_steps and state["step"] % checkpoint_every_steps == 0
+                    and not at_epoch_end):
+                self.save()
+        return epoch
+
+    def save(self) -> None:
+        """The finetune checkpoint, written atomically; never from a non-finite state."""
+        state, path = self.state, self.checkpoint_path
+        if not bool(all_finite(self.state_tensors)):
             raise MixmaskError(
                 f"finetuning diverged by step {state['step']}: the weights hold NaN or "
                 f"infinity, so nothing was saved; lower eval.finetune_lr_backbone / "
                 f"eval.finetune_lr_head or use train.precision=32 (the last good state is "
-                f"{checkpoint_path if checkpoint_path.is_file() else 'none'}).")
-        content = {"classifier": model.module.state_dict(),
-                   "optimizer": optimizer.state_dict(), "step": state["step"],
-                   "history": record.history, "settings": settings,
-                   "wall_time_s": state["wall_time_s"] + time.perf_counter() - started}
-        if fabric.is_global_zero:
-            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = checkpoint_path.with_suffix(".partial")
+                f"{path if path.is_file() else 'none'}).")
+        content = {"classifier": self.model.module.state_dict(),
+                   "optimizer": self.optimizer.state_dict(), "step": state["step"],
+                   "history": self.record.history, "settings": self.settings,
+                   "wall_time_s": state["wall_time_s"] + time.perf_counter() - self.started}
+        if self.fabric.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
             try:
                 torch.save(content, partial)
-                os.replace(partial, checkpoint_path)
+                os.replace(partial, path)
             except (OSError, RuntimeError) as error:
                 partial.unlink(missing_ok=True)
                 raise CheckpointError(
-                    f"cannot save {checkpoint_path} at step {state['step']} ({error}); free "
-                    "some space and run the same command again to continue.") from None
-        fabric.barrier()
-
-    generator = torch.Generator(device=fabric.device).manual_seed(seed)
-    drop_path = _has_drop_path(model)
-    while state["step"] < total_steps:
-        epoch, start_batch = divmod(state["step"], steps_per_epoch)
-        if recipe == "sgd":
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_epoch_lr(group["base_lr"], epoch, epochs)
-        batches.set_epoch(epoch, start_batch)
-        model.train()
-        for images, labels in loader:
-            batch = Batch.from_views(images.to(fabric.device, non_blocking=True),
-                                     labels=labels.to(fabric.device, non_blocking=True))
-            if recipe == "mae":
-                for group in optimizer.param_groups:
-                    group["lr"] = warmup_cosine_lr(
-                        group["base_lr"], group["min_lr"], state["step"] / steps_per_epoch,
-                        warmup_epochs=warmup_epochs, epochs=epochs)
-            # The step's draws (Mixup / CutMix from the generator; drop-path, which timm
-            # draws from torch's global generators) are a function of (seed, step), so a
-            # resumed finetune draws what the uninterrupted one drew.
-            step_seed = seed * 1_000_003 + state["step"]
-            generator.manual_seed(step_seed)
-            if drop_path:
-                torch.manual_seed(step_seed)
-            training_step(model, optimizer, batch, generator, state["step"] / total_steps,
-                          backward=fabric.backward)
-            state["step"] += 1
-            if progress is not None:
-                progress(len(labels) * fabric.world_size)
-            at_epoch_end = state["step"] % steps_per_epoch == 0
-            if stop is not None and stop.received is not None and not at_epoch_end:
-                save()
-                raise FinetuneStopped(
-                    f"stopped by {stop.received} after step {state['step']} of {total_steps}; "
-                    f"saved {checkpoint_path}. Run the same command again to continue "
-                    "exactly where it stopped.")
-            if (checkpoint_every_steps and state["step"] % checkpoint_every_steps == 0
-                    and not at_epoch_end):
-                save()
-        accuracy = {1: 0.0, 5: 0.0}
-        if fabric.is_global_zero:
-            autocast = getattr(fabric, "autocast", None)
-            accuracy = test_accuracy(model.module, test_set, device=fabric.device,
-                                     num_workers=num_workers, autocast=autocast)
-        accuracy = fabric.broadcast(accuracy, src=0)
-        record.add(epoch + 1, accuracy[1], accuracy[5])
-        if on_epoch is not None:
-            on_epoch(epoch + 1, {"top1": accuracy[1], "top5": accuracy[5]})
-        save()
-        if stop is not None and stop.received is not None and state["step"] < total_steps:
-            raise FinetuneStopped(
-                f"stopped by {stop.received} after epoch {epoch + 1} of {epochs}; saved "
-                f"{checkpoint_path}. Run the same command again to continue.")
-    return record, state["wall_time_s"] + time.perf_counter() - started
+                    f"cannot save {path} at step {state['step']} ({error}); free some space "
+                    "and run the same command again to continue.") from None
+        self.fabric.barrier()
 
 
 def _resume(path: Path, settings: dict[str, Any], model, optimizer, state: dict) -> None:

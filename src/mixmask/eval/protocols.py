@@ -27,7 +27,7 @@ from mixmask.eval.data import (
     label_subset,
 )
 from mixmask.eval.features import extract_features
-from mixmask.eval.finetune import Classifier, finetune
+from mixmask.eval.finetune import Classifier, FinetuneSchedule, finetune
 from mixmask.eval.knn import knn_accuracy
 from mixmask.eval.linear import linear_moco, train_linear_probe
 from mixmask.methods import PixelStats
@@ -236,28 +236,14 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     train_images = eval_data.train.image_set
     indices, chosen = label_subset(train_images, labels, seed=evaluation.label_seed,
                                    split_file=evaluation.label_split_file)
-    processes = train.processes
-    if evaluation.finetune_batch_size % processes:
+    if evaluation.finetune_batch_size % train.processes:
         raise ConfigError(f"eval.finetune_batch_size={evaluation.finetune_batch_size} does not "
-                          f"divide over {processes} processes.")
+                          f"divide over {train.processes} processes.")
     fabric = build_fabric(config, resolve_accelerator(train.device))
     fabric.launch()
     pixel_stats = PixelStats(tuple(train_images.mean), tuple(train_images.std))
     method = build_run_method(config, pixel_stats, checkpoint_path, content)
-    backbone = method.backbone
-    # Finetuning trains the whole network, parts a method froze to pretrain included
-    # (SiameseIM's random patch embedding, MoCo v3 style, and its unused fc_norm).
-    backbone.requires_grad_(True)
-    if evaluation.finetune_drop_path > 0:
-        backbone.set_drop_path(evaluation.finetune_drop_path)
-    if evaluation.finetune_global_pool:
-        backbone.set_global_pool(evaluation.finetune_global_pool)
-    mae = evaluation.finetune_recipe == "mae"
-    classifier = Classifier(backbone, method.feature_dim, train_images.num_classes,
-                            head_std=2e-5 if mae else 0.01, truncated=mae,
-                            label_smoothing=evaluation.finetune_label_smoothing,
-                            mixup_alpha=evaluation.finetune_mixup,
-                            cutmix_alpha=evaluation.finetune_cutmix)
+    classifier = _classifier(method, evaluation, train_images.num_classes)
     train_set = AugmentedLabelled(
         train_images, indices,
         classifier_train_transform(config.data.image_size, train_images.mean, train_images.std,
@@ -267,36 +253,11 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     name = finetune_name(labels, from_scratch)
     init = (f"random init (train.seed={train.seed})" if from_scratch
             else f"pretrained ({checkpoint_path.name}, step {content.get('step')})")
-    # MAE: lr = blr x effective batch / 256 (main_finetune.py); the head lr is the peak.
-    lr_head = (evaluation.finetune_blr * evaluation.finetune_batch_size / 256 if mae
-               else evaluation.finetune_lr_head)
-    augmentation = ("pad-4 crop + flip" if config.data.image_size <= 32
-                    else "RandomResizedCrop + flip")
-    if evaluation.finetune_randaugment:
-        augmentation += f" + RandAugment {evaluation.finetune_randaugment}"
-    if evaluation.finetune_random_erasing:
-        augmentation += f" + RandomErasing {evaluation.finetune_random_erasing}"
-    settings = {"labels": labels, "label_subset": chosen, "train_images": len(indices),
-                "recipe": evaluation.finetune_recipe, "epochs": evaluation.finetune_epochs,
-                "batch_size": evaluation.finetune_batch_size,
-                "weight_decay": evaluation.finetune_weight_decay,
-                "layer_decay": evaluation.finetune_layer_decay,
-                "drop_path": evaluation.finetune_drop_path,
-                "label_smoothing": evaluation.finetune_label_smoothing,
-                "mixup": evaluation.finetune_mixup, "cutmix": evaluation.finetune_cutmix,
-                "global_pool": getattr(backbone, "global_pool", None), "bn": "train",
-                "augmentation": augmentation, "init": init, "seed": train.seed,
-                "precision": train.precision, "world_size": fabric.world_size}
-    if mae:
-        settings.update(optimizer="adamw (0.9, 0.999)", blr=evaluation.finetune_blr,
-                        lr=lr_head, min_lr=evaluation.finetune_min_lr,
-                        warmup_epochs=evaluation.finetune_warmup_epochs,
-                        schedule="linear warm-up + half-cosine per step",
-                        head_init="trunc_normal(std 2e-5)")
-    else:
-        settings.update(optimizer="sgd momentum 0.9",
-                        lr_backbone=evaluation.finetune_lr_backbone, lr_head=lr_head,
-                        schedule="cosine per epoch", head_init="N(0, 0.01)")
+    schedule = _finetune_schedule(config)
+    settings = _finetune_settings(config, schedule, labels=labels, chosen=chosen,
+                                  train_images=len(indices), init=init,
+                                  global_pool=getattr(method.backbone, "global_pool", None),
+                                  world_size=fabric.world_size)
 
     def say(message: str) -> None:
         if fabric.is_global_zero:
@@ -309,13 +270,7 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
             console=console) as advance:
         record, wall_time_s = finetune(
             fabric=fabric, classifier=classifier, train_set=train_set,
-            test_set=eval_data.test, epochs=evaluation.finetune_epochs,
-            batch_size=evaluation.finetune_batch_size,
-            lr_backbone=evaluation.finetune_lr_backbone, lr_head=lr_head,
-            weight_decay=evaluation.finetune_weight_decay, seed=train.seed,
-            recipe=evaluation.finetune_recipe, layer_decay=evaluation.finetune_layer_decay,
-            min_lr=evaluation.finetune_min_lr if mae else 0.0,
-            warmup_epochs=evaluation.finetune_warmup_epochs if mae else 0,
+            test_set=eval_data.test, schedule=schedule,
             checkpoint_path=run / "eval" / name / "last.ckpt", settings=settings,
             num_workers=config.data.num_workers,
             checkpoint_every_steps=train.checkpoint_every_steps, stop=stop_signals, say=say,
@@ -323,17 +278,7 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
             on_epoch=lambda epoch, row: say(
                 f"{name} epoch {epoch}/{evaluation.finetune_epochs}: test top-1 "
                 f"{row['top1']:.2f}, top-5 {row['top5']:.2f}"))
-    if mae:
-        description = PROTOCOL_DESCRIPTIONS["finetune_mae"].format(
-            labels=labels, lr=f"{lr_head:.3g}", blr=evaluation.finetune_blr,
-            batch=evaluation.finetune_batch_size, layer_decay=evaluation.finetune_layer_decay,
-            wd=evaluation.finetune_weight_decay, warmup=evaluation.finetune_warmup_epochs,
-            epochs=evaluation.finetune_epochs, init=init)
-    else:
-        description = PROTOCOL_DESCRIPTIONS["finetune"].format(
-            labels=labels, lr_backbone=evaluation.finetune_lr_backbone,
-            lr_head=evaluation.finetune_lr_head, wd=evaluation.finetune_weight_decay,
-            epochs=evaluation.finetune_epochs, init=init)
+    description = _finetune_description(evaluation, schedule, labels=labels, init=init)
     result = _common(config, run, name, description, checkpoint_path, content, fabric.device,
                      wall_time_s)
     result.update(record.summary(), settings=settings, history=record.history,
@@ -342,3 +287,85 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
     if not fabric.is_global_zero:
         return run / "eval" / f"{name}.json", result
     return write_result(run, name, result), result
+
+
+def _classifier(method, evaluation, num_classes: int) -> Classifier:
+    """The method's backbone with a linear head, as ``eval.finetune_*`` configure it."""
+    backbone = method.backbone
+    # Finetuning trains the whole network, parts a method froze to pretrain included
+    # (SiameseIM's random patch embedding, MoCo v3 style, and its unused fc_norm).
+    backbone.requires_grad_(True)
+    if evaluation.finetune_drop_path > 0:
+        backbone.set_drop_path(evaluation.finetune_drop_path)
+    if evaluation.finetune_global_pool:
+        backbone.set_global_pool(evaluation.finetune_global_pool)
+    mae = evaluation.finetune_recipe == "mae"
+    return Classifier(backbone, method.feature_dim, num_classes,
+                      head_std=2e-5 if mae else 0.01, truncated=mae,
+                      label_smoothing=evaluation.finetune_label_smoothing,
+                      mixup_alpha=evaluation.finetune_mixup,
+                      cutmix_alpha=evaluation.finetune_cutmix)
+
+
+def _finetune_schedule(config: Config) -> FinetuneSchedule:
+    evaluation = config.eval
+    mae = evaluation.finetune_recipe == "mae"
+    # MAE: lr = blr x effective batch / 256 (main_finetune.py); the head lr is the peak.
+    lr_head = (evaluation.finetune_blr * evaluation.finetune_batch_size / 256 if mae
+               else evaluation.finetune_lr_head)
+    return FinetuneSchedule(
+        epochs=evaluation.finetune_epochs, batch_size=evaluation.finetune_batch_size,
+        lr_backbone=evaluation.finetune_lr_backbone, lr_head=lr_head,
+        weight_decay=evaluation.finetune_weight_decay, seed=config.train.seed,
+        recipe=evaluation.finetune_recipe, layer_decay=evaluation.finetune_layer_decay,
+        min_lr=evaluation.finetune_min_lr if mae else 0.0,
+        warmup_epochs=evaluation.finetune_warmup_epochs if mae else 0)
+
+
+def _finetune_settings(config: Config, schedule: FinetuneSchedule, *, labels: str,
+                       chosen: str, train_images: int, init: str, global_pool,
+                       world_size: int) -> dict[str, Any]:
+    """What the finetune JSON reports (and a resume checks against its checkpoint)."""
+    evaluation, train = config.eval, config.train
+    augmentation = ("pad-4 crop + flip" if config.data.image_size <= 32
+                    else "RandomResizedCrop + flip")
+    if evaluation.finetune_randaugment:
+        augmentation += f" + RandAugment {evaluation.finetune_randaugment}"
+    if evaluation.finetune_random_erasing:
+        augmentation += f" + RandomErasing {evaluation.finetune_random_erasing}"
+    settings = {"labels": labels, "label_subset": chosen, "train_images": train_images,
+                "recipe": evaluation.finetune_recipe, "epochs": evaluation.finetune_epochs,
+                "batch_size": evaluation.finetune_batch_size,
+                "weight_decay": evaluation.finetune_weight_decay,
+                "layer_decay": evaluation.finetune_layer_decay,
+                "drop_path": evaluation.finetune_drop_path,
+                "label_smoothing": evaluation.finetune_label_smoothing,
+                "mixup": evaluation.finetune_mixup, "cutmix": evaluation.finetune_cutmix,
+                "global_pool": global_pool, "bn": "train",
+                "augmentation": augmentation, "init": init, "seed": train.seed,
+                "precision": train.precision, "world_size": world_size}
+    if schedule.recipe == "mae":
+        settings.update(optimizer="adamw (0.9, 0.999)", blr=evaluation.finetune_blr,
+                        lr=schedule.lr_head, min_lr=evaluation.finetune_min_lr,
+                        warmup_epochs=evaluation.finetune_warmup_epochs,
+                        schedule="linear warm-up + half-cosine per step",
+                        head_init="trunc_normal(std 2e-5)")
+    else:
+        settings.update(optimizer="sgd momentum 0.9",
+                        lr_backbone=evaluation.finetune_lr_backbone, lr_head=schedule.lr_head,
+                        schedule="cosine per epoch", head_init="N(0, 0.01)")
+    return settings
+
+
+def _finetune_description(evaluation, schedule: FinetuneSchedule, *, labels: str,
+                          init: str) -> str:
+    if schedule.recipe == "mae":
+        return PROTOCOL_DESCRIPTIONS["finetune_mae"].format(
+            labels=labels, lr=f"{schedule.lr_head:.3g}", blr=evaluation.finetune_blr,
+            batch=evaluation.finetune_batch_size, layer_decay=evaluation.finetune_layer_decay,
+            wd=evaluation.finetune_weight_decay, warmup=evaluation.finetune_warmup_epochs,
+            epochs=evaluation.finetune_epochs, init=init)
+    return PROTOCOL_DESCRIPTIONS["finetune"].format(
+        labels=labels, lr_backbone=evaluation.finetune_lr_backbone,
+        lr_head=evaluation.finetune_lr_head, wd=evaluation.finetune_weight_decay,
+        epochs=evaluation.finetune_epochs, init=init)

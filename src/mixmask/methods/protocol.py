@@ -36,8 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from mixmask.data.batch import Batch
+from mixmask.data.views import preset_views
+from mixmask.errors import ConfigError
 from mixmask.models.backbones import build_backbone
-from mixmask.ops.optim import no_decay_bias_norm_and_tokens, param_groups_for_lars, parameter_groups
+from mixmask.ops.optim import pretraining_groups
 
 if TYPE_CHECKING:
     from mixmask.config import Config
@@ -126,7 +128,6 @@ class Method(nn.Module):
     def validate_config(cls, config: Config) -> None:
         """Raise :class:`mixmask.errors.ConfigError` for settings this method cannot run,
         before any data loads. Subclasses call ``super().validate_config(config)``."""
-        from mixmask.errors import ConfigError
 
         wanted = config.data.num_views
         if wanted and wanted != cls.num_views and not cls.variable_views:
@@ -144,23 +145,15 @@ class Method(nn.Module):
         """The augmentation of each view the method needs (``num_views`` views, or
         ``data.num_views`` for a method with ``variable_views``, of the
         ``data.augmentation`` preset at ``data.image_size``)."""
-        from mixmask.data.views import preset_views
 
         data = self.run_config.data
         return preset_views(data.augmentation, data.image_size, data.num_views or self.num_views)
 
     def parameter_groups(self, optimizer: str) -> list[dict[str, Any]]:
-        """Parameter groups for ``train.optimizer`` (:func:`mixmask.ops.optim.build_optimizer`):
-        sgd decays every parameter (MoCo's and MixMask's reference code); lars excludes
-        biases and norms from adaptation and decay (BYOL sec. 3.3); adamw excludes biases,
-        norms and tokens from decay (MAE, arXiv 2111.06377, app. A.1). A method may add
-        ``lr_scale`` per group."""
-        named = list(self.named_parameters())
-        if optimizer == "sgd":
-            return parameter_groups(named)
-        if optimizer == "lars":
-            return param_groups_for_lars(named)
-        return parameter_groups(named, exclude_from_decay=no_decay_bias_norm_and_tokens)
+        """Parameter groups for ``train.optimizer`` (:func:`mixmask.ops.optim.build_optimizer`),
+        by :func:`mixmask.ops.optim.pretraining_groups`. A method may add ``lr_scale`` per
+        group."""
+        return pretraining_groups(optimizer, list(self.named_parameters()))
 
     # -- evaluation ------------------------------------------------------------------------
     def features(self, images: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mixmask.errors import ConfigError, did_you_mean
+
 _METHODS: dict[str, type] = {}
 
 
@@ -35,11 +37,6 @@ def register_method(name: str):
     return register
 
 
-def _load_builtin_methods() -> None:
-    # Importing the package registers the built-in methods (each module registers itself).
-    import mixmask.methods  # noqa: F401
-
-
 def import_plugin(name: str) -> None:
     """Import a module that registers methods or backbones: a dotted module name, or the
     path of a ``.py`` file (``mixmask pretrain --import my_method.py CONFIG``)."""
@@ -48,7 +45,6 @@ def import_plugin(name: str) -> None:
     import sys
     from pathlib import Path
 
-    from mixmask.errors import ConfigError
 
     path = Path(name)
     try:
@@ -66,15 +62,12 @@ def import_plugin(name: str) -> None:
 
 
 def method_names() -> tuple[str, ...]:
-    _load_builtin_methods()
     return tuple(_METHODS)
 
 
 def method_class(name: str) -> Any:
     """The class registered as ``name``; a short error naming the closest valid name."""
-    from mixmask.errors import ConfigError, did_you_mean
 
-    _load_builtin_methods()
     if name not in _METHODS:
         hint = did_you_mean(name, _METHODS)
         raise ConfigError(f"'method.name' must be one of {', '.join(map(repr, _METHODS))}; got "

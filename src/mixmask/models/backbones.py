@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
+from mixmask.errors import ConfigError, did_you_mean
+
 BackboneBuilder = Callable[..., tuple[nn.Module, int]]
 
 
@@ -173,7 +175,6 @@ for _name, (_, _, _depth) in _RESNETS.items():
 
 def validate_backbone(model_config) -> None:
     """A clear error for a name the registry does not hold."""
-    from mixmask.errors import ConfigError, did_you_mean
 
     if model_config.backbone not in _BACKBONES:
         hint = did_you_mean(model_config.backbone, _BACKBONES)

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from mixmask.errors import ConfigError
 from mixmask.models.backbones import BackboneTraits, register_backbone
 from mixmask.ops.token_masks import gather_tokens
 
@@ -51,7 +52,6 @@ def resolve_patch_size(patch_size: int, image_size: int) -> int:
 def validate_vit(model_config, image_size: int) -> None:
     """The ViT keys' cross-checks (called by :func:`mixmask.config.validate`); nothing for a
     backbone that is not a ViT."""
-    from mixmask.errors import ConfigError
 
     if model_config.backbone not in VIT_ARCHS:
         return
@@ -153,7 +153,6 @@ class ViTBackbone(nn.Module):
         try:
             from timm.models.vision_transformer import VisionTransformer
         except ImportError:
-            from mixmask.errors import ConfigError
 
             raise ConfigError("ViT backbones need timm; install it with "
                               "`pip install 'timm>=1.0,<2'`.") from None

@@ -238,6 +238,19 @@ def param_groups_for_lars(named_parameters: Iterable[tuple[str, Tensor]]) -> lis
     return sorted(groups, key=lambda group: group.get("lars_exclude", False))  # stable
 
 
+def pretraining_groups(optimizer: str, named_parameters: Iterable[tuple[str, Tensor]]
+                       ) -> list[dict]:
+    """The pretraining rule for ``train.optimizer``: sgd decays every parameter (MoCo's and
+    MixMask's reference code); lars excludes biases and norms from adaptation and decay
+    (BYOL sec. 3.3); adamw excludes biases, norms and tokens from decay (MAE, arXiv
+    2111.06377, app. A.1)."""
+    if optimizer == "sgd":
+        return parameter_groups(named_parameters)
+    if optimizer == "lars":
+        return param_groups_for_lars(named_parameters)
+    return parameter_groups(named_parameters, exclude_from_decay=no_decay_bias_norm_and_tokens)
+
+
 # --------------------------------------------------------------------------------------
 # Layer-wise lr decay (BEiT arXiv 2106.08254; MAE's finetuning)
 

@@ -22,9 +22,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from mixmask.ops.erasing import sample_erase
+from mixmask.config import MethodConfig
+from mixmask.data import preset_views, view_transform
+from mixmask.data.splits import load_split
+from mixmask.errors import ConfigError
+from mixmask.methods.siamese.masking_axis import EraseMasking, MixMaskMasking, UnMixMasking
 from mixmask.ops.grid_masks import upsample_mask
-from mixmask.ops.mixing import sample_mixmask, sample_unmix
 from mixmask.ops.tensors import channel_values
 
 __all__ = ["GALLERY_ROWS", "GALLERY_PADDING", "LABEL_WIDTH", "mask_gallery", "save_mask_gallery"]
@@ -34,11 +37,6 @@ GALLERY_ROWS = ("original", "keep mask", "mixmask", "switched", "erase", "un-mix
 GALLERY_PADDING = 2  # pixels between and around the cells (torchvision's make_grid default)
 LABEL_WIDTH = 64  # pixels of the label column that save_mask_gallery puts on the left
 _PAD_VALUE = 0.5  # grey lines, so the white/black keep-mask cells keep their outline
-
-
-def _setting(section: Any, name: str, default: Any) -> Any:
-    """A config field, or the sample_* default when the section or field does not exist."""
-    return getattr(section, name, default) if section is not None else default
 
 
 def mask_gallery(
@@ -57,21 +55,20 @@ def mask_gallery(
     0. ``original``: the views, un-normalised (``x * std + mean``, clipped to [0, 1]);
     1. ``keep mask``: the MixMask keep mask upsampled to pixels, white = kept, black =
        filled from the partner (one mask for all columns unless ``mask.per_sample``);
-    2. ``mixmask``: ``M * x + (1 - M) * flip(x, 0)`` (:func:`~mixmask.ops.mixing.sample_mixmask`);
+    2. ``mixmask``: ``M * x + (1 - M) * flip(x, 0)``, the axis's ``mixmask`` strategy;
     3. ``switched``: the complementary mixes, ``flip(mixed, 0)``: column i is the mix in
        which image i is the partner (the "1 - lambda" view of MixMask's loss);
-    4. ``erase``: MSCN erasing (:func:`~mixmask.ops.erasing.sample_erase`);
-    5. ``un-mix``: Un-Mix's Mixup or CutMix with the reversed batch
-       (:func:`~mixmask.ops.mixing.sample_unmix`; one draw for the whole row).
+    4. ``erase``: MSCN erasing, the axis's ``erase`` strategy;
+    5. ``un-mix``: Un-Mix's Mixup or CutMix with the reversed batch, the axis's ``unmix``
+       strategy (one draw for the whole row).
 
-    ``method_config`` is a Siamese method's :class:`mixmask.config.MethodConfig` (or its
-    :class:`~mixmask.methods.siamese.masking_axis.MaskingAxisConfig`): ``.mask`` gives grid_size,
-    mask_ratio, mode, generator and per_sample (used by MixMask and erase), ``.erase`` shape, fill,
-    noise_std, channel_wise and high_pass_sigma, ``.unmix`` p_mixup and alpha; a missing
-    ``.erase``/``.unmix`` section or field takes the sample_* function's default. The
-    strategies are drawn in the order of the rows from ``generator``, so the same seed gives
-    the same gallery. ``pixel_mean``/``pixel_std``: the per-channel statistics the views
-    were normalised with.
+    ``method_config`` is a Siamese method's :class:`mixmask.config.MethodConfig` or its
+    :class:`~mixmask.methods.siamese.masking_axis.MaskingAxisConfig`; each row is drawn by
+    the strategy training runs (:mod:`mixmask.methods.siamese.masking_axis`), with the
+    config's ``mask``, ``erase`` and ``unmix`` sections, in the order of the rows from
+    ``generator`` (a CPU generator), so the same seed gives the same gallery.
+    ``pixel_mean``/``pixel_std``: the per-channel statistics the views were normalised
+    with.
     """
     if images.dim() != 4:
         raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}.")
@@ -84,40 +81,15 @@ def mask_gallery(
     mean = channel_values(pixel_mean, images.shape[1], images.device, "pixel_mean")
     std = channel_values(pixel_std, images.shape[1], images.device, "pixel_std")
 
-    mask = method_config.mask
-    erase = getattr(method_config, "erase", None)
-    unmix = getattr(method_config, "unmix", None)
-    mix = sample_mixmask(
-        images,
-        grid_size=mask.grid_size,
-        mask_ratio=mask.mask_ratio,
-        mode=mask.mode,
-        per_sample=mask.per_sample,
-        generator=generator,
-        block_generator=getattr(mask, "generator", "beit"),
-    )
-    erased = sample_erase(
-        images,
-        generator=generator,
-        shape=_setting(erase, "shape", "grid"),
-        grid_size=mask.grid_size,
-        mask_ratio=mask.mask_ratio,
-        mode=mask.mode,
-        per_sample=mask.per_sample,
-        channel_wise=_setting(erase, "channel_wise", False),
-        fill=_setting(erase, "fill", "noise"),
-        noise_std=_setting(erase, "noise_std", 1.0),
-        high_pass_sigma=_setting(erase, "high_pass_sigma", 0.0),
-        pixel_mean=pixel_mean,
-        pixel_std=pixel_std,
-        block_generator=getattr(mask, "generator", "beit"),
-    )
-    unmixed = sample_unmix(
-        images,
-        generator=generator,
-        p_mixup=_setting(unmix, "p_mixup", 0.5),
-        alpha=_setting(unmix, "alpha", 1.0),
-    )
+    # The masking axis's own strategies (the ones training runs), each drawn once, in the
+    # order of the rows; the generator is on the CPU, so it draws BEiT's host masks too.
+    axis = method_config.axis if isinstance(method_config, MethodConfig) else method_config
+    if axis is None:
+        raise ValueError(f"method '{method_config.name}' has no masking axis to draw.")
+    mix = MixMaskMasking(axis.mask).mixes(images, generator, generator)[0][1]
+    erased = EraseMasking(axis.mask, axis.erase, pixel_mean, pixel_std).erase(
+        images, generator, generator)
+    unmixed = UnMixMasking(axis.unmix).mixes(images, generator, generator)[0][1]
 
     def shown(views: Tensor) -> Tensor:
         return (views.float() * std + mean).clamp(0.0, 1.0)
@@ -126,10 +98,10 @@ def mask_gallery(
     rows = [
         shown(images),
         keep_pixels.expand_as(images).float(),
-        shown(mix.mixed_images),
-        shown(mix.mixed_images.flip(0)),
-        shown(erased.erased_images),
-        shown(unmixed.mixed_images),
+        shown(mix.images),
+        shown(mix.images.flip(0)),
+        shown(erased),
+        shown(unmixed.images),
     ]
     cells = torch.cat(rows).cpu()
     return make_grid(cells, nrow=count, padding=GALLERY_PADDING, pad_value=_PAD_VALUE)
@@ -187,9 +159,6 @@ def gallery_from_config(config: Any, path: str | Path, *, num_images: int = 8) -
     """The gallery of a pretrain config: the first ``num_images`` training images of
     ``data.*`` through the config's view pipeline (view 1, seeded by ``train.seed``), with
     ``method.*``'s mask, erase and Un-Mix settings (``mixmask show-masks CONFIG``)."""
-    from mixmask.data import preset_views, view_transform
-    from mixmask.data.splits import load_split
-    from mixmask.errors import ConfigError
 
     if num_images < 2 or num_images % 2:
         raise ConfigError(f"--num-images must be an even number of at least 2, got {num_images}.")

@@ -20,8 +20,15 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from mixmask.data import preset_views, view_transform
+from mixmask.data.splits import load_split
+from mixmask.data.transforms import eval_transform
 from mixmask.errors import ConfigError, MixmaskError, writing
+from mixmask.methods import PixelStats, build_method
+from mixmask.methods.protocol import Method
+from mixmask.methods.registry import method_class
 from mixmask.pictures.masks import GALLERY_PADDING
+from mixmask.runs.folder import build_run_method, load_run_checkpoint, load_run_config
 
 MIM_LABEL_WIDTH = 128  # pixels of the label column
 _PAD_VALUE = 0.5
@@ -29,8 +36,6 @@ _PAD_VALUE = 0.5
 
 def is_mim_method(name: str) -> bool:
     """Whether the registered method ``name`` draws masked views (MAE, A2MIM)."""
-    from mixmask.methods.protocol import Method
-    from mixmask.methods.registry import method_class
 
     return method_class(name).masked_views is not Method.masked_views
 
@@ -95,9 +100,6 @@ def mim_gallery_from_config(config: Any, path: str | Path, *, num_images: int = 
     """``mixmask show-masks`` for a MIM config: view 1 of the first ``num_images`` training
     images through the config's augmentation (seeded by ``train.seed``), one masking drawn
     by the method at its random init (seed ``train.seed``)."""
-    from mixmask.data import preset_views, view_transform
-    from mixmask.data.splits import load_split
-    from mixmask.methods import PixelStats, build_method
 
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
@@ -120,10 +122,6 @@ def reconstruct_run(run: Path, out: str | Path, *, overrides: list[str] | tuple[
     """``mixmask reconstruct RUN --out PNG``: the run's predictions on the first
     ``num_images`` test images (the evaluation's centre view), one masking seeded by
     ``train.seed``."""
-    from mixmask.data.splits import load_split
-    from mixmask.data.transforms import eval_transform
-    from mixmask.methods import PixelStats
-    from mixmask.runs.folder import build_run_method, load_run_checkpoint, load_run_config
 
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")

@@ -22,36 +22,29 @@ import html
 import json
 import math
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mixmask.config import load_config
 from mixmask.errors import MixmaskError, writing
 from mixmask.pictures.isolated import run_isolated
+from mixmask.pictures.masks import GALLERY_ROWS, gallery_from_config
+from mixmask.pictures.mim_gallery import is_mim_method, mim_gallery_from_config
+from mixmask.pictures.report_runs import (
+    RunRecord,
+    disambiguate_labels,
+    flatten,
+    load_run,
+)
 
-__all__ = ["write_report", "flatten", "changed_keys"]
+__all__ = ["write_report"]
 
 # Lists in summary.json longer than this (e.g. bad_image_files) are counted, not listed.
 _MAX_LIST_ITEMS = 8
 _GALLERY_IMAGES = 8
 _SUMMARY_TOP1_KEYS = ("knn_top1", "linear_top1", "probe_top1")
-
-
-@dataclass
-class _Run:
-    path: Path
-    label: str
-    config: dict[str, Any]
-    summary: dict[str, Any] | None
-    summary_note: str = ""
-    changed: set[str] = field(default_factory=set)
-    recipe_values: dict[str, Any] = field(default_factory=dict)
-    recipe_note: str = ""
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
-    evaluation_note: str = ""
 
 
 def write_report(runs: list[Path], out: Path) -> Path:
@@ -61,8 +54,8 @@ def write_report(runs: list[Path], out: Path) -> Path:
     dataset is said on the page instead."""
     if not runs:
         raise MixmaskError("give at least one run folder to report on.")
-    loaded = [_load_run(Path(run)) for run in runs]
-    _disambiguate_labels(loaded)
+    loaded = [load_run(Path(run)) for run in runs]
+    disambiguate_labels(loaded)
     sections = [_run_section(run) for run in loaded]
     body = ([_comparison_section(loaded)] if len(loaded) > 1 else []) + sections
     title = ("mixmask report: " + loaded[0].label if len(loaded) == 1
@@ -74,140 +67,6 @@ def write_report(runs: list[Path], out: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``);
-    an empty dict is kept as a leaf."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def changed_keys(config: dict[str, Any], recipe: dict[str, Any]) -> set[str]:
-    """Dotted keys of ``config`` whose value differs from (or is absent in) ``recipe``."""
-    recipe_flat = flatten(recipe)
-    return {key for key, value in flatten(config).items()
-            if key not in recipe_flat or recipe_flat[key] != value}
-
-
-def _load_run(path: Path) -> _Run:
-    config_path = path / "config.yaml"
-    if not config_path.is_file():
-        raise MixmaskError(f"{path} is not a run folder (no config.yaml); pass the out_dir of "
-                           "`mixmask pretrain`.")
-    config = _read_yaml_mapping(config_path)
-    run = _Run(path=path, label=path.name or str(path), config=config, summary=None)
-    _load_summary(run)
-    _compare_with_recipe(run)
-    from mixmask.eval.results import result_rows
-
-    problems: list[str] = []
-    run.evaluations = result_rows([path], problems)
-    if problems:
-        run.evaluation_note = " ".join(problems)
-    for row, result_file in zip(run.evaluations, _result_files(path), strict=False):
-        row["file"] = result_file.name
-    return run
-
-
-def _read_mapping(path: Path, parse: Callable[[str], Any]) -> tuple[dict | None, str]:
-    """The mapping a JSON or YAML file holds (``parse``: json.loads, yaml.safe_load), or
-    None and why not, as a clause."""
-    try:
-        value = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as error:  # JSONDecodeError: a ValueError
-        return None, f"{path.name} is not readable ({error})"
-    if not isinstance(value, dict):
-        return None, f"{path.name} does not hold a mapping"
-    return value, ""
-
-
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    raw, problem = _read_mapping(path, yaml.safe_load)
-    if raw is None:
-        raise MixmaskError(f"{path.parent} is not a run folder: {problem}.")
-    return raw
-
-
-def _result_files(path: Path) -> list[Path]:
-    """The eval/*.json files that result_rows turns into rows, in its order."""
-    files = []
-    for result_file in sorted((path / "eval").glob("*.json")):
-        try:
-            result = json.loads(result_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(result, dict) and "protocol" in result:
-            files.append(result_file)
-    return files
-
-
-def _load_summary(run: _Run) -> None:
-    summary_path = run.path / "summary.json"
-    if not summary_path.is_file():
-        run.summary_note = "No summary.json: the run has not finished (or was stopped)."
-        return
-    summary, problem = _read_mapping(summary_path, json.loads)
-    if summary is None:
-        run.summary_note = f"{problem}."
-        return
-    run.summary = summary
-
-
-def _compare_with_recipe(run: _Run) -> None:
-    """Mark the config keys that differ from the recipe (the YAML file and layers the run
-    was launched with, without its command-line overrides): what the command line changed.
-    Without a loadable recipe, the keys the overrides name are marked."""
-    from mixmask.config import load_config
-
-    recipe_path = run.path / "recipe.yaml"
-    if not recipe_path.is_file():
-        run.recipe_note = ("No recipe.yaml (a run from before mixmask recorded it): "
-                           "nothing is highlighted.")
-        return
-    provenance, problem = _read_mapping(recipe_path, lambda text: yaml.safe_load(text) or {})
-    if provenance is None:
-        run.recipe_note = f"{problem}: nothing is highlighted."
-        return
-    recipe = provenance.get("recipe")
-    layers = [str(layer) for layer in provenance.get("layers") or []]
-    overrides = [str(override) for override in provenance.get("overrides") or []]
-    named = " + ".join([str(recipe) if recipe else "the defaults", *layers])
-    try:
-        recipe_config = load_config(recipe, layers=layers).to_dict()
-    except MixmaskError as error:
-        run.changed = _keys_named_by(overrides, flatten(run.config))
-        run.recipe_note = (f"The recipe {named} cannot be loaded here ({error}); highlighted "
-                           "are the keys named by the command-line overrides.")
-        return
-    run.changed = changed_keys(run.config, recipe_config)
-    recipe_flat = flatten(recipe_config)
-    run.recipe_values = {key: recipe_flat.get(key, "(absent)") for key in run.changed}
-    run.recipe_note = (f"Highlighted: the keys that differ from the recipe {named} as it "
-                       f"reads now ({len(run.changed)} of {len(flatten(run.config))}). "
-                       f"Overrides given: {' '.join(overrides) if overrides else 'none'}.")
-
-
-def _keys_named_by(overrides: list[str], config_flat: dict[str, Any]) -> set[str]:
-    named = {override.split("=", 1)[0].strip() for override in overrides}
-    return {key for key in config_flat
-            if any(key == name or key.startswith(name + ".") for name in named)}
-
-
-def _disambiguate_labels(runs: list[_Run]) -> None:
-    """Folder names, or the full paths where two runs share a name."""
-    labels = [run.label for run in runs]
-    for run in runs:
-        if labels.count(run.label) > 1:
-            run.label = str(run.path)
-
-
-# --------------------------------------------------------------------------- formatting
 
 
 def _text(value: Any) -> str:
@@ -238,7 +97,7 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def _value_cell(run: _Run, key: str, value: Any, source: str, tag: str = "td",
+def _value_cell(run: RunRecord, key: str, value: Any, source: str, tag: str = "td",
                 extra: str = "") -> str:
     """One value in an element that carries its exact value for a reader of the page."""
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -268,7 +127,7 @@ def _image(data: bytes, alt: str, min_width: int = 0) -> str:
 # --------------------------------------------------------------------------- sections
 
 
-def _comparison_section(runs: list[_Run]) -> str:
+def _comparison_section(runs: list[RunRecord]) -> str:
     protocols: list[tuple[str, str]] = []
     for run in runs:
         for row in run.evaluations:
@@ -308,11 +167,11 @@ def _comparison_section(runs: list[_Run]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table></section>")
 
 
-def _anchor(run: _Run) -> str:
+def _anchor(run: RunRecord) -> str:
     return "run-" + "".join(char if char.isalnum() else "-" for char in run.label)
 
 
-def _run_section(run: _Run) -> str:
+def _run_section(run: RunRecord) -> str:
     flat = flatten(run.config)
     facts = " · ".join(f"{name} <b>{_text(flat.get(key, '-'))}</b>" for name, key in (
         ("method", "method.name"), ("masking", "method.masking"), ("backbone", "model.backbone"),
@@ -325,7 +184,7 @@ def _run_section(run: _Run) -> str:
     return "\n".join(parts)
 
 
-def _summary_part(run: _Run) -> str:
+def _summary_part(run: RunRecord) -> str:
     if run.summary is None:
         return f'<h3>Summary</h3><p class="note">{_text(run.summary_note)}</p>'
     rows = []
@@ -363,7 +222,7 @@ def _collapse_note(summary: dict[str, Any]) -> str:
             "small a batch for the method.</p>")
 
 
-def _eval_cell(run: _Run, row: dict[str, Any], metric: str) -> str:
+def _eval_cell(run: RunRecord, row: dict[str, Any], metric: str) -> str:
     value = row.get(metric)
     if value is None:
         return "<td>-</td>"
@@ -375,7 +234,7 @@ def _eval_cell(run: _Run, row: dict[str, Any], metric: str) -> str:
             "</td>")
 
 
-def _evaluation_part(run: _Run) -> str:
+def _evaluation_part(run: RunRecord) -> str:
     note = (f'<p class="note">{_text(run.evaluation_note)}</p>' if run.evaluation_note
             else "")
     if not run.evaluations and note:
@@ -402,7 +261,7 @@ def _evaluation_part(run: _Run) -> str:
             "</table>")
 
 
-def _config_part(run: _Run) -> str:
+def _config_part(run: RunRecord) -> str:
     lines = []
 
     def walk(tree: dict[str, Any], prefix: str, depth: int) -> None:
@@ -439,7 +298,7 @@ def _config_part(run: _Run) -> str:
             f'<pre class="config">{chr(10).join(lines)}</pre></details>')
 
 
-def _plots_part(run: _Run) -> str:
+def _plots_part(run: RunRecord) -> str:
     plots = sorted((run.path / "plots").glob("*.png"))
     if not plots:
         return ('<h3>Plots</h3><p class="note">No plots in plots/ (draw them with '
@@ -457,7 +316,7 @@ def _plots_part(run: _Run) -> str:
     return f'<h3>Plots</h3><div class="plots">{"".join(figures)}</div>'
 
 
-def _gallery_part(run: _Run) -> str:
+def _gallery_part(run: RunRecord) -> str:
     try:
         # In a child process: a crash inside matplotlib or the data costs this picture
         # (said on the page), never the report.
@@ -479,9 +338,6 @@ def _mask_gallery(run: Path) -> tuple[bytes, str]:
     its row names."""
     import torch
 
-    from mixmask.config import load_config
-    from mixmask.pictures.masks import GALLERY_ROWS, gallery_from_config
-    from mixmask.pictures.mim_gallery import is_mim_method, mim_gallery_from_config
 
     config = load_config(run / "config.yaml", ["data.download=false"])
     mim = is_mim_method(config.method.name)
@@ -493,7 +349,7 @@ def _mask_gallery(run: Path) -> tuple[bytes, str]:
         return path.read_bytes(), rows
 
 
-def _checkpoints_part(run: _Run) -> str:
+def _checkpoints_part(run: RunRecord) -> str:
     checkpoints = sorted((run.path / "checkpoints").glob("*.ckpt"))
     if not checkpoints:
         return '<h3>Checkpoints</h3><p class="note">None saved.</p>'

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mixmask.errors import ConfigError
 from mixmask.methods.mim.targets import PixelTarget, PixelTargetConfig, validate_pixel_target
 from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
@@ -39,7 +40,7 @@ from mixmask.models.vit import resolve_patch_size
 from mixmask.ops.block_masks import a2mim_block_mask, a2mim_block_size, mean_fill
 from mixmask.ops.grid_masks import upsample_mask
 from mixmask.ops.losses.mim import a2mim_frequency_loss, masked_focal_l1, masked_l1
-from mixmask.ops.optim import no_decay_bias_norm_and_tokens, param_groups_for_lars, parameter_groups
+from mixmask.ops.optim import pretraining_groups
 
 # Parameter names (on the method) that form the mask token's optimizer group.
 MASK_TOKEN_NAMES = ("mask_token", "mask_gamma")
@@ -152,7 +153,6 @@ class A2MIM(Method):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        from mixmask.errors import ConfigError
 
         backbone, params, size = config.model.backbone, config.method.a2mim, \
             config.data.image_size
@@ -207,12 +207,7 @@ class A2MIM(Method):
                         if name in MASK_TOKEN_NAMES and param.requires_grad]
         others = [(name, param) for name, param in named if name not in MASK_TOKEN_NAMES]
         # The base class's rule for everything else (Method.parameter_groups).
-        if optimizer == "sgd":
-            groups = parameter_groups(others)
-        elif optimizer == "lars":
-            groups = param_groups_for_lars(others)
-        else:
-            groups = parameter_groups(others, exclude_from_decay=no_decay_bias_norm_and_tokens)
+        groups = pretraining_groups(optimizer, others)
         token_group = {"params": [param for _, param in token_params],
                        "param_names": [name for name, _ in token_params],
                        "lr_scale": float(self.params.mask_token_lr_scale),

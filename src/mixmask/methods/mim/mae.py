@@ -29,6 +29,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from mixmask.errors import ConfigError
 from mixmask.methods.mim.targets import PixelTarget, PixelTargetConfig, validate_pixel_target
 from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
@@ -116,7 +117,6 @@ class MAE(Method):
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
-        from mixmask.errors import ConfigError
 
         if not backbone_traits(config.model.backbone).tokens:
             raise ConfigError(f"method 'mae' needs a ViT backbone (model.backbone=vit_tiny, "

@@ -87,6 +87,8 @@ class Mix(NamedTuple):
     images: Tensor
     lam: Tensor  # [B]: share of image j's pixels in mix j
     partner_index: Tensor  # [B]
+    # MixMask's grid keep mask [1 or B, g, g] (the loss ignores it; the gallery shows it).
+    keep_mask: Tensor | None = None
 
 
 class MaskingStrategy:
@@ -149,7 +151,8 @@ class MixMaskMasking(MaskingStrategy):
                                  mode=mask.mode, per_sample=mask.per_sample,
                                  generator=generator, partner_index=partner,
                                  block_generator=mask.generator, host_generator=host_generator)
-        return [("mixmask", Mix(mixmask.mixed_images, mixmask.lam, mixmask.partner_index))]
+        return [("mixmask", Mix(mixmask.mixed_images, mixmask.lam, mixmask.partner_index,
+                                mixmask.keep_mask))]
 
 
 class UnMixMasking(MaskingStrategy):
