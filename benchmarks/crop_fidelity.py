@@ -1,4 +1,4 @@
-"""How close the device pipeline's crop (``mixmask.data.gpu_augment.resized_crop``) comes to
+"""How close the device pipeline's crop (``mixmask.data.gpu_ops.resized_crop``) comes to
 PIL's (the CPU pipeline's, through torchvision), bilinear and bicubic, on real images.
 
     python benchmarks/crop_fidelity.py --data ../shared/data/cifar10_jpeg_q75.tar.gz

@@ -20,8 +20,7 @@ from mixmask.data.datasets import load_image_set
 from mixmask.methods import PixelStats, build_method
 from mixmask.ops import distributed
 from mixmask.ops.optim import build_optimizer
-from mixmask.train import loop as engine
-from mixmask.train import trainer
+from mixmask.train import loop, trainer
 from mixmask.train.step import training_step
 
 TINY = ["data.dataset=synthetic", "data.subset=64", "data.num_workers=0",
@@ -52,12 +51,12 @@ class _Fp16:
 @pytest.fixture
 def fp16(monkeypatch) -> _Fp16:
     fabric = _Fp16()
-    monkeypatch.setattr(engine, "build_fabric", fabric)
+    monkeypatch.setattr(loop, "build_fabric", fabric)
     return fabric
 
 
 def _pretrain(tmp_path: Path, *overrides: str) -> dict:
-    return engine.pretrain(load_config(ROOT / "configs" / "quickstart.yaml",
+    return loop.pretrain(load_config(ROOT / "configs" / "quickstart.yaml",
                                        [*TINY, f"out_dir={tmp_path / 'run'}", *overrides]))
 
 

@@ -173,8 +173,8 @@ def _plot(args) -> int:
 
 
 def _report(args) -> int:
-    from mixmask.eval.results import find_runs
     from mixmask.pictures.report import write_report
+    from mixmask.runs.folder import find_runs
 
     print(f"wrote {write_report(find_runs(args.runs), Path(args.out))}")
     return 0
@@ -324,7 +324,8 @@ def _recipes(args) -> int:
 
 
 def _results(args) -> int:
-    from mixmask.eval.results import find_runs, format_table, result_rows
+    from mixmask.eval.results import format_table, result_rows
+    from mixmask.runs.folder import find_runs
 
     problems: list[str] = []
     rows = result_rows(find_runs(args.runs), problems)

@@ -10,8 +10,8 @@
   copied with ``non_blocking=True``, and the flip and the photometric ops run batched on
   the device (``BatchedViewAugment.augment_crops``).
 
-:func:`mixmask.data.loaders.build_train_loader` picks one for an
-:class:`~mixmask.data.datasets.ImageSet`. Both iterate
+:func:`mixmask.data.pipeline.build_train_loader` picks one for an
+:class:`~mixmask.data.image_set.ImageSet`. Both iterate
 :class:`~mixmask.data.batch.Batch` objects on the device, with each view's crop box (in
 source pixels) and flip.
 

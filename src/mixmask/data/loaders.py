@@ -25,7 +25,7 @@ identical across worker counts, and a run resumed mid-epoch
 (``EpochBatchSampler.set_epoch(epoch, start_batch)``) draws exactly the views the
 uninterrupted run would have drawn.
 
-Every item is read with :meth:`~mixmask.data.datasets.ImageSet.load_item`: a file that
+Every item is read with :meth:`~mixmask.data.image_set.ImageSet.load_item`: a file that
 cannot be decoded in a worker is replaced by the next readable file (the same one every
 time), warned about once and flagged in ``ImageSet.read_failures``, shared memory the
 main process reads for ``summary.json``.

@@ -20,7 +20,6 @@ image).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,12 @@ from mixmask.ops.mixing import sample_unmix
 from mixmask.ops.optim import layer_decay_lr_scale, no_decay_bias_norm_and_tokens
 from mixmask.ops.optim import parameter_groups as named_groups
 from mixmask.ops.tensors import all_finite
-from mixmask.runs.checkpoint import load_optimizer_state, load_state, read_checkpoint
+from mixmask.runs.checkpoint import (
+    load_optimizer_state,
+    load_state,
+    read_checkpoint,
+    save_atomically,
+)
 from mixmask.train.schedule import cosine_epoch_lr, warmup_cosine_lr
 from mixmask.train.step import training_step
 
@@ -349,12 +353,9 @@ class _Finetune:
                    "wall_time_s": state["wall_time_s"] + time.perf_counter() - self.started}
         if self.fabric.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
             try:
-                torch.save(content, partial)
-                os.replace(partial, path)
+                save_atomically(content, path)
             except (OSError, RuntimeError) as error:
-                partial.unlink(missing_ok=True)
                 raise CheckpointError(
                     f"cannot save {path} at step {state['step']} ({error}); free some space "
                     "and run the same command again to continue.") from None

@@ -5,59 +5,34 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from mixmask.errors import MixmaskError
+from mixmask.runs.folder import protocol_results
 
 COLUMNS = ("run", "method", "masking", "backbone", "dataset", "protocol", "top1", "top5",
            "best_top1", "init", "pretrain_step", "wall_time_s")
-
-
-def find_runs(paths: list[str]) -> list[Path]:
-    """Run folders (holding config.yaml) among ``paths``; a folder that is not a run but
-    holds runs (``runs/``) stands for those below it."""
-    runs: list[Path] = []
-    for given in paths:
-        path = Path(given)
-        if (path / "config.yaml").is_file():
-            runs.append(path)
-        elif path.is_dir():
-            below = sorted(config.parent for config in path.rglob("config.yaml"))
-            if not below:
-                raise MixmaskError(f"{path} holds no run folder (no config.yaml below it).")
-            runs.extend(below)
-        else:
-            raise MixmaskError(f"{path} is not a run folder.")
-    return runs
 
 
 def result_rows(runs: list[Path], problems: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per protocol result in ``RUN/eval/*.json``. A file that cannot be read is
     left out and named in ``problems`` (one sentence each), so one bad file never hides
     the other results."""
-    rows = []
-    for run in runs:
-        for path in sorted((run / "eval").glob("*.json")):
-            try:
-                result = json.loads(path.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                if problems is not None:
-                    problems.append(f"{path} is not a readable result ({error}); left out.")
-                continue
-            if not isinstance(result, dict) or "protocol" not in result:
-                continue  # not a protocol result
-            rows.append({
-                "run": str(run), "method": result.get("method"),
-                "masking": result.get("masking"), "backbone": result.get("backbone"),
-                "dataset": result.get("dataset"), "protocol": result["protocol"],
-                "top1": result.get("top1"), "top5": result.get("top5"),
-                "best_top1": result.get("best_top1"),
-                "init": "random" if result.get("from_scratch") else "pretrained",
-                "pretrain_step": result.get("pretrain_step"),
-                "wall_time_s": result.get("wall_time_s")})
-    return rows
+    return [result_row(run, result) for run in runs
+            for _, result in protocol_results(run, problems)]
+
+
+def result_row(run: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The table's row of one protocol result of ``run``."""
+    return {"run": str(run), "method": result.get("method"),
+            "masking": result.get("masking"), "backbone": result.get("backbone"),
+            "dataset": result.get("dataset"), "protocol": result["protocol"],
+            "top1": result.get("top1"), "top5": result.get("top5"),
+            "best_top1": result.get("best_top1"),
+            "init": "random" if result.get("from_scratch") else "pretrained",
+            "pretrain_step": result.get("pretrain_step"),
+            "wall_time_s": result.get("wall_time_s")}
 
 
 def _cell(value: Any) -> str:

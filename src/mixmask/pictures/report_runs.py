@@ -5,7 +5,6 @@ recipe it was launched with (which keys differ), summary.json and the evaluation
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import yaml
 
 from mixmask.config import load_config
 from mixmask.errors import MixmaskError
-from mixmask.eval.results import result_rows
+from mixmask.eval.results import result_row
+from mixmask.runs.folder import protocol_results, read_mapping
 
 __all__ = ["RunRecord", "changed_keys", "disambiguate_labels", "flatten", "load_run"]
 
@@ -65,44 +65,18 @@ def load_run(path: Path) -> RunRecord:
     _compare_with_recipe(run)
 
     problems: list[str] = []
-    run.evaluations = result_rows([path], problems)
+    run.evaluations = [{**result_row(path, result), "file": result_file.name}
+                       for result_file, result in protocol_results(path, problems)]
     if problems:
         run.evaluation_note = " ".join(problems)
-    for row, result_file in zip(run.evaluations, _result_files(path), strict=False):
-        row["file"] = result_file.name
     return run
 
 
-def _read_mapping(path: Path, parse: Callable[[str], Any]) -> tuple[dict | None, str]:
-    """The mapping a JSON or YAML file holds (``parse``: json.loads, yaml.safe_load), or
-    None and why not, as a clause."""
-    try:
-        value = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as error:  # JSONDecodeError: a ValueError
-        return None, f"{path.name} is not readable ({error})"
-    if not isinstance(value, dict):
-        return None, f"{path.name} does not hold a mapping"
-    return value, ""
-
-
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    raw, problem = _read_mapping(path, yaml.safe_load)
+    raw, problem = read_mapping(path, yaml.safe_load)
     if raw is None:
         raise MixmaskError(f"{path.parent} is not a run folder: {problem}.")
     return raw
-
-
-def _result_files(path: Path) -> list[Path]:
-    """The eval/*.json files that result_rows turns into rows, in its order."""
-    files = []
-    for result_file in sorted((path / "eval").glob("*.json")):
-        try:
-            result = json.loads(result_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(result, dict) and "protocol" in result:
-            files.append(result_file)
-    return files
 
 
 def _load_summary(run: RunRecord) -> None:
@@ -110,7 +84,7 @@ def _load_summary(run: RunRecord) -> None:
     if not summary_path.is_file():
         run.summary_note = "No summary.json: the run has not finished (or was stopped)."
         return
-    summary, problem = _read_mapping(summary_path, json.loads)
+    summary, problem = read_mapping(summary_path, json.loads)
     if summary is None:
         run.summary_note = f"{problem}."
         return
@@ -127,7 +101,7 @@ def _compare_with_recipe(run: RunRecord) -> None:
         run.recipe_note = ("No recipe.yaml (a run from before mixmask recorded it): "
                            "nothing is highlighted.")
         return
-    provenance, problem = _read_mapping(recipe_path, lambda text: yaml.safe_load(text) or {})
+    provenance, problem = read_mapping(recipe_path, lambda text: yaml.safe_load(text) or {})
     if provenance is None:
         run.recipe_note = f"{problem}: nothing is highlighted."
         return

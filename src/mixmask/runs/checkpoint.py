@@ -180,7 +180,7 @@ def _kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-# What mixmask writes, by key (pretraining: engine._Run.save_checkpoint; finetuning:
+# What mixmask writes, by key (pretraining: train.trainer.Trainer.save_checkpoint; finetuning:
 # eval.finetune). A key not listed here is ignored.
 _FIELDS: dict[str, Callable[[Any], str | None]] = {
     "method": _state_dict, "probe": _state_dict, "classifier": _state_dict,
@@ -316,17 +316,27 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def save_atomically(content: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path.partial``, then a rename over ``path``: a killed save never
+    leaves a truncated file at ``path``; on an error the partial file is removed and the
+    error raised."""
+    partial = path.with_suffix(".partial")
+    try:
+        torch.save(content, partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def write_checkpoint(content: dict[str, Any], path: Path, *, step: int, kept: str) -> None:
     """Save ``content`` at ``path`` atomically: written to ``.partial``, then renamed over
     ``path``, so a killed save never leaves a truncated checkpoint. A full disk is one
     :class:`CheckpointError` that says how much room the save needs and what is ``kept``
     (the last good checkpoint); the partial file is removed either way."""
-    partial = path.with_suffix(".partial")
     try:
-        torch.save(content, partial)
-        os.replace(partial, path)
+        save_atomically(content, path)
     except (OSError, RuntimeError) as error:
-        partial.unlink(missing_ok=True)
         needed = tensor_bytes(content)
         if not _disk_full(error, path.parent, needed):
             raise

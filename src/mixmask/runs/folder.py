@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,54 @@ def pretrained_method(config: Config, eval_data: EvalData, checkpoint_path: Path
     method = build_run_method(config, PixelStats(tuple(train_set.mean), tuple(train_set.std)),
                               checkpoint_path, checkpoint)
     return method.to(device)
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run folders (holding config.yaml) among ``paths``; a folder that is not a run but
+    holds runs (``runs/``) stands for those below it."""
+    runs: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if (path / "config.yaml").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            below = sorted(config.parent for config in path.rglob("config.yaml"))
+            if not below:
+                raise MixmaskError(f"{path} holds no run folder (no config.yaml below it).")
+            runs.extend(below)
+        else:
+            raise MixmaskError(f"{path} is not a run folder.")
+    return runs
+
+
+def read_mapping(path: Path, parse: Callable[[str], Any]) -> tuple[dict | None, str]:
+    """The mapping a JSON or YAML file holds (``parse``: json.loads, yaml.safe_load), or
+    None and why not, as a clause."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:  # JSONDecodeError: a ValueError
+        return None, f"{path.name} is not readable ({error})"
+    if not isinstance(value, dict):
+        return None, f"{path.name} does not hold a mapping"
+    return value, ""
+
+
+def protocol_results(run: Path, problems: list[str] | None = None
+                     ) -> list[tuple[Path, dict[str, Any]]]:
+    """``(file, result)`` for each ``RUN/eval/*.json`` that holds a protocol result, in
+    file-name order. A file that cannot be read is left out and named in ``problems`` (one
+    sentence each), so one bad file never hides the others."""
+    results = []
+    for path in sorted((run / "eval").glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            if problems is not None:
+                problems.append(f"{path} is not a readable result ({error}); left out.")
+            continue
+        if isinstance(result, dict) and "protocol" in result:
+            results.append((path, result))
+    return results
