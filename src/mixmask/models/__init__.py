@@ -4,10 +4,11 @@ from mixmask.models.backbones import (
     build_resnet,
     register_backbone,
 )
-from mixmask.models.heads import MLPHead
 
-# Registers vit_tiny / vit_small / vit_base (timm is imported only when one is built).
+# Register the ConvNeXts and vit_tiny / vit_small / vit_base.
+from mixmask.models.convnext import ConvNeXtBackbone, build_convnext
+from mixmask.models.heads import MLPHead
 from mixmask.models.vit import ViTBackbone, build_vit
 
-__all__ = ["MLPHead", "ViTBackbone", "backbone_names", "build_backbone", "build_resnet",
-           "build_vit", "register_backbone"]
+__all__ = ["ConvNeXtBackbone", "MLPHead", "ViTBackbone", "backbone_names", "build_backbone",
+           "build_convnext", "build_resnet", "build_vit", "register_backbone"]

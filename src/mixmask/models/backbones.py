@@ -38,12 +38,24 @@ class BackboneTraits:
 
     # Patch tokens (a ViT): forward_visible, forward_with_mask_token, patch grid, blocks.
     tokens: bool = False
-    # Stages of feature maps (a ResNet): feature_map, stage_geometry, forward_stages.
-    stages: bool = False
     # Blocks of a token model (a ViT's depth; its mask-token layers run 0..blocks).
     blocks: int = 0
+    # Four stages of feature maps (a ConvNet: feature_map, pooling_head, stage_geometry,
+    # forward_stages):
+    # model.stem -> (the stride of each stage's edit point, the stride of the last map), so
+    # a config is checked before anything is built. None: no stages.
+    stage_strides: Callable[[str], tuple[tuple[int, ...], int]] | None = None
     # The torchvision ResNet depth its weights fit (18, 34, 50), for the exports; 0: none.
     torchvision_resnet_depth: int = 0
+    # The timm model its weights load into (model.stem imagenet), for the timm export.
+    timm_name: str = ""
+    # Checks of the model.* keys for this backbone (ConfigError), run by the config's
+    # validation before anything is built.
+    check: Callable[[object], None] | None = None
+
+    @property
+    def stages(self) -> bool:
+        return self.stage_strides is not None
 
 
 _BACKBONES: dict[str, tuple[BackboneBuilder, BackboneTraits]] = {}
@@ -80,6 +92,12 @@ class ResNetBackbone(tv_resnet.ResNet):
         """The last stage's feature map [B, C, h, w] (before pooling)."""
         return self.forward_stages(images)
 
+    @property
+    def pooling_head(self) -> nn.Module:
+        """What turns the feature map into the pooled features, beyond averaging: nothing
+        for a ResNet (``fc`` is an identity)."""
+        return self.fc
+
     def forward_stages(self, images: Tensor, stage: int = -1,
                        edit: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Stem, then stages 0..3 (``layer1``..``layer4``), with ``edit`` applied to the
@@ -103,10 +121,13 @@ class ResNetBackbone(tv_resnet.ResNet):
         return input_strides, stem_stride * math.prod(strides), channels
 
 
-def resnet_stage_input_stride(stem: str, stage: int) -> int:
-    """Stride of ResNet stage ``stage``'s input from the config: the stem (1 for the CIFAR
-    stem, 4 for torchvision's conv + max-pool), then x2 per stage after the first."""
-    return (1 if stem == "cifar" else 4) * 2 ** max(stage - 1, 0)
+def resnet_stage_strides(stem: str) -> tuple[tuple[int, ...], int]:
+    """ResNet stage inputs' strides and the last map's, by ``model.stem``: the stem (1 for
+    the CIFAR stem, 4 for torchvision's conv + max-pool), then x2 per stage after the
+    first (each stage downsamples in its first block, so its input is the previous
+    stride)."""
+    stem_stride = 1 if stem == "cifar" else 4
+    return tuple(stem_stride * 2 ** max(stage - 1, 0) for stage in range(4)), stem_stride * 8
 
 
 def _module_stride(module: nn.Module) -> int:
@@ -169,7 +190,8 @@ def _resnet_builder(name: str) -> BackboneBuilder:
 
 
 for _name, (_, _, _depth) in _RESNETS.items():
-    register_backbone(_name, BackboneTraits(stages=True, torchvision_resnet_depth=_depth))(
+    register_backbone(_name, BackboneTraits(stage_strides=resnet_stage_strides,
+                                            torchvision_resnet_depth=_depth, timm_name=_name))(
         _resnet_builder(_name))
 
 
@@ -180,6 +202,9 @@ def validate_backbone(model_config) -> None:
         hint = did_you_mean(model_config.backbone, _BACKBONES)
         raise ConfigError(f"'model.backbone' must be one of {', '.join(_BACKBONES)}; got "
                           f"{model_config.backbone!r}.{hint}")
+    check = _BACKBONES[model_config.backbone][1].check
+    if check is not None:
+        check(model_config)
 
 
 def build_backbone(model_config, image_size: int | None = None) -> tuple[nn.Module, int]:

@@ -19,6 +19,8 @@ generator's device; nothing is read back to the host, so a CUDA step does not sy
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,28 +44,54 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
 
 def mae_random_masking(batch: int, num_patches: int, mask_ratio: float,
                        generator: torch.Generator,
-                       device: torch.device | str | None = None,
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       device: torch.device | str | None = None, *,
+                       mask_unit: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """MAE's per-sample random masking (arXiv 2111.06377, sec. 3; ``random_masking``).
 
     Returns ``(keep_indices [B, K] long, mask [B, N] float (1 = masked), restore_indices
-    [B, N] long)`` with ``K = num_kept(N, mask_ratio)``, the same K for every image (so a
-    batch stays one tensor). ``device`` defaults to the generator's and must match it.
+    [B, N] long)``, the same K for every image (so a batch stays one tensor). ``device``
+    defaults to the generator's and must match it.
+
+    ``mask_unit`` k > 1 is long-sequence MAE's mask unit decoupled from the patch (Hu et
+    al., arXiv 2210.07224; ``--mask_downsampling`` in facebookresearch/long_seq_mae): the
+    N patches form a square grid of side g, and whole k x k blocks of patches (g / k per
+    side) are masked together, ``num_kept(U, mask_ratio)`` of the U = N / k^2 units kept,
+    so ``K = num_kept(U, mask_ratio) * k^2``. The noise is drawn per unit, and the kept and
+    restore orders list each unit's patches in raster order, units in noise order. With
+    k = 1 (MAE) the draws and results are exactly MAE's.
 
     >>> keep, mask, restore = mae_random_masking(2, 64, 0.75, torch.Generator())
     >>> keep.shape, int(mask.sum())
     (torch.Size([2, 16]), 96)
     """
-    kept = num_kept(num_patches, mask_ratio)
+    unit_patches = _unit_patches(num_patches, mask_unit)
+    units = unit_patches.shape[0]
+    kept = num_kept(units, mask_ratio) * mask_unit * mask_unit
     device = generator.device if device is None else torch.device(device)
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
+    noise = torch.rand(batch, units, generator=generator, device=device)
     # Ascending: the smallest noise values are kept, as in the reference.
     shuffle_indices = torch.argsort(noise, dim=1)
+    if mask_unit > 1:
+        shuffle_indices = unit_patches.to(device)[shuffle_indices].reshape(batch, num_patches)
     restore_indices = torch.argsort(shuffle_indices, dim=1)
     keep_indices = shuffle_indices[:, :kept]
     mask = torch.ones(batch, num_patches, device=device)
     mask.scatter_(1, keep_indices, 0.0)
     return keep_indices, mask, restore_indices
+
+
+def _unit_patches(num_patches: int, mask_unit: int) -> Tensor:
+    """[U, k^2]: the patch indices (raster order on the g x g grid) of each k x k unit,
+    units in raster order on the (g / k) x (g / k) grid."""
+    if mask_unit == 1:
+        return torch.arange(num_patches)[:, None]
+    side = math.isqrt(num_patches)
+    if mask_unit < 1 or side * side != num_patches or side % mask_unit:
+        raise ValueError(f"mask_unit {mask_unit} must divide the side of a square patch grid; "
+                         f"got {num_patches} patches.")
+    grid = torch.arange(num_patches).reshape(side // mask_unit, mask_unit,
+                                              side // mask_unit, mask_unit)
+    return grid.permute(0, 2, 1, 3).reshape(-1, mask_unit * mask_unit)
 
 
 def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mixmask.errors import MixmaskError
-from mixmask.models.backbones import backbone_names, backbone_traits, build_resnet
+from mixmask.models.backbones import backbone_names, backbone_traits, build_backbone
 
 EXPORT_FORMATS = ("torchvision", "timm", "detectron2")
 
@@ -87,12 +87,16 @@ def export_backbone(backbone_state: dict[str, Tensor], model_config: Any, fmt: s
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}.")
     name, stem, width = model_config.backbone, model_config.stem, float(model_config.width)
-    depth = backbone_traits(name).torchvision_resnet_depth
+    traits = backbone_traits(name)
+    depth = traits.torchvision_resnet_depth
+    if not depth and fmt == "timm" and traits.timm_name:
+        return _export_timm_native(backbone_state, model_config, Path(out))
     if not depth:
         exportable = [item for item in backbone_names()
-                      if backbone_traits(item).torchvision_resnet_depth]
-        raise ExportError(f"{fmt} export holds the ResNets ({', '.join(exportable)}); this "
-                          f"run's model.backbone is {name!r}.")
+                      if backbone_traits(item).torchvision_resnet_depth
+                      or (fmt == "timm" and backbone_traits(item).timm_name)]
+        raise ExportError(f"{fmt} export holds {', '.join(exportable)}; this run's "
+                          f"model.backbone is {name!r}.")
     if width != 1.0:
         raise ExportError(f"{fmt}'s {name} has the standard channel counts (model.width=1.0); "
                           f"this run's backbone has model.width={width:g}, so its weights do "
@@ -105,7 +109,7 @@ def export_backbone(backbone_state: dict[str, Tensor], model_config: Any, fmt: s
         raise ExportError("detectron2's ResNet stem is a 7x7 stride-2 conv with a max-pool, so "
                           "this run's CIFAR stem (3x3 stride 1, no max-pool) does not fit it; "
                           "pretrain with model.stem=imagenet to transfer to detectron2.")
-    _check_matches_builder(backbone_state, name, stem)
+    _check_matches_builder(backbone_state, model_config)
     out = Path(out)
 
     if fmt == "detectron2":
@@ -157,11 +161,39 @@ def _detectron2_name(key: str) -> str:
     return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
 
 
-def _check_matches_builder(backbone_state: dict[str, Tensor], name: str, stem: str) -> None:
-    """The weights must be exactly those of our builder for (name, stem, width 1): the key
-    set and every shape, so a wrong model.* section fails here, not in the user's load."""
+def _export_timm_native(backbone_state: dict[str, Tensor], model_config: Any, out: Path
+                        ) -> dict[str, Any]:
+    """A backbone built as timm builds it (ConvNeXt: the same class and names): its state
+    as it is, for ``timm.create_model(name, num_classes=0)``."""
+    name, stem = model_config.backbone, model_config.stem
+    _check_matches_builder(backbone_state, model_config)
+    state = {key: tensor.detach().cpu() for key, tensor in backbone_state.items()}
+    _write_atomically(out, lambda handle: torch.save(state, handle))
+    target = f"timm.create_model('{name}', num_classes=0)"
+    load = f"m.load_state_dict(torch.load('{out}', weights_only=True))"
+    notes = ["The file holds the backbone with its head's LayerNorm (num_classes=0: no "
+             "classifier; pretraining has none)."]
+    if stem == "cifar":
+        # Our CIFAR stem (mixmask.models.convnext.build_convnext); tests/test_convnext.py
+        # loads it this way.
+        width = state["stem.0.weight"].shape[0]
+        notes.append("The run used our CIFAR stem (a 3x3 stride-1 conv), so replace it before "
+                     f"a strict load: m = {target}; m.stem[0] = nn.Conv2d(3, {width}, 3, 1, 1); "
+                     f"{load}.")
+    else:
+        notes.append(f"Load it strictly: m = {target}; {load}.")
+    notes.append("To fine-tune with a new classifier, load as above, then m.reset_classifier(N).")
+    return {"format": "timm", "target": target, "tensors": len(state), "out": str(out),
+            "notes": notes}
+
+
+def _check_matches_builder(backbone_state: dict[str, Tensor], model_config: Any) -> None:
+    """The weights must be exactly those of our builder for the run's model.* (width 1):
+    the key set and every shape, so a wrong model.* section fails here, not in the user's
+    load."""
+    name, stem = model_config.backbone, model_config.stem
     with torch.device("meta"):
-        reference, _ = build_resnet(name, stem=stem, width=1.0)
+        reference, _ = build_backbone(model_config)
     expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
     not_tensors = [key for key, value in backbone_state.items() if not isinstance(value, Tensor)]
     if not_tensors:

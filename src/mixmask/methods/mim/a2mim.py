@@ -35,7 +35,7 @@ from mixmask.errors import ConfigError
 from mixmask.methods.mim.targets import PixelTarget, PixelTargetConfig, validate_pixel_target
 from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
-from mixmask.models.backbones import backbone_traits, resnet_stage_input_stride
+from mixmask.models.backbones import backbone_traits
 from mixmask.models.vit import resolve_patch_size
 from mixmask.ops.block_masks import a2mim_block_mask, a2mim_block_size, mean_fill
 from mixmask.ops.grid_masks import upsample_mask
@@ -131,6 +131,10 @@ class A2MIM(Method):
             decoder_channels, decoder_stride = self.feature_dim, self.backbone.patch_size
         else:
             input_strides, output_stride, channels = self.backbone.stage_geometry()
+            # The loss reads the feature map, so the pooling head (ConvNeXt's LayerNorm; a
+            # ResNet has none) gets no gradient: frozen, as fc_norm above; finetuning
+            # trains it.
+            self.backbone.pooling_head.requires_grad_(False)
             self.cell = input_strides[self.mask_layer]
             width = channels[self.mask_layer]
             # mim_resnet.py MIMResNet.init_weights draws the token from trunc_normal(0.02)
@@ -174,12 +178,12 @@ class A2MIM(Method):
             if layer > 3:
                 raise ConfigError(f"method.a2mim.mask_layer for a ResNet is a stage input in "
                                   f"0..3 (-1 = 3), got {params.mask_layer}.")
-            cell = resnet_stage_input_stride(config.model.stem, layer)
-            what = f"stride of stage {layer}'s input"
-            last_stride = resnet_stage_input_stride(config.model.stem, 3) * 2
+            input_strides, last_stride = traits.stage_strides(config.model.stem)
+            cell = input_strides[layer]
+            what = f"stride of stage {layer}'s mask-token point"
             if size % last_stride:
                 raise ConfigError(f"data.image_size ({size}) must be a multiple of the "
-                                  f"ResNet's output stride ({last_stride}) for the decoder.")
+                                  f"backbone's output stride ({last_stride}) for the decoder.")
         try:
             block = params.mask_block_size or a2mim_block_size(size)
         except ValueError as error:

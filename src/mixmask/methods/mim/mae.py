@@ -14,6 +14,13 @@ the ideal low-pass filtered image (radius 40 x S / 224) before patchify and ``no
 (mmselfsup ``pixmim.py``); ``lowpass_mode`` picks the reference's exact path (``faithful``)
 or the DC-centred one (``clean``): :func:`mixmask.ops.lowpass.ideal_lowpass`.
 
+Long-sequence MAE (LSMAE, Hu et al., arXiv 2210.07224; facebookresearch/long_seq_mae) is
+MAE with a longer sequence (a larger image or a smaller ``model.patch_size``) and the mask
+unit decoupled from the patch: ``mask_unit`` k masks whole k x k blocks of patches
+together (its ``--mask_downsampling``), the target stays at the patch resolution. PixMIM
+on it is the same low-pass target (the radius scales with ``data.image_size``: 80 at
+448 px, our choice, which the reference does not state).
+
 Optimiser (``train.optimizer=adamw``): the protocol's AdamW groups leave norms, biases and
 the tokens (cls, mask, position) undecayed, as the MAE paper's recipe and timm's ViTs do;
 MAE's ``main_pretrain.py`` excludes only 1-d parameters, so its cls and mask tokens (3-d)
@@ -34,7 +41,12 @@ from mixmask.methods.mim.targets import PixelTarget, PixelTargetConfig, validate
 from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
 from mixmask.models.backbones import backbone_traits
-from mixmask.models.vit import patchify, sincos_2d_position_embedding, unpatchify
+from mixmask.models.vit import (
+    patchify,
+    resolve_patch_size,
+    sincos_2d_position_embedding,
+    unpatchify,
+)
 from mixmask.ops.losses.mim import masked_mse_per_patch, norm_pix_target
 from mixmask.ops.token_masks import mae_random_masking, unshuffle
 
@@ -49,6 +61,9 @@ class MAEConfig(PixelTargetConfig):
     decoder_heads: int = 16
     # Per-patch normalised pixel target (MAE sec. 3; its released models use it).
     norm_pix: bool = True
+    # Long-sequence MAE (arXiv 2210.07224): mask whole k x k blocks of patches together, the
+    # mask unit decoupled from the patch (its --mask_downsampling); 1 = MAE's per patch.
+    mask_unit: int = 1
     # (and target, lowpass_mode, lowpass_radius: PixelTargetConfig; PixMIM is target=lowpass)
 
 
@@ -131,6 +146,11 @@ class MAE(Method):
         for key in ("decoder_depth", "decoder_dim", "decoder_heads"):
             if getattr(params, key) < 1:
                 raise ConfigError(f"method.mae.{key} must be at least 1.")
+        grid = config.data.image_size // resolve_patch_size(config.model.patch_size,
+                                                            config.data.image_size)
+        if params.mask_unit < 1 or grid % params.mask_unit:
+            raise ConfigError(f"method.mae.mask_unit ({params.mask_unit}) must divide the patch "
+                              f"grid's side ({grid} patches of model.patch_size).")
         validate_pixel_target(params, "method.mae")
 
     def target_patches(self, images: Tensor) -> Tensor:
@@ -144,7 +164,7 @@ class MAE(Method):
     def masked_views(self, images: Tensor, generator: torch.Generator) -> MaskedViews:
         keep, mask, restore = mae_random_masking(images.shape[0], self.grid * self.grid,
                                                  self.params.mask_ratio, generator,
-                                                 images.device)
+                                                 images.device, mask_unit=self.params.mask_unit)
         predicted = self.decoder(self.backbone.forward_visible(images, keep), restore).float()
         target = self.pixel_target(images).float()
         if self.params.norm_pix:
@@ -164,7 +184,7 @@ class MAE(Method):
         images = batch.views[0]
         keep, mask, restore = mae_random_masking(images.shape[0], self.grid * self.grid,
                                                  self.params.mask_ratio, generator,
-                                                 images.device)
+                                                 images.device, mask_unit=self.params.mask_unit)
         encoded = self.backbone.forward_visible(images, keep)
         predicted = self.decoder(encoded, restore)
         loss = masked_mse_per_patch(predicted.float(), self.target_patches(images), mask)

@@ -129,6 +129,9 @@ class SiameseIM(Method):
             # The last feature map's side: ceil(S / output stride), as the convolutions pad.
             _, output_stride, _ = self.backbone.stage_geometry()
             self.grid, encoder_dim = -(-size // output_stride), self.feature_dim
+            # Tokens come from the feature map: the pooling head (ConvNeXt's LayerNorm; a
+            # ResNet has none) gets no gradient. Frozen (DDP); finetuning trains it.
+            self.backbone.pooling_head.requires_grad_(False)
         self.num_patches = self.grid * self.grid
         dim = params.decoder_dim or encoder_dim
         heads = params.decoder_heads or max(1, dim // 48)
