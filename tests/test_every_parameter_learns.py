@@ -15,7 +15,7 @@ from mixmask.methods import PixelStats, build_method
 
 RECIPES = sorted(path.stem for path in (ROOT / "configs" / "cifar10").glob("*.yaml"))
 SMALL = {"vit": ["model.backbone=vit_tiny"], "r18": ["model.width=0.25"],
-         "convnext": []}  # ConvNeXt-Atto already; its widths are its own
+         "convnext": [], "convmae": []}  # ConvNeXt-Atto / ConvViT-Tiny already
 
 
 VIT_RECIPES = [recipe for recipe in RECIPES if "vit" in recipe]
@@ -36,7 +36,8 @@ def test_every_vit_pooling_reaches_every_trainable_parameter(recipe, pool):
 
 def _one_step_reaches_every_trainable_parameter(recipe: str, *extra: str) -> None:
     overrides = ["data.dataset=synthetic", "train.batch_size=8", *extra]
-    overrides += SMALL[next((kind for kind in ("vit", "convnext") if kind in recipe), "r18")]
+    overrides += SMALL[next((kind for kind in ("vit", "convnext", "convmae") if kind in recipe),
+                            "r18")]
     config = load_config(ROOT / "configs" / "cifar10" / f"{recipe}.yaml", overrides)
     images = load_image_set("synthetic", "", "train", subset=8)
     torch.manual_seed(0)

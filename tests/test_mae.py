@@ -116,10 +116,11 @@ def test_the_masking_axis_is_refused_for_mae(capsys):
     assert "no masking axis" in capsys.readouterr().err
 
 
-def test_mae_needs_a_vit(capsys):
+def test_mae_needs_a_token_encoder(capsys):
     code = main(["pretrain", "configs/cifar10/mae_vit_tiny.yaml", "model.backbone=resnet18",
                  "data.root=/nonexistent"])
-    assert code == 2 and "needs a ViT backbone" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a token encoder" in err and "convvit_tiny" in err
 
 
 @pytest.mark.parametrize("variant", ["mae", "pixmim"])

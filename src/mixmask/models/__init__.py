@@ -7,8 +7,10 @@ from mixmask.models.backbones import (
 
 # Register the ConvNeXts and vit_tiny / vit_small / vit_base.
 from mixmask.models.convnext import ConvNeXtBackbone, build_convnext
+from mixmask.models.convvit import ConvViT, build_convvit
 from mixmask.models.heads import MLPHead
 from mixmask.models.vit import ViTBackbone, build_vit
 
-__all__ = ["ConvNeXtBackbone", "MLPHead", "ViTBackbone", "backbone_names", "build_backbone",
-           "build_convnext", "build_resnet", "build_vit", "register_backbone"]
+__all__ = ["ConvNeXtBackbone", "ConvViT", "MLPHead", "ViTBackbone", "backbone_names",
+           "build_backbone", "build_convnext", "build_convvit", "build_resnet", "build_vit",
+           "register_backbone"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
@@ -40,6 +41,9 @@ class BackboneTraits:
     tokens: bool = False
     # Blocks of a token model (a ViT's depth; its mask-token layers run 0..blocks).
     blocks: int = 0
+    # MAE's encoder on visible tokens (forward_visible, patch_size, grid_size,
+    # has_cls_token): (model_config, image_size) -> the token stride in px. None: none.
+    token_stride: Callable[[Any, int], int] | None = None
     # Four stages of feature maps (a ConvNet: feature_map, pooling_head, stage_geometry,
     # forward_stages):
     # model.stem -> (the stride of each stage's edit point, the stride of the last map), so

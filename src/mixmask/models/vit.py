@@ -147,6 +147,8 @@ class ViTBackbone(nn.Module):
     embedding, patch dropout, gradient checkpointing, other input sizes than the built one.
     """
 
+    has_cls_token = True
+
     def __init__(self, embed_dim: int, depth: int, num_heads: int, *, image_size: int = 224,
                  patch_size: int = 16, global_pool: str = "token", drop_path_rate: float = 0.0):
         super().__init__()
@@ -252,6 +254,12 @@ class ViTBackbone(nn.Module):
         """All tokens after the blocks and ``norm``: [B, 1 + N, D] (cls first)."""
         return self.norm(self.blocks(self.prepend_cls(self.embed_patches(images))))
 
+    @property
+    def pooling_head(self) -> nn.Module:
+        """The LayerNorm after average pooling (``fc_norm``; the identity for token
+        pooling): what a method that never pools leaves without a gradient."""
+        return self.fc_norm
+
     def forward_visible(self, images: Tensor, keep_indices: Tensor) -> Tensor:
         """MAE's encoder (arXiv 2111.06377, sec. 3 "MAE encoder"; ``forward_encoder``):
         position embeddings are added to all patches, then only ``keep_indices`` [B, K]
@@ -326,5 +334,10 @@ def _vit_builder(name: str):
     return build
 
 
+def _vit_token_stride(model_config, image_size: int) -> int:
+    return resolve_patch_size(model_config.patch_size, image_size)
+
+
 for _name, (_, _depth, _) in VIT_ARCHS.items():
-    register_backbone(_name, BackboneTraits(tokens=True, blocks=_depth))(_vit_builder(_name))
+    register_backbone(_name, BackboneTraits(tokens=True, blocks=_depth,
+                                            token_stride=_vit_token_stride))(_vit_builder(_name))

@@ -43,7 +43,6 @@ from mixmask.methods.registry import register_method
 from mixmask.models.backbones import backbone_traits
 from mixmask.models.vit import (
     patchify,
-    resolve_patch_size,
     sincos_2d_position_embedding,
     unpatchify,
 )
@@ -72,14 +71,16 @@ class MAEDecoder(nn.Module):
     transformer blocks, norm, a linear map to each patch's p x p x 3 pixels."""
 
     def __init__(self, *, encoder_dim: int, grid: int, patch_size: int, dim: int, depth: int,
-                 heads: int):
+                 heads: int, cls_token: bool = True):
         super().__init__()
         from timm.models.vision_transformer import Block
 
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_2d_position_embedding(grid, grid, dim)[None],
-                             persistent=False)
+        # The encoder's cls token (a ViT's; ConvMAE's encoder has none) keeps its place.
+        self.cls_token = cls_token
+        position = sincos_2d_position_embedding(grid, grid, dim, cls_token=cls_token)
+        self.register_buffer("pos_embed", position[None], persistent=False)
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_ratio=4.0, qkv_bias=True,
                   norm_layer=partial(nn.LayerNorm, eps=1e-6))
@@ -97,16 +98,18 @@ class MAEDecoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, encoded: Tensor, restore_indices: Tensor) -> Tensor:
-        """encoded [B, 1 + K, D_enc] (cls first) -> predicted patches [B, N, p*p*3]."""
+        """encoded [B, 1 + K, D_enc] (cls first; [B, K, D_enc] without one) -> predicted
+        patches [B, N, p*p*3]."""
         tokens = self.embed(encoded)
-        batch, kept = tokens.shape[0], tokens.shape[1] - 1
+        first = 1 if self.cls_token else 0
+        batch, kept = tokens.shape[0], tokens.shape[1] - first
         num_patches = restore_indices.shape[1]
         masks = self.mask_token.expand(batch, num_patches - kept, -1)
-        patches = unshuffle(torch.cat([tokens[:, 1:], masks], dim=1), restore_indices)
-        tokens = torch.cat([tokens[:, :1], patches], dim=1) + self.pos_embed
+        patches = unshuffle(torch.cat([tokens[:, first:], masks], dim=1), restore_indices)
+        tokens = torch.cat([tokens[:, :first], patches], dim=1) + self.pos_embed
         for block in self.blocks:
             tokens = block(tokens)
-        return self.pred(self.norm(tokens))[:, 1:]
+        return self.pred(self.norm(tokens))[:, first:]
 
 
 @register_method("mae")
@@ -121,21 +124,24 @@ class MAE(Method):
         self.grid = config.data.image_size // self.patch_size
         self.decoder = MAEDecoder(encoder_dim=self.feature_dim, grid=self.grid,
                                   patch_size=self.patch_size, dim=params.decoder_dim,
-                                  depth=params.decoder_depth, heads=params.decoder_heads)
+                                  depth=params.decoder_depth, heads=params.decoder_heads,
+                                  cls_token=self.backbone.has_cls_token)
         self.pixel_target = PixelTarget(params, config.data.image_size, pixel_stats)
         # Pretraining never pools (the decoder reads the encoded tokens), so the pooled
         # LayerNorm of global_pool=avg (fc_norm) would get no gradient, and DDP
         # (find_unused_parameters=False) fails on the second step with one such parameter.
         # Frozen: models_mae.py's pretraining encoder has no fc_norm; finetuning trains it.
-        self.backbone.fc_norm.requires_grad_(False)
+        self.backbone.pooling_head.requires_grad_(False)
 
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
 
-        if not backbone_traits(config.model.backbone).tokens:
-            raise ConfigError(f"method 'mae' needs a ViT backbone (model.backbone=vit_tiny, "
-                              f"vit_small or vit_base), got {config.model.backbone}.")
+        traits = backbone_traits(config.model.backbone)
+        if traits.token_stride is None:
+            raise ConfigError(f"method 'mae' needs a token encoder: a ViT (model.backbone="
+                              f"vit_tiny, vit_small, vit_base) or ConvMAE's (convvit_tiny, "
+                              f"convvit_small, convvit_base), got {config.model.backbone}.")
         params = config.method.mae
         if not 0.0 < params.mask_ratio < 1.0:
             raise ConfigError(f"method.mae.mask_ratio must lie in (0, 1), got "
@@ -146,8 +152,8 @@ class MAE(Method):
         for key in ("decoder_depth", "decoder_dim", "decoder_heads"):
             if getattr(params, key) < 1:
                 raise ConfigError(f"method.mae.{key} must be at least 1.")
-        grid = config.data.image_size // resolve_patch_size(config.model.patch_size,
-                                                            config.data.image_size)
+        grid = config.data.image_size // traits.token_stride(config.model,
+                                                             config.data.image_size)
         if params.mask_unit < 1 or grid % params.mask_unit:
             raise ConfigError(f"method.mae.mask_unit ({params.mask_unit}) must divide the patch "
                               f"grid's side ({grid} patches of model.patch_size).")
@@ -188,4 +194,6 @@ class MAE(Method):
         encoded = self.backbone.forward_visible(images, keep)
         predicted = self.decoder(encoded, restore)
         loss = masked_mse_per_patch(predicted.float(), self.target_patches(images), mask)
-        return StepOutput(loss, {"loss": loss.detach()}, encoded[:, 0].detach())
+        # The probe's features: the cls token, or (ConvMAE, no cls) the visible tokens' mean.
+        pooled = encoded[:, 0] if self.backbone.has_cls_token else encoded.mean(dim=1)
+        return StepOutput(loss, {"loss": loss.detach()}, pooled.detach())
