@@ -1,6 +1,8 @@
 """Masked image modeling beside MixMask, on one budget: MAE, PixMIM (faithful and clean),
 A2MIM (ViT-Tiny; ResNet-18 with and without the frequency loss), MixMask MoCo v2 and
-SiameseIM (ViT-Tiny, and our ConvNet variant on a ResNet-18).
+SiameseIM (ViT-Tiny, and our ConvNet variant on a ResNet-18); and the architectures the
+papers claim: PixMIM against plain on MAE, ConvMAE and long-sequence MAE, A2MIM on
+ConvNeXt, MixMask on ConvNeXt.
 
 Each variant pretrains from its CIFAR-10 recipe (``configs/cifar10/*.yaml``) with the same
 CPU-sized overrides, then is judged as the papers judge MIM: ``mixmask finetune --labels
@@ -39,17 +41,25 @@ from mixmask.eval.results import format_table, result_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "cifar10"
-# name -> (recipe, overrides that make the variant)
+# name -> (recipe, overrides that make the variant, backbone family). A family shares its
+# finetuning recipe (FINETUNE) and its from-scratch floor (one backbone configuration).
 VARIANTS = {
-    "mae": ("mae_vit_tiny.yaml", []),
-    "pixmim_faithful": ("pixmim_vit_tiny.yaml", ["method.mae.lowpass_mode=faithful"]),
-    "pixmim_clean": ("pixmim_vit_tiny.yaml", ["method.mae.lowpass_mode=clean"]),
-    "a2mim_vit": ("a2mim_vit_tiny.yaml", []),
-    "a2mim_r18": ("a2mim_r18.yaml", []),
-    "a2mim_r18_no_frequency": ("a2mim_r18.yaml", ["method.a2mim.frequency_weight=0"]),
-    "mixmask_mocov2_r18": ("mixmask_mocov2_r18.yaml", []),
-    "siameseim_vit": ("siameseim_vit_tiny.yaml", []),
-    "siameseim_r18": ("siameseim_r18.yaml", []),  # our ConvNet variant
+    "mae": ("mae_vit_tiny.yaml", [], "vit"),
+    "pixmim_faithful": ("pixmim_vit_tiny.yaml", ["method.mae.lowpass_mode=faithful"], "vit"),
+    "pixmim_clean": ("pixmim_vit_tiny.yaml", ["method.mae.lowpass_mode=clean"], "vit"),
+    "a2mim_vit": ("a2mim_vit_tiny.yaml", [], "vit"),
+    "a2mim_r18": ("a2mim_r18.yaml", [], "resnet"),
+    "a2mim_r18_no_frequency": ("a2mim_r18.yaml", ["method.a2mim.frequency_weight=0"],
+                               "resnet"),
+    "mixmask_mocov2_r18": ("mixmask_mocov2_r18.yaml", [], "resnet"),
+    "siameseim_vit": ("siameseim_vit_tiny.yaml", [], "vit"),
+    "siameseim_r18": ("siameseim_r18.yaml", [], "resnet"),  # our ConvNet variant
+    "convmae": ("convmae_tiny.yaml", [], "convmae"),
+    "pixmim_convmae": ("pixmim_convmae_tiny.yaml", [], "convmae"),
+    "lsmae": ("lsmae_vit_tiny.yaml", [], "vit_patch2"),
+    "pixmim_lsmae": ("pixmim_lsmae_vit_tiny.yaml", [], "vit_patch2"),
+    "a2mim_convnext": ("a2mim_convnext.yaml", [], "convnext"),
+    "mixmask_mocov2_convnext": ("mixmask_mocov2_convnext.yaml", [], "convnext"),
 }
 SCALES = {
     "cpu": ["data.subset=2000", "train.epochs=5", "train.warmup_epochs=1",
@@ -72,12 +82,21 @@ EVALUATION = {
 # ViT rows all finetune so), ResNets with the semi-supervised SGD recipe of the Siamese
 # papers (Barlow Twins' evaluate.py). SGD at head lr 0.5 suits ResNet features, not a ViT's
 # layer-normalised ones: it left MAE's ViT-Tiny at chance (10-12% top-1) in a first run.
+# ConvMAE finetunes as MAE does, less what our finetuning holds for ViTs only (layer
+# decay, drop path, pooling choice): AdamW, warm-up, Mixup / CutMix, RandAugment. ConvNeXt
+# takes the ConvNets' SGD recipe, as the ResNets.
 MAE_FINETUNE = str(ROOT / "configs" / "eval" / "cifar_finetune_mae.yaml")
+NOT_VIT = ["eval.finetune_layer_decay=1.0", "eval.finetune_drop_path=0",
+           "eval.finetune_global_pool=''"]
 FINETUNE = {
     "vit": {"cpu": ["--config", MAE_FINETUNE, "eval.finetune_warmup_epochs=1"],
             "gpu": ["--config", MAE_FINETUNE]},
     "resnet": {"cpu": [], "gpu": []},
+    "convmae": {"cpu": ["--config", MAE_FINETUNE, "eval.finetune_warmup_epochs=1", *NOT_VIT],
+                "gpu": ["--config", MAE_FINETUNE, *NOT_VIT]},
+    "convnext": {"cpu": [], "gpu": []},
 }
+FINETUNE["vit_patch2"] = FINETUNE["vit"]
 
 
 def commands(run: Path, scale: str, overrides: list[str], family: str,
@@ -98,11 +117,7 @@ def commands(run: Path, scale: str, overrides: list[str], family: str,
 def floor_measured(out: Path, family_name: str) -> bool:
     """Whether some variant of this backbone family already holds the from-scratch floor."""
     return any((out / name / "eval" / "finetune_10pct_scratch.json").exists()
-               for name, (recipe, _) in VARIANTS.items() if family(recipe) == family_name)
-
-
-def family(recipe: str) -> str:
-    return "vit" if "vit" in recipe else "resnet"
+               for name, (_, _, family) in VARIANTS.items() if family == family_name)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -158,7 +173,7 @@ def main() -> None:
     shell, runs, started = [], [], time.perf_counter()
     floors: set[str] = set()  # families whose from-scratch floor this invocation measures
     for name in args.variants:
-        recipe, variant = VARIANTS[name]
+        recipe, variant, family = VARIANTS[name]
         run = out / name
         runs.append(run)
         pretrain = ["pretrain", str(CONFIGS / recipe), *SCALES[args.scale], *variant,
@@ -171,12 +186,12 @@ def main() -> None:
             shutil.rmtree(run)
         steps = [] if pretrained else [pretrain]
         # The floor runs in the first variant of its family that has it or measures it.
-        floor = family(recipe) not in floors and (
+        floor = family not in floors and (
             args.redo or (run / "eval" / "finetune_10pct_scratch.json").exists()
-            or not floor_measured(out, family(recipe)))
+            or not floor_measured(out, family))
         if floor:
-            floors.add(family(recipe))
-        evaluations = commands(run, args.scale, args.overrides, family(recipe), floor)
+            floors.add(family)
+        evaluations = commands(run, args.scale, args.overrides, family, floor)
         for stem, command in evaluations.items():
             if args.redo or not (run / "eval" / f"{stem}.json").exists():
                 steps.append(command)

@@ -94,17 +94,18 @@ def test_eval_protocols_benchmark_runs_the_contract_commands_with_valid_override
 @pytest.mark.parametrize("scale", ["cpu", "gpu"])
 def test_mim_ablation_variants_are_valid_configs(scale):
     benchmark = load_benchmark("mim_ablation")
-    for name, (recipe, variant) in benchmark.VARIANTS.items():
+    for name, (recipe, variant, family) in benchmark.VARIANTS.items():
         config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
                                                           *benchmark.EVALUATION[scale]])
         assert config.method.name in ("mae", "a2mim", "mocov2", "siameseim"), name
         # The finetune command's protocol file and overrides over this variant's run config.
-        finetune = benchmark.FINETUNE[benchmark.family(recipe)][scale]
+        finetune = benchmark.FINETUNE[family][scale]
         layers = finetune[1:2] if finetune else []
         tuned = load_config(benchmark.CONFIGS / recipe, [
             *benchmark.SCALES[scale], *variant, *benchmark.EVALUATION[scale],
             *finetune[2:]], layers=layers)
-        assert tuned.eval.finetune_recipe == ("mae" if "vit" in recipe else "sgd"), name
+        transformer = "vit" in recipe or "convmae" in recipe
+        assert tuned.eval.finetune_recipe == ("mae" if transformer else "sgd"), name
     pixmim = load_config(benchmark.CONFIGS / "pixmim_vit_tiny.yaml",
                          benchmark.VARIANTS["pixmim_clean"][1])
     assert (pixmim.method.mae.target, pixmim.method.mae.lowpass_mode) == ("lowpass", "clean")
