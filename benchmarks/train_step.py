@@ -149,7 +149,12 @@ ROW_NAMES = {"none": "mocov2", "mixmask": "mixmask"}
 # SiameseIM two), the recipe's optimizer (AdamW), the engine's step function.
 RECIPES = {"mae": "mae_vit_tiny.yaml", "pixmim": "pixmim_vit_tiny.yaml",
            "a2mim_vit": "a2mim_vit_tiny.yaml", "a2mim_r18": "a2mim_r18.yaml",
-           "siameseim_vit": "siameseim_vit_tiny.yaml", "siameseim_r18": "siameseim_r18.yaml"}
+           "siameseim_vit": "siameseim_vit_tiny.yaml", "siameseim_r18": "siameseim_r18.yaml",
+           # The architectures the papers claim (issue 24): ConvMAE, long-sequence MAE
+           # (256 tokens), A2MIM and MixMask MoCo v2 on ConvNeXt-Atto.
+           "convmae": "convmae_tiny.yaml", "lsmae": "lsmae_vit_tiny.yaml",
+           "a2mim_convnext": "a2mim_convnext.yaml",
+           "mixmask_convnext": "mixmask_mocov2_convnext.yaml"}
 ROW_NAMES.update({name: name for name in RECIPES})
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
 THEORY_MIX_COST = 7 / 4
@@ -589,7 +594,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--burst", action="store_true",
                         help="also time --steps consecutive steps per row, synchronised only "
                              "at the end (no per-step sync)")
-    parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="ResNet-18 width multiplier (ConvNeXt and ConvViT rows: 1 only)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--queue", type=int, default=4096, help="queue / memory bank size")
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))

@@ -163,3 +163,23 @@ def test_convnext_pretrains_and_every_evaluation_command_reads_it(tmp_path, caps
     assert main(["export", str(run), "--format", "torchvision", "--out",
                  str(tmp_path / "y.pth")]) == 2
     assert "convnext_atto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_the_torchvision_export_of_convnext_tiny_loads_strictly_and_computes_the_same(
+        tmp_path, stem):
+    import torchvision
+
+    config = SimpleNamespace(backbone="convnext_tiny", stem=stem, width=1.0)
+    torch.manual_seed(0)
+    backbone, _ = build_backbone(config)
+    result = export_backbone(backbone.state_dict(), config, "torchvision", tmp_path / "t.pth")
+    reference = torchvision.models.convnext_tiny()
+    reference.classifier[2] = nn.Identity()  # as the notes say
+    if stem == "cifar":
+        assert "m.features[0][0] = nn.Conv2d(3, 96, 3, 1, 1)" in result["notes"][-1]
+        reference.features[0][0] = nn.Conv2d(3, 96, 3, 1, 1)
+    reference.load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    backbone.eval(), reference.eval()
+    torch.testing.assert_close(reference(images), backbone(images))

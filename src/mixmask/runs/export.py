@@ -40,6 +40,8 @@ from mixmask.errors import MixmaskError
 from mixmask.models.backbones import backbone_names, backbone_traits, build_backbone
 
 EXPORT_FORMATS = ("torchvision", "timm", "detectron2")
+# The ConvNeXts torchvision builds (timm's smaller ones have no torchvision model).
+TORCHVISION_CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base")
 
 # The backbones a format can hold: those whose traits name a torchvision ResNet depth (the
 # registry names them as torchvision and timm do; detectron2's MODEL.RESNETS.DEPTH).
@@ -91,10 +93,13 @@ def export_backbone(backbone_state: dict[str, Tensor], model_config: Any, fmt: s
     depth = traits.torchvision_resnet_depth
     if not depth and fmt == "timm" and traits.timm_name:
         return _export_timm_native(backbone_state, model_config, Path(out))
+    if not depth and fmt == "torchvision" and name in TORCHVISION_CONVNEXTS:
+        return _export_torchvision_convnext(backbone_state, model_config, Path(out))
     if not depth:
         exportable = [item for item in backbone_names()
                       if backbone_traits(item).torchvision_resnet_depth
-                      or (fmt == "timm" and backbone_traits(item).timm_name)]
+                      or (fmt == "timm" and backbone_traits(item).timm_name)
+                      or (fmt == "torchvision" and item in TORCHVISION_CONVNEXTS)]
         raise ExportError(f"{fmt} export holds {', '.join(exportable)}; this run's "
                           f"model.backbone is {name!r}.")
     if width != 1.0:
@@ -184,6 +189,53 @@ def _export_timm_native(backbone_state: dict[str, Tensor], model_config: Any, ou
         notes.append(f"Load it strictly: m = {target}; {load}.")
     notes.append("To fine-tune with a new classifier, load as above, then m.reset_classifier(N).")
     return {"format": "timm", "target": target, "tensors": len(state), "out": str(out),
+            "notes": notes}
+
+
+def torchvision_convnext_state(backbone_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm ConvNeXt names -> torchvision's (``torchvision.models.convnext``): the stem is
+    ``features.0``, stage i's blocks ``features.{2i+1}`` (``conv_dw``, ``norm``, ``mlp.fc1``,
+    ``mlp.fc2`` -> ``block.0/2/3/5``; ``gamma`` [C] -> ``layer_scale`` [C, 1, 1]), stage i's
+    downsampling ``features.{2i}``, the head's LayerNorm ``classifier.0``."""
+    renamed = {}
+    for key, tensor in backbone_state.items():
+        parts = key.split(".")
+        if parts[0] == "stem":
+            new = f"features.0.{parts[1]}.{parts[2]}"
+        elif parts[0] == "head":
+            new = f"classifier.0.{parts[2]}"
+        elif parts[2] == "downsample":
+            new = f"features.{2 * int(parts[1])}.{parts[3]}.{parts[4]}"
+        else:  # stages.i.blocks.j.<part>
+            block = f"features.{2 * int(parts[1]) + 1}.{parts[3]}"
+            part = ".".join(parts[4:])
+            if part == "gamma":
+                renamed[f"{block}.layer_scale"] = tensor.view(-1, 1, 1)
+                continue
+            inner = {"conv_dw": 0, "norm": 2, "mlp.fc1": 3, "mlp.fc2": 5}[part.rpartition(".")[0]]
+            new = f"{block}.block.{inner}.{parts[-1]}"
+        renamed[new] = tensor
+    return renamed
+
+
+def _export_torchvision_convnext(backbone_state: dict[str, Tensor], model_config: Any,
+                                 out: Path) -> dict[str, Any]:
+    name, stem = model_config.backbone, model_config.stem
+    _check_matches_builder(backbone_state, model_config)
+    state = {key: tensor.detach().cpu()
+             for key, tensor in torchvision_convnext_state(backbone_state).items()}
+    _write_atomically(out, lambda handle: torch.save(state, handle))
+    target = f"torchvision.models.{name}()"
+    load = f"m.load_state_dict(torch.load('{out}', weights_only=True))"
+    notes = ["The file holds the backbone with the head's LayerNorm (no classifier: "
+             "pretraining has none)."]
+    replace = "m.classifier[2] = nn.Identity()"
+    if stem == "cifar":
+        width = state["features.0.0.weight"].shape[0]
+        replace += f"; m.features[0][0] = nn.Conv2d(3, {width}, 3, 1, 1)"
+        notes.append("The run used our CIFAR stem (a 3x3 stride-1 conv).")
+    notes.append(f"Load it strictly: m = {target}; {replace}; {load}.")
+    return {"format": "torchvision", "target": target, "tensors": len(state), "out": str(out),
             "notes": notes}
 
 
