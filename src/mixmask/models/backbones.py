@@ -53,6 +53,9 @@ class BackboneTraits:
     torchvision_resnet_depth: int = 0
     # The timm model its weights load into (model.stem imagenet), for the timm export.
     timm_name: str = ""
+    # The torchvision model its weights load into (names mapped where they differ), for the
+    # torchvision export; "": none.
+    torchvision_name: str = ""
     # Checks of the model.* keys for this backbone (ConfigError), run by the config's
     # validation before anything is built.
     check: Callable[[object], None] | None = None
@@ -195,7 +198,8 @@ def _resnet_builder(name: str) -> BackboneBuilder:
 
 for _name, (_, _, _depth) in _RESNETS.items():
     register_backbone(_name, BackboneTraits(stage_strides=resnet_stage_strides,
-                                            torchvision_resnet_depth=_depth, timm_name=_name))(
+                                            torchvision_resnet_depth=_depth, timm_name=_name,
+                                            torchvision_name=_name))(
         _resnet_builder(_name))
 
 

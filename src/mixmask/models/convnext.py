@@ -113,7 +113,10 @@ def _convnext_builder(name: str):
     return build
 
 
+# torchvision builds the larger ConvNeXts only.
+_IN_TORCHVISION = ("convnext_tiny", "convnext_small", "convnext_base")
+
 for _name in CONVNEXTS:
-    register_backbone(_name, BackboneTraits(stage_strides=convnext_stage_strides,
-                                            timm_name=_name, check=_check_convnext))(
-        _convnext_builder(_name))
+    register_backbone(_name, BackboneTraits(
+        stage_strides=convnext_stage_strides, timm_name=_name, check=_check_convnext,
+        torchvision_name=_name if _name in _IN_TORCHVISION else ""))(_convnext_builder(_name))

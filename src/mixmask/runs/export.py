@@ -40,8 +40,6 @@ from mixmask.errors import MixmaskError
 from mixmask.models.backbones import backbone_names, backbone_traits, build_backbone
 
 EXPORT_FORMATS = ("torchvision", "timm", "detectron2")
-# The ConvNeXts torchvision builds (timm's smaller ones have no torchvision model).
-TORCHVISION_CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base")
 
 # The backbones a format can hold: those whose traits name a torchvision ResNet depth (the
 # registry names them as torchvision and timm do; detectron2's MODEL.RESNETS.DEPTH).
@@ -93,13 +91,13 @@ def export_backbone(backbone_state: dict[str, Tensor], model_config: Any, fmt: s
     depth = traits.torchvision_resnet_depth
     if not depth and fmt == "timm" and traits.timm_name:
         return _export_timm_native(backbone_state, model_config, Path(out))
-    if not depth and fmt == "torchvision" and name in TORCHVISION_CONVNEXTS:
+    if not depth and fmt == "torchvision" and traits.torchvision_name:
         return _export_torchvision_convnext(backbone_state, model_config, Path(out))
     if not depth:
         exportable = [item for item in backbone_names()
                       if backbone_traits(item).torchvision_resnet_depth
                       or (fmt == "timm" and backbone_traits(item).timm_name)
-                      or (fmt == "torchvision" and item in TORCHVISION_CONVNEXTS)]
+                      or (fmt == "torchvision" and backbone_traits(item).torchvision_name)]
         raise ExportError(f"{fmt} export holds {', '.join(exportable)}; this run's "
                           f"model.backbone is {name!r}.")
     if width != 1.0:
