@@ -152,8 +152,11 @@ class MAE(Method):
         for key in ("decoder_depth", "decoder_dim", "decoder_heads"):
             if getattr(params, key) < 1:
                 raise ConfigError(f"method.mae.{key} must be at least 1.")
-        grid = config.data.image_size // traits.token_stride(config.model,
-                                                             config.data.image_size)
+        stride = traits.token_stride(config.model, config.data.image_size)
+        if config.data.image_size % stride:
+            raise ConfigError(f"data.image_size ({config.data.image_size}) must be a multiple "
+                              f"of the encoder's token stride ({stride} px).")
+        grid = config.data.image_size // stride
         if params.mask_unit < 1 or grid % params.mask_unit:
             raise ConfigError(f"method.mae.mask_unit ({params.mask_unit}) must divide the patch "
                               f"grid's side ({grid} patches of model.patch_size).")
