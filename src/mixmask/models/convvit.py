@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from mixmask.errors import ConfigError
 from mixmask.models.backbones import BackboneTraits, register_backbone
-from mixmask.models.vit import sincos_2d_position_embedding
+from mixmask.models.vit import init_linear_and_norm_like_mae, sincos_2d_position_embedding
 from mixmask.ops.token_masks import gather_tokens
 
 # name -> (widths of the three stages, depths, heads of stage 3)
@@ -121,7 +121,9 @@ class ConvViT(nn.Module):
                                        stride=strides[1] * strides[2])
         self.stage2_fusion = nn.Conv2d(widths[1], widths[2], strides[2], stride=strides[2])
         self.norm = nn.LayerNorm(widths[2], eps=1e-6)
-        self.apply(_init_weights)
+        # MAE's init for the linear layers and norms (ours for ConvViT: its own init was not
+        # read); convolutions keep torch's default.
+        init_linear_and_norm_like_mae(self)
 
     @property
     def pooling_head(self) -> nn.Module:
@@ -172,18 +174,6 @@ class ConvViT(nn.Module):
 def _upsample(visible: Tensor, features: Tensor) -> Tensor:
     """The stage-3 visible map repeated up to ``features``' grid (nearest: whole units)."""
     return F.interpolate(visible, size=features.shape[-2:], mode="nearest").to(features.dtype)
-
-
-def _init_weights(module: nn.Module) -> None:
-    # Linear layers xavier-uniform, LayerNorms 1 / 0, as MAE's initialize_weights (ours for
-    # ConvViT: its own init was not read); convolutions keep torch's default.
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def convvit_stride(model_config, image_size: int) -> int:

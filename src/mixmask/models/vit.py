@@ -99,6 +99,19 @@ def _sincos_1d(positions: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def init_linear_and_norm_like_mae(network: nn.Module) -> None:
+    """MAE's ``initialize_weights`` for every Linear (xavier-uniform, bias 0) and LayerNorm
+    (1, 0) of ``network``, in ``modules()`` order (the order its random draws follow)."""
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """[B, C, H, W] -> [B, N, p * p * C], patches row-major, each flattened in (row in
     patch, column in patch, channel) order: MAE's layout (``models_mae.py: patchify``), so
@@ -191,14 +204,7 @@ class ViTBackbone(nn.Module):
         nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))
         # MAE: timm's trunc_normal_(std=.02) with cutoff 2 is effectively normal(0, .02).
         nn.init.normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm_like_mae(self)
 
     # -- finetuning -----------------------------------------------------------------------
     def set_drop_path(self, rate: float) -> None:

@@ -64,15 +64,15 @@ def mae_random_masking(batch: int, num_patches: int, mask_ratio: float,
     >>> keep.shape, int(mask.sum())
     (torch.Size([2, 16]), 96)
     """
-    unit_patches = _unit_patches(num_patches, mask_unit)
-    units = unit_patches.shape[0]
-    kept = num_kept(units, mask_ratio) * mask_unit * mask_unit
     device = generator.device if device is None else torch.device(device)
+    unit_patches = _unit_patches(num_patches, mask_unit, device) if mask_unit != 1 else None
+    units = num_patches if unit_patches is None else unit_patches.shape[0]
+    kept = num_kept(units, mask_ratio) * mask_unit * mask_unit
     noise = torch.rand(batch, units, generator=generator, device=device)
     # Ascending: the smallest noise values are kept, as in the reference.
     shuffle_indices = torch.argsort(noise, dim=1)
-    if mask_unit > 1:
-        shuffle_indices = unit_patches.to(device)[shuffle_indices].reshape(batch, num_patches)
+    if unit_patches is not None:
+        shuffle_indices = unit_patches[shuffle_indices].reshape(batch, num_patches)
     restore_indices = torch.argsort(shuffle_indices, dim=1)
     keep_indices = shuffle_indices[:, :kept]
     mask = torch.ones(batch, num_patches, device=device)
@@ -80,16 +80,15 @@ def mae_random_masking(batch: int, num_patches: int, mask_ratio: float,
     return keep_indices, mask, restore_indices
 
 
-def _unit_patches(num_patches: int, mask_unit: int) -> Tensor:
+def _unit_patches(num_patches: int, mask_unit: int, device: torch.device) -> Tensor:
     """[U, k^2]: the patch indices (raster order on the g x g grid) of each k x k unit,
-    units in raster order on the (g / k) x (g / k) grid."""
-    if mask_unit == 1:
-        return torch.arange(num_patches)[:, None]
+    units in raster order on the (g / k) x (g / k) grid; built on ``device`` (no copy from
+    the host in a step)."""
     side = math.isqrt(num_patches)
     if mask_unit < 1 or side * side != num_patches or side % mask_unit:
         raise ValueError(f"mask_unit {mask_unit} must divide the side of a square patch grid; "
                          f"got {num_patches} patches.")
-    grid = torch.arange(num_patches).reshape(side // mask_unit, mask_unit,
+    grid = torch.arange(num_patches, device=device).reshape(side // mask_unit, mask_unit,
                                               side // mask_unit, mask_unit)
     return grid.permute(0, 2, 1, 3).reshape(-1, mask_unit * mask_unit)
 

@@ -37,7 +37,8 @@ from mixmask.ops.tensors import all_finite
 ALLOWED_GLOBALS: tuple[type, ...] = (TorchVersion,)
 
 TRUST_HINT = ("mixmask reads checkpoints as data only, because unpickling other objects can "
-              "run code (docs/design.md, section 'What mixmask trusts')")
+              "run code (see 'What mixmask trusts' in the documentation's Design page, "
+              "docs/design.md of the mixmask repository)")
 
 
 def read_checkpoint(path: Path, *, required: tuple[str, ...] = ("method",),

@@ -42,6 +42,7 @@ from mixmask.methods.protocol import MaskedViews, Method, StepOutput
 from mixmask.methods.registry import register_method
 from mixmask.models.backbones import backbone_traits
 from mixmask.models.vit import (
+    init_linear_and_norm_like_mae,
     patchify,
     sincos_2d_position_embedding,
     unpatchify,
@@ -89,13 +90,7 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(dim, patch_size * patch_size * 3)
         # models_mae.py initialize_weights: mask token N(0, 0.02), Linear xavier, LN 1/0.
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm_like_mae(self)
 
     def forward(self, encoded: Tensor, restore_indices: Tensor) -> Tensor:
         """encoded [B, 1 + K, D_enc] (cls first; [B, K, D_enc] without one) -> predicted
