@@ -93,6 +93,8 @@ COMMANDS = {
     "export": lambda run, out: ["export", str(run), "--format", "torchvision", "--out",
                                 str(out / "r18.pth")],
     "plot": lambda run, out: ["plot", str(run)],
+    "detect": lambda run, out: ["detect", str(run), "--task", "boxes"],
+    "segment": lambda run, out: ["segment", str(run), "--head", "linear"],
     "reconstruct": lambda run, out: ["reconstruct", str(run), "--out", str(out / "r.png")],
     "resume": lambda run, out: ["pretrain", str(run / "config.yaml"),
                                 f"resume={run / 'checkpoints' / 'last.ckpt'}",

@@ -21,7 +21,8 @@ PACKAGE = SRC / "mixmask"
 # folder (protocols, finetune), above train, whose Fabric set-up and step they share.
 LAYERS = ("errors", "ops", "models", "data", "methods", "config", "runs", "eval",
           "train", "eval.commands", "pictures", "cli")
-EVAL_COMMANDS = {"mixmask.eval.protocols", "mixmask.eval.finetune"}
+EVAL_COMMANDS = {"mixmask.eval.protocols", "mixmask.eval.finetune", "mixmask.eval.dense_training",
+                 "mixmask.eval.detect", "mixmask.eval.segment"}
 MAX_TOP_LEVEL, MAX_MODULE_LINES, MAX_FUNCTION_LINES = 13, 500, 80
 
 

@@ -24,7 +24,7 @@ def test_the_checkouts_configs_folder_is_the_packaged_one():
 def test_the_recipe_list_is_every_config_file():
     on_disk = {path.relative_to(RECIPES_DIR).with_suffix("").as_posix()
                for path in RECIPES_DIR.rglob("*.yaml")}
-    mixmask_files = {name for name in on_disk if not name.startswith("transfer/")}
+    mixmask_files = {name for name in on_disk if not name.startswith("transfer/detectron2/")}
     assert set(recipe_names()) == mixmask_files
     listed = {row["name"] for row in pretraining_recipes()}
     # Every file of the pretraining folders is a recipe except the shared base of the
@@ -34,7 +34,7 @@ def test_the_recipe_list_is_every_config_file():
                 if name.rpartition("/")[0] in ("", "cifar10", "cifar100", "imagenet")} - bases
     assert listed == expected and "quickstart" in listed
     assert {row["name"] for row in protocol_files()} == {
-        name for name in mixmask_files if name.startswith("eval/")}
+        name for name in mixmask_files if name.startswith(("eval/", "transfer/"))}
     assert all(row["about"] for row in pretraining_recipes())
 
 
@@ -53,7 +53,7 @@ def test_a_name_resolves_from_any_folder_and_a_path_wins(tmp_path, monkeypatch):
     ("quickstrat", "Did you mean 'quickstart'?"),
     ("mocov2_mixmask_r1", "Did you mean 'cifar100/mocov2_mixmask_r18'?"),
     ("eval/../quickstart", ""),  # names only: no path through the folder
-    ("transfer/Base-RCNN-C4-BN", ""),  # detectron2's, not a mixmask config
+    ("transfer/detectron2/Base-RCNN-C4-BN", ""),  # detectron2's, not a mixmask config
 ])
 def test_an_unknown_name_is_one_sentence_with_the_closest_recipe(given, hint, capsys):
     with pytest.raises(ConfigError, match="is neither a file nor a recipe name"):

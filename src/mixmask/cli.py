@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   mixmask linear runs/quickstart --protocol moco eval.linear_epochs=10
   mixmask finetune runs/quickstart --labels 10% --config configs/eval/semisup_10pct.yaml
   mixmask finetune runs/quickstart --labels 10% --from-scratch
+  mixmask detect runs/quickstart --task boxes --config transfer/mosaic
+  mixmask segment runs/quickstart --head linear --config transfer/mosaic
   mixmask export runs/quickstart --format torchvision --out r18.pth
   mixmask results runs/
   mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
@@ -30,6 +32,10 @@ EXAMPLES = """examples:
   mixmask --import my_method.py pretrain my_method.yaml     # a method defined in your file
 """
 
+
+# The formats of `mixmask export` (mixmask.runs.export.EXPORT_FORMATS; spelled out here so
+# that `mixmask --help` does not import torch).
+EXPORT_FORMATS = ("torchvision", "timm", "detectron2", "vitdet", "safetensors")
 
 QUIET_HELP = ("no progress bars (as train.progress_bar=false): one plain line per epoch, for "
               "cluster logs")
@@ -60,9 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--labels", required=True, help="1%%, 10%% or 100%%")
     finetune.add_argument("--from-scratch", action="store_true",
                           help="the same recipe from the random init of train.seed (baseline)")
-    export = _run_parser(commands, "export", "backbone weights for torchvision, timm or "
-                         "detectron2")
-    export.add_argument("--format", required=True, choices=("torchvision", "timm", "detectron2"))
+    detect = _evaluation_parser(commands, "detect", "object detection (Faster R-CNN) or "
+                                "instance segmentation (Mask R-CNN) from the run's backbone "
+                                "-> RUN/eval/detect_<task>.json")
+    detect.add_argument("--task", choices=("boxes", "instances"), default="boxes",
+                        help="boxes: Faster R-CNN, box AP; instances: Mask R-CNN, box and "
+                             "mask AP; default boxes")
+    detect.add_argument("--from-scratch", action="store_true",
+                        help="the same recipe from the random init of train.seed (the floor)")
+    segment = _evaluation_parser(commands, "segment", "semantic segmentation from the run's "
+                                 "backbone -> RUN/eval/segment_<head>.json")
+    segment.add_argument("--head", choices=("linear", "uper"), default="linear",
+                         help="linear: frozen backbone, per-pixel linear head; uper: UperNet "
+                              "head, everything trained; default linear")
+    segment.add_argument("--from-scratch", action="store_true",
+                         help="the same recipe from the random init of train.seed (the floor)")
+    export = _run_parser(commands, "export", "backbone weights for torchvision, timm, "
+                         "detectron2, ViTDet or safetensors")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="the file to write")
     results = commands.add_parser("results", help="one table of every evaluation of the runs")
     results.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show_masks(args)
         if args.command == "reconstruct":
             return _reconstruct(args)
+        if args.command in ("detect", "segment"):
+            return _dense(args)
         if args.command == "export":
             return _export(args)
         if args.command == "results":
@@ -281,7 +304,31 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _dense(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    common = dict(from_scratch=args.from_scratch, checkpoint=args.checkpoint,
+                  protocol_file=args.protocol_file, console=console)
+    if args.command == "detect":
+        from mixmask.eval.detect import run_detect
+
+        path, result = run_detect(Path(args.run), args.overrides, task=args.task, **common)
+        keys = ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75")
+    else:
+        from mixmask.eval.segment import run_segment
+
+        path, result = run_segment(Path(args.run), args.overrides, head=args.head, **common)
+        keys = ("miou", "pixel_accuracy")
+    numbers = ", ".join(f"{key} {result[key]:.2f}" for key in keys if key in result)
+    console.print(f"{result['protocol']}: {numbers}. Protocol: {result['description']}. "
+                  f"Written to {path}")
+    return 0
+
+
 def _export(args) -> int:
+    from mixmask.data import DATASET_STATS
+    from mixmask.methods import PixelStats
     from mixmask.runs.export import backbone_state, export_backbone
     from mixmask.runs.folder import build_run_method, load_run_checkpoint, load_run_config
 
@@ -289,7 +336,9 @@ def _export(args) -> int:
     config = load_run_config(run, args.overrides)
     checkpoint_path, content = load_run_checkpoint(run, args.checkpoint)
     method = build_run_method(config, None, checkpoint_path, content)
-    report = export_backbone(backbone_state(method), config.model, args.format, args.out)
+    report = export_backbone(backbone_state(method), config.model, args.format, args.out,
+                             image_size=config.data.image_size,
+                             pixel_stats=PixelStats(*DATASET_STATS[config.data.dataset]))
     print(f"wrote {report['out']}: {report['tensors']} tensors for {report['target']}.")
     for note in report["notes"]:
         print(f"  {note}")
@@ -315,7 +364,8 @@ def _recipes(args) -> int:
     for row in rows:
         print(f"{row['name']:<{width}}  {row['method']:<12} {row['masking']:<8} "
               f"{row['backbone']:<9} {row['dataset']:<12} {row['about']}")
-    print("\nprotocol files (--config of knn, linear, finetune):")
+    print("\nprotocol files (--config of knn, linear, finetune; transfer/: of detect, "
+          "segment):")
     for row in protocol_files():
         print(f"  {row['name'].removeprefix('eval/'):<24} {row['about']}")
     print("\nmixmask pretrain NAME [section.key=value ...]; mixmask recipes NAME --copy DIR "

@@ -28,8 +28,9 @@ from mixmask.config.schema import (
     MonitorConfig,
     TrainConfig,
 )
+from mixmask.config.transfer import TransferConfig
 from mixmask.config.validation import validate
 
 __all__ = ["RECIPES_DIR", "Config", "DataConfig", "EvalConfig", "MethodConfig", "ModelConfig",
-           "MonitorConfig", "TrainConfig", "load_config", "read_recipe", "recipe_names",
-           "resolve_recipe", "save_config", "validate", "yaml_problem"]
+           "MonitorConfig", "TrainConfig", "TransferConfig", "load_config", "read_recipe",
+           "recipe_names", "resolve_recipe", "save_config", "validate", "yaml_problem"]

@@ -36,9 +36,10 @@ def pretraining_recipes() -> list[dict[str, str]]:
 
 
 def protocol_files() -> list[dict[str, str]]:
-    """The evaluation protocol files (``--config`` of knn / linear / finetune)."""
+    """The evaluation protocol files (``--config`` of knn / linear / finetune, and of
+    detect / segment: ``transfer/``)."""
     return [{"name": name, "about": _about(RECIPES_DIR / f"{name}.yaml")}
-            for name in recipe_names() if name.startswith("eval/")]
+            for name in recipe_names() if name.startswith(("eval/", "transfer/"))]
 
 
 def _about(path: Path, limit: int = 110) -> str:

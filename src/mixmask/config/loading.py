@@ -18,7 +18,7 @@ from mixmask.methods.registry import method_class, method_names
 # The recipes shipped with the package (a checkout's configs/ is a link to this folder).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 # Folders of RECIPES_DIR that hold no mixmask config (detectron2's, SLURM's).
-_NOT_MIXMASK = ("transfer", "cluster")
+_NOT_MIXMASK = ("transfer/detectron2", "cluster")
 
 
 def recipe_names() -> list[str]:
@@ -26,7 +26,7 @@ def recipe_names() -> list[str]:
     (``quickstart``, ``cifar10/mixmask_mocov2_r18``, ``eval/knn``, ``masking/none``)."""
     names = (path.relative_to(RECIPES_DIR).with_suffix("").as_posix()
              for path in RECIPES_DIR.rglob("*.yaml"))
-    return sorted(name for name in names if name.split("/")[0] not in _NOT_MIXMASK)
+    return sorted(name for name in names if not name.startswith(_NOT_MIXMASK))
 
 
 def resolve_recipe(given: str | Path, *, protocol: bool = False) -> Path:
@@ -38,7 +38,7 @@ def resolve_recipe(given: str | Path, *, protocol: bool = False) -> Path:
         return path
     name = str(given).replace("\\", "/").removesuffix(".yaml").removeprefix("configs/")
     names = recipe_names()  # only these: a name cannot reach outside the folder
-    for candidate in [name, *([f"eval/{name}"] if protocol else [])]:
+    for candidate in [name, *([f"eval/{name}", f"transfer/{name}"] if protocol else [])]:
         if candidate in names:
             return RECIPES_DIR / f"{candidate}.yaml"
     what = "protocol file" if protocol else "config"

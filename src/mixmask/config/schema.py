@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from mixmask.config.transfer import TransferConfig
 from mixmask.data.views import AUGMENTATION_PRESETS
 from mixmask.errors import ConfigError, did_you_mean
 from mixmask.methods.registry import method_class, method_names
@@ -342,6 +343,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     out_dir: str = "runs/run"
     # none | auto (continue from out_dir/checkpoints/last.ckpt if it exists) | a path
     resume: str = "none"

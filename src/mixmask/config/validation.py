@@ -16,6 +16,7 @@ def validate(config: Config) -> None:
     """Cross-field checks the types cannot express; then the active method's own checks
     (its class's ``validate_config``) and the backbone registry's."""
 
+    _check_transfer(config.transfer)
     positive = {
         "data.image_size": config.data.image_size,
         "train.epochs": config.train.epochs,
@@ -150,3 +151,21 @@ def _validate_finetune(config: Config) -> None:
                           f"'rand-m9-mstd0.5-inc1' (or '' for none), got {policy!r}.")
 
 
+
+
+def _check_transfer(transfer) -> None:
+    """The ``transfer`` section (mixmask detect / segment)."""
+    for key in ("iterations", "batch_size", "image_size", "lr", "segment_lr",
+                "segment_linear_lr", "pyramid_channels", "segment_channels",
+                "eval_batch_size"):
+        if getattr(transfer, key) <= 0:
+            raise ConfigError(f"'transfer.{key}' must be positive, got "
+                              f"{getattr(transfer, key)}.")
+    for key in ("max_size", "train_images", "test_images", "weight_decay",
+                "segment_weight_decay", "warmup_iterations", "checkpoint_every"):
+        if getattr(transfer, key) < 0:
+            raise ConfigError(f"'transfer.{key}' must be 0 or more, got "
+                              f"{getattr(transfer, key)}.")
+    if not all(0.0 < fraction < 1.0 for fraction in transfer.milestones):
+        raise ConfigError("'transfer.milestones' are fractions of transfer.iterations, each "
+                          f"in (0, 1); got {list(transfer.milestones)}.")

@@ -42,6 +42,7 @@ from mixmask.ops.optim import layer_decay_lr_scale, no_decay_bias_norm_and_token
 from mixmask.ops.optim import parameter_groups as named_groups
 from mixmask.ops.tensors import all_finite
 from mixmask.runs.checkpoint import (
+    check_same_settings,
     load_optimizer_state,
     load_state,
     read_checkpoint,
@@ -366,14 +367,7 @@ def _resume(path: Path, settings: dict[str, Any], model, optimizer, state: dict)
     checkpoint = read_checkpoint(path, required=("classifier", "optimizer", "step", "history"),
                                  other="delete it to finetune from the start",
                                  what="mixmask finetune checkpoint")
-    saved = checkpoint.get("settings", {})
-    differing = sorted(key for key in set(saved) | set(settings)
-                       if saved.get(key) != settings.get(key))
-    if differing:
-        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {settings.get(key)!r} now"
-                          for key in differing[:3])
-        raise ConfigError(f"{path.parent} holds a finetune with other settings ({shown}); "
-                          "delete that folder to finetune afresh with these.")
+    check_same_settings(checkpoint.get("settings", {}), settings, path.parent, "finetune")
     load_state(model.module, checkpoint["classifier"], path)
     load_optimizer_state(optimizer, checkpoint["optimizer"], path)
     state.update(step=checkpoint["step"], history=checkpoint["history"],

@@ -64,7 +64,7 @@ def _device(config: Config) -> torch.device:
     return torch.device(resolve_accelerator(config.train.device))
 
 
-def _common(config: Config, run: Path, protocol: str, description: str,
+def result_header(config: Config, run: Path, protocol: str, description: str,
             checkpoint_path: Path | None, checkpoint: dict[str, Any] | None, device,
             wall_time_s: float) -> dict[str, Any]:
     return {
@@ -109,7 +109,7 @@ def run_knn(run: Path, overrides: list[str], *, checkpoint: str | None = None,
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
                             num_classes=eval_data.num_classes, k=k, temperature=t)
     description = PROTOCOL_DESCRIPTIONS["knn"].format(k=k, t=t)
-    result = _common(config, run, "knn", description, checkpoint_path, content, device,
+    result = result_header(config, run, "knn", description, checkpoint_path, content, device,
                      time.perf_counter() - started)
     result.update(top1=accuracy[1], top5=accuracy[5],
                   settings={"k": k, "temperature": t},
@@ -202,7 +202,7 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
     name = f"linear_{protocol}"
     description = PROTOCOL_DESCRIPTIONS[name].format(
         lr=lr, wd=evaluation.linear_weight_decay, epochs=evaluation.linear_epochs, steps=steps)
-    result = _common(config, run, name, description, checkpoint_path, content, device,
+    result = result_header(config, run, name, description, checkpoint_path, content, device,
                      time.perf_counter() - started)
     result.update(record.summary(), settings=settings, history=record.history,
                   train_images=train_images, test_images=len(test_labels),
@@ -279,7 +279,7 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
                 f"{name} epoch {epoch}/{evaluation.finetune_epochs}: test top-1 "
                 f"{row['top1']:.2f}, top-5 {row['top5']:.2f}"))
     description = _finetune_description(evaluation, schedule, labels=labels, init=init)
-    result = _common(config, run, name, description, checkpoint_path, content, fabric.device,
+    result = result_header(config, run, name, description, checkpoint_path, content, fabric.device,
                      wall_time_s)
     result.update(record.summary(), settings=settings, history=record.history,
                   from_scratch=from_scratch, test_images=len(eval_data.test),

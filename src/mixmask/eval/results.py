@@ -12,7 +12,19 @@ from mixmask.errors import MixmaskError
 from mixmask.runs.folder import protocol_results
 
 COLUMNS = ("run", "method", "masking", "backbone", "dataset", "protocol", "top1", "top5",
-           "best_top1", "init", "pretrain_step", "wall_time_s")
+           "best_top1", "box_ap", "mask_ap", "miou", "init", "pretrain_step", "wall_time_s")
+
+# Each protocol's headline number, first found: classification's top-1, segmentation's
+# mIoU, instance segmentation's mask AP, detection's box AP.
+HEADLINES = (("top1", "top-1"), ("miou", "mIoU"), ("mask_ap", "mask AP"), ("box_ap", "box AP"))
+
+
+def headline(row: dict[str, Any]) -> tuple[str, str]:
+    """(key, label) of the number that stands for ``row``'s protocol."""
+    for key, label in HEADLINES:
+        if row.get(key) is not None:
+            return key, label
+    return "top1", "top-1"
 
 
 def result_rows(runs: list[Path], problems: list[str] | None = None) -> list[dict[str, Any]]:
@@ -29,7 +41,8 @@ def result_row(run: Path, result: dict[str, Any]) -> dict[str, Any]:
             "masking": result.get("masking"), "backbone": result.get("backbone"),
             "dataset": result.get("dataset"), "protocol": result["protocol"],
             "top1": result.get("top1"), "top5": result.get("top5"),
-            "best_top1": result.get("best_top1"),
+            "best_top1": result.get("best_top1"), "box_ap": result.get("box_ap"),
+            "mask_ap": result.get("mask_ap"), "miou": result.get("miou"),
             "init": "random" if result.get("from_scratch") else "pretrained",
             "pretrain_step": result.get("pretrain_step"),
             "wall_time_s": result.get("wall_time_s")}

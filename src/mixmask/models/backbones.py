@@ -116,6 +116,16 @@ class ResNetBackbone(tv_resnet.ResNet):
             features = layer(features)
         return features
 
+    def stage_maps(self, images: Tensor) -> list[Tensor]:
+        """The output of each stage (``layer1``..``layer4``): the multi-scale maps a
+        detector's feature pyramid (FPN, Lin et al. 2017) and UperNet read."""
+        features = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        maps = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            features = layer(features)
+            maps.append(features)
+        return maps
+
     def stage_geometry(self) -> tuple[list[int], int, list[int]]:
         """(stride of each stage's input, stride of the last map, channels of each stage's
         input), read from the modules."""

@@ -65,6 +65,18 @@ class ConvNeXtBackbone(ConvNeXt):
             features = block_stage.blocks(features)
         return self.norm_pre(features)
 
+    def stage_maps(self, images: Tensor) -> list[Tensor]:
+        """The output of each of the four stages: the multi-scale maps a detector's feature
+        pyramid and UperNet read (ConvNeXt's own detection and segmentation transfer,
+        arXiv 2201.03545 sec. 3, takes the same four)."""
+        features = self.stem(images)
+        maps = []
+        for block_stage in self.stages:
+            features = block_stage(features)
+            maps.append(features)
+        maps[-1] = self.norm_pre(maps[-1])
+        return maps
+
     def stage_geometry(self) -> tuple[list[int], int, list[int]]:
         """(stride at each stage's edit point, stride of the last map, channels there)."""
         stem_stride = self.stem[0].stride[0]

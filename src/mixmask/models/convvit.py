@@ -152,8 +152,9 @@ class ConvViT(nn.Module):
         visible2 = None if visible is None else _upsample(visible, stage2)
         for block in self.blocks2:
             stage2 = block(stage2, visible2)
-        tokens = self.patch_embed3(stage2).flatten(2).transpose(1, 2)
-        tokens = self.patch_embed4(tokens) + self.pos_embed
+        grid = self.patch_embed3(stage2)
+        tokens = self.patch_embed4(grid.flatten(2).transpose(1, 2))
+        tokens = tokens + self._position_embedding(tuple(grid.shape[-2:]))
         fused = (self.stage1_fusion(stage1).flatten(2).transpose(1, 2)
                  + self.stage2_fusion(stage2).flatten(2).transpose(1, 2))
         if keep_indices is not None:
@@ -161,6 +162,22 @@ class ConvViT(nn.Module):
         for block in self.blocks3:
             tokens = block(tokens)
         return self.norm(tokens + fused)
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The stage-3 tokens as a map [B, D, h, w], at any input size the total stride
+        divides (the dense-transfer heads read it)."""
+        tokens = self._encode(images, None)
+        side_h, side_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        return tokens.transpose(1, 2).reshape(len(images), self.embed_dim, side_h, side_w)
+
+    def _position_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """The fixed 2-D sin-cos embedding of the stage-3 grid: the built one, or, for
+        another input size (detection, segmentation), the same formula on that grid, which
+        is exact since the embedding is not learned."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        position = sincos_2d_position_embedding(*grid, self.embed_dim, cls_token=False)
+        return position[None].to(self.pos_embed)
 
     def _visible_map(self, images: Tensor, keep_indices: Tensor) -> Tensor:
         """[B, 1, g, g]: 1 at the kept stage-3 positions."""

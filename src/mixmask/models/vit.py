@@ -260,6 +260,25 @@ class ViTBackbone(nn.Module):
         """All tokens after the blocks and ``norm``: [B, 1 + N, D] (cls first)."""
         return self.norm(self.blocks(self.prepend_cls(self.embed_patches(images))))
 
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The patch tokens after the blocks and ``norm`` as a map [B, D, h, w], at any input
+        size the patch divides: the position embedding is resampled (bicubic, timm's
+        ``resample_abs_pos_embed``) to the input's grid, as ViTDet does for its larger
+        detection inputs (arXiv 2203.16527 sec. 4.1); at the built size it is unchanged."""
+        from timm.layers import resample_abs_pos_embed
+
+        grid = self.patch_embed.proj(images)
+        side_h, side_w = grid.shape[-2:]
+        patches = self.patch_embed.norm(grid.flatten(2).transpose(1, 2))
+        position = self.pos_embed
+        if (side_h, side_w) != self.grid_size:
+            position = resample_abs_pos_embed(position, [side_h, side_w], list(self.grid_size),
+                                              num_prefix_tokens=1)
+        cls = (self.cls_token + position[:, :1]).expand(len(images), -1, -1)
+        tokens = torch.cat([cls, patches + position[:, 1:]], dim=1)
+        tokens = self.norm(self.blocks(tokens))[:, 1:]
+        return tokens.transpose(1, 2).reshape(len(images), self.embed_dim, side_h, side_w)
+
     @property
     def pooling_head(self) -> nn.Module:
         """The LayerNorm after average pooling (``fc_norm``; the identity for token

@@ -29,6 +29,7 @@ import yaml
 
 from mixmask.config import load_config
 from mixmask.errors import MixmaskError, writing
+from mixmask.eval.results import headline
 from mixmask.pictures.isolated import run_isolated
 from mixmask.pictures.masks import GALLERY_ROWS, gallery_from_config
 from mixmask.pictures.mim_gallery import is_mim_method, mim_gallery_from_config
@@ -137,8 +138,11 @@ def _comparison_section(runs: list[RunRecord]) -> str:
     summary_keys = [key for key in _SUMMARY_TOP1_KEYS
                     if any(run.summary and key in run.summary for run in runs)]
     heads = ["run", "method", "masking", "backbone", "dataset", "epochs"]
-    heads += [f"top-1 ({protocol}{'' if init == 'pretrained' else ', ' + init} eval)"
-              for protocol, init in protocols]
+    labels = {(row["protocol"], row["init"]): headline(row)
+              for run in runs for row in run.evaluations}
+    heads += [f"{labels[column][1]} ({column[0]}"
+              f"{'' if column[1] == 'pretrained' else ', ' + column[1]} eval)"
+              for column in protocols]
     heads += [f"{key} (end of pretraining)" for key in summary_keys]
     rows = []
     for run in runs:
@@ -154,14 +158,16 @@ def _comparison_section(runs: list[RunRecord]) -> str:
         for protocol, init in protocols:
             found = [row for row in run.evaluations
                      if (row["protocol"], row["init"]) == (protocol, init)]
-            cells.append(_eval_cell(run, found[-1], "top1") if found else "<td>-</td>")
+            cells.append(_eval_cell(run, found[-1], labels[(protocol, init)][0]) if found
+                         else "<td>-</td>")
         for key in summary_keys:
             cells.append(_value_cell(run, key, summary[key], "summary") if key in summary
                          else "<td>-</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "".join(f"<th>{_text(name)}</th>" for name in heads)
     return (f'<section class="comparison"><h2>Comparison of {len(runs)} runs</h2>'
-            f"<p>Top-1 in percent on the test set. A column per evaluation protocol of "
+            f"<p>Percent on the test set: top-1 for classification, box / mask AP (COCO "
+            f"protocol) for detection, mIoU for segmentation. A column per protocol of "
             f"<code>RUN/eval/*.json</code>, then the evaluations at the end of pretraining "
             f"(summary.json).</p><table><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></section>")
@@ -243,10 +249,10 @@ def _evaluation_part(run: RunRecord) -> str:
         return ('<h3>Evaluations</h3><p class="note">No evaluation in eval/*.json (run '
                 "<code>mixmask knn RUN</code>, <code>mixmask linear RUN</code> or "
                 "<code>mixmask finetune RUN</code>).</p>")
-    metrics = ("top1", "top5", "best_top1")
+    metrics = ("top1", "top5", "best_top1", "box_ap", "mask_ap", "miou")
     head = "".join(f"<th>{name}</th>" for name in (
-        "protocol", "init", "top-1 %", "top-5 %", "best top-1 %", "pretrain step",
-        "wall time s", "file"))
+        "protocol", "init", "top-1 %", "top-5 %", "best top-1 %", "box AP", "mask AP",
+        "mIoU %", "pretrain step", "wall time s", "file"))
     rows = []
     for row in run.evaluations:
         cells = [f'<th scope="row" class="protocol">{_text(row["protocol"])}</th>',
@@ -256,7 +262,7 @@ def _evaluation_part(run: RunRecord) -> str:
                   "</td>" for key in ("pretrain_step", "wall_time_s")]
         cells.append(f"<td><code>{_text(row.get('file', ''))}</code></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return ('<h3>Evaluations <span class="note">(eval/*.json; test-set accuracy)</span></h3>'
+    return ('<h3>Evaluations <span class="note">(eval/*.json; test-set scores)</span></h3>'
             f"{note}<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody>"
             "</table>")
 

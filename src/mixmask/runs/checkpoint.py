@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.torch_version import TorchVersion
 
-from mixmask.errors import CheckpointError, UntrustedCheckpointError
+from mixmask.errors import CheckpointError, ConfigError, UntrustedCheckpointError
 from mixmask.ops.tensors import all_finite
 
 # The one global the safe loader is allowed beyond its defaults: checkpoints written before
@@ -171,6 +171,13 @@ def _history(value: Any) -> str | None:
     return None if ok else "a list of {'epoch', 'top1', 'top5'} rows"
 
 
+def _loss_curve(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(
+        isinstance(row, list) and len(row) == 2 and _integer(row[0]) is None
+        and _number(row[1]) for row in value)
+    return None if ok else "a list of [iteration, loss] pairs"
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -192,6 +199,8 @@ _FIELDS: dict[str, Callable[[Any], str | None]] = {
     "settings": _mapping_of("settings", lambda item: True),
     "versions": _mapping_of("version strings", lambda item: isinstance(item, str)),
     "wall_time_s": _seconds, "history": _history,
+    # mixmask detect / segment (mixmask.eval.dense_training)
+    "model": _state_dict, "iteration": _integer, "losses": _loss_curve,
 }
 
 
@@ -315,6 +324,19 @@ def _first_line(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def check_same_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], folder: Path,
+                        what: str) -> None:
+    """A resumed evaluation (finetune, detect, segment) continues only with the settings it
+    started with; otherwise one sentence naming up to three that differ."""
+    differing = sorted(key for key in set(saved) | set(settings)
+                       if saved.get(key) != settings.get(key))
+    if differing:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {settings.get(key)!r} now"
+                          for key in differing[:3])
+        raise ConfigError(f"{folder} holds a {what} with other settings ({shown}); delete "
+                          f"that folder to run the {what} afresh with these.")
 
 
 def save_atomically(content: dict[str, Any], path: Path) -> None:

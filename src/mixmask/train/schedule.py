@@ -43,3 +43,24 @@ def warmup_cosine_lr(peak: float, floor: float, epoch: float, *, warmup_epochs: 
         return peak * epoch / warmup_epochs
     progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_step_lr(base: float, iteration: int, *, iterations: int, warmup_iterations: int,
+                   warmup_factor: float, milestones: tuple[float, ...], gamma: float) -> float:
+    """detectron2's ``WarmupMultiStepLR`` (linear warm-up) at ``iteration`` (0-based):
+    ``base`` x ``gamma`` per milestone passed (milestones as fractions of ``iterations``),
+    times a factor rising linearly from ``warmup_factor`` at 0 to 1 at
+    ``warmup_iterations``."""
+    passed = sum(iteration >= round(fraction * iterations) for fraction in milestones)
+    lr = base * gamma ** passed
+    if iteration < warmup_iterations:
+        alpha = iteration / warmup_iterations
+        lr *= warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def poly_lr(base: float, iteration: int, *, iterations: int, power: float,
+            floor: float = 0.0) -> float:
+    """mmsegmentation's ``PolyLR`` (by iteration): ``(base - floor) x (1 - it / its) **
+    power + floor``."""
+    return (base - floor) * (1 - iteration / iterations) ** power + floor

@@ -1,0 +1,157 @@
+"""``mixmask detect RUN --task boxes|instances``: object detection (Faster R-CNN) or
+instance segmentation (Mask R-CNN) with an FPN over the run's backbone
+(:mod:`mixmask.models.dense`), every layer trained, scored by COCO AP.
+
+The recipe follows MoCo's detection transfer (detectron2 configs, arXiv 1911.05722 sec.
+4.2) as far as torchvision allows: SGD momentum 0.9, weight decay 1e-4, a linear
+warm-up then x0.1 steps at fixed fractions of a fixed number of iterations, every stage
+trained, and BatchNorm in **train mode** (batch statistics; MoCo uses SyncBN, which is
+what several processes get here too), not frozen. What differs: torchvision's FPN
+Faster / Mask R-CNN instead of detectron2's R50-C4 (torchvision has no C4 head), and the
+images are resized by the data transforms, with AP computed at that resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixmask.data.dense.sample import DenseTarget
+from mixmask.data.progress import image_progress
+from mixmask.errors import ConfigError
+from mixmask.eval.dense_metrics import coco_average_precision, coco_detections, coco_ground_truth
+from mixmask.eval.dense_training import DenseRun
+from mixmask.methods.protocol import StepOutput
+from mixmask.models.dense.detection import DETECTION_TASKS, build_detector
+from mixmask.train.schedule import warmup_step_lr
+
+DESCRIPTION = ("{model} with an FPN over the {init} backbone, all layers trained (BN in train "
+               "mode), SGD lr {lr} m{momentum} wd {wd}, {iterations} iterations of {batch} "
+               "images, warm-up {warmup} then x{gamma} at {milestones}; COCO AP on {test} "
+               "test images of {dataset}{proxy}")
+PROXY_NOTE = (" (a localisation proxy: CIFAR images pasted on canvases, not comparable to "
+              "VOC / COCO)")
+
+
+def _torchvision_target(target: DenseTarget, device: torch.device, masks: bool) -> dict:
+    # Crowd / difficult objects are not training targets (detectron2 drops crowd boxes).
+    kept = ~target.crowd
+    out = {"boxes": target.boxes[kept].to(device), "labels": target.labels[kept].to(device)}
+    if masks:
+        out["masks"] = target.masks[kept].to(device)
+    return out
+
+
+class DetectionTask(nn.Module):
+    """A torchvision detector as a training step: the sum of its losses."""
+
+    def __init__(self, detector: nn.Module, masks: bool):
+        super().__init__()
+        self.detector, self.masks = detector, masks
+
+    def forward(self, batch, generator=None, progress: float = 0.0) -> StepOutput:
+        images, targets = batch
+        device = next(self.detector.parameters()).device
+        losses = self.detector([image.to(device) for image in images],
+                               [_torchvision_target(target, device, self.masks)
+                                for target in targets])
+        loss = sum(losses.values())
+        return StepOutput(loss, {name: value.detach() for name, value in losses.items()})
+
+
+@torch.no_grad()
+def detection_scores(detector: nn.Module, test_set, num_classes: int, *, masks: bool,
+                     device: torch.device, batch_size: int, autocast=None,
+                     progress=None) -> dict[str, float]:
+    """COCO box AP (and mask AP) of ``detector`` on ``test_set`` (eval mode, then back)."""
+    was_training = detector.training
+    detector.eval()
+    targets, sizes, outputs = [], [], []
+    try:
+        for start in range(0, len(test_set), batch_size):
+            items = [test_set[index] for index in range(start, min(start + batch_size,
+                                                                     len(test_set)))]
+            images = [image.to(device) for image, _ in items]
+            with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+                predicted = detector(images)
+            outputs.extend({key: value.float().cpu() for key, value in item.items()}
+                           for item in predicted)
+            targets.extend(target for _, target in items)
+            sizes.extend(tuple(image.shape[-2:]) for image in images)
+            if progress is not None:
+                progress(len(items))
+    finally:
+        detector.train(was_training)
+    ids = [target.image_id for target in targets]
+    scores = {}
+    for kind, iou_type in (("box", "bbox"), *((("mask", "segm"),) if masks else ())):
+        truth = coco_ground_truth(targets, sizes, num_classes, masks=kind == "mask")
+        found = coco_detections(outputs, ids, masks=kind == "mask")
+        for name, value in coco_average_precision(truth, found, iou_type).items():
+            scores[f"{kind}_{name}"] = value
+    return scores
+
+
+def detect_name(task: str, from_scratch: bool) -> str:
+    """``detect_boxes`` / ``detect_instances``, ``_scratch`` appended for the floor."""
+    return f"detect_{task}" + ("_scratch" if from_scratch else "")
+
+
+def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = False,
+               checkpoint: str | None = None, protocol_file: str | None = None,
+               console=None, stop=None) -> tuple[Any, dict[str, Any]]:
+    """Train and score a detector from the run's backbone; ``RUN/eval/detect_<task>.json``."""
+    if task not in DETECTION_TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(DETECTION_TASKS)}, got {task!r}.")
+    dense = DenseRun(run, overrides, kind="detection", name=detect_name(task, from_scratch),
+                     from_scratch=from_scratch, checkpoint=checkpoint,
+                     protocol_file=protocol_file, console=console)
+    transfer, masks = dense.config.transfer, task == "instances"
+    if masks:
+        dense.require_masks()
+    detector = build_detector(dense.backbone, task, dense.num_thing_classes,
+                              image_size=transfer.image_size, max_size=dense.max_size,
+                              mean=dense.mean, std=dense.std,
+                              pyramid_channels=transfer.pyramid_channels,
+                              probe_size=dense.config.data.image_size)
+    optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad],
+                                lr=transfer.lr, momentum=transfer.momentum,
+                                weight_decay=transfer.weight_decay)
+
+    def lr_at(base: float, iteration: int) -> float:
+        return warmup_step_lr(base, iteration, iterations=transfer.iterations,
+                              warmup_iterations=transfer.warmup_iterations,
+                              warmup_factor=transfer.warmup_factor,
+                              milestones=transfer.milestones, gamma=transfer.gamma)
+
+    settings = dense.settings(optimizer="sgd", lr=transfer.lr, momentum=transfer.momentum,
+                              weight_decay=transfer.weight_decay,
+                              warmup_iterations=transfer.warmup_iterations,
+                              warmup_factor=transfer.warmup_factor,
+                              milestones=list(transfer.milestones), gamma=transfer.gamma,
+                              pyramid_channels=transfer.pyramid_channels,
+                              model="Mask R-CNN" if masks else "Faster R-CNN",
+                              bn="train mode (SyncBN over processes)")
+    training = dense.train(DetectionTask(detector, masks), optimizer, lr_at, settings, stop)
+    model = training.model.module.detector
+
+    def score() -> dict[str, float]:
+        with image_progress(f"{dense.name} test", len(dense.test_set),
+                            enabled=dense.progress_bar, console=console) as advance:
+            return detection_scores(model, dense.test_set, dense.num_thing_classes,
+                                    masks=masks, device=dense.fabric.device,
+                                    batch_size=transfer.eval_batch_size,
+                                    autocast=getattr(dense.fabric, "autocast", None),
+                                    progress=advance)
+
+    scores = dense.scores(score)
+    description = DESCRIPTION.format(
+        model=settings["model"], init=dense.init, lr=transfer.lr, momentum=transfer.momentum,
+        wd=transfer.weight_decay, iterations=transfer.iterations, batch=transfer.batch_size,
+        warmup=transfer.warmup_iterations, gamma=transfer.gamma,
+        milestones=list(transfer.milestones), test=len(dense.test_set),
+        dataset=transfer.dataset, proxy=PROXY_NOTE if transfer.dataset == "mosaic" else "")
+    return dense.write(description, settings, scores, training)
+
