@@ -6,7 +6,7 @@ beside each backbone's random init (``--from-scratch``, the floor).
 CPU scale (default): each variant pretrains from its CIFAR-10 recipe with the MIM
 ablation's CPU overrides (2,000 images, 5 epochs, batch 64), then runs ``mixmask detect``
 and ``mixmask segment`` with ``--config transfer/mosaic``: the CIFAR-mosaic localisation
-proxy (CIFAR-10 images pasted on 96 px canvases; train canvases from CIFAR's train split,
+proxy (CIFAR-10 images pasted on 80 px canvases; train canvases from CIFAR's train split,
 test canvases from its test split). Its numbers are **not comparable to VOC / COCO /
 ADE20k**: one object scale, box-shaped masks, a flat background. Seeds: ``--seeds 0 1 2``
 repeats the transfer (not the pretraining) with each seed::

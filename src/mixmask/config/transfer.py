@@ -46,8 +46,10 @@ class TransferConfig:
     warmup_factor: float = 0.001
     milestones: tuple[float, ...] = (0.75, 0.9167)
     gamma: float = 0.1
-    # Channels of the detection pyramid (torchvision's FPN: 256).
+    # Channels of the detection pyramid (torchvision's FPN: 256); RoIs sampled per image
+    # for the box head's loss (detectron2 and torchvision: 512).
     pyramid_channels: int = 256
+    rois_per_image: int = 512
     # Segmentation: SGD momentum 0.9 and the poly schedule (power 0.9 to 0) of
     # mmsegmentation's UperNet recipes (lr 0.01, wd 5e-4); the head's width (512 there);
     # the linear head trains at its own lr on the frozen backbone.

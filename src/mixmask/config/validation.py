@@ -156,7 +156,7 @@ def _validate_finetune(config: Config) -> None:
 def _check_transfer(transfer) -> None:
     """The ``transfer`` section (mixmask detect / segment)."""
     for key in ("iterations", "batch_size", "image_size", "lr", "segment_lr",
-                "segment_linear_lr", "pyramid_channels", "segment_channels",
+                "segment_linear_lr", "pyramid_channels", "rois_per_image", "segment_channels",
                 "eval_batch_size"):
         if getattr(transfer, key) <= 0:
             raise ConfigError(f"'transfer.{key}' must be positive, got "

@@ -115,7 +115,8 @@ def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = Fal
                               image_size=transfer.image_size, max_size=dense.max_size,
                               mean=dense.mean, std=dense.std,
                               pyramid_channels=transfer.pyramid_channels,
-                              probe_size=dense.config.data.image_size)
+                              probe_size=dense.config.data.image_size,
+                              rois_per_image=transfer.rois_per_image)
     optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad],
                                 lr=transfer.lr, momentum=transfer.momentum,
                                 weight_decay=transfer.weight_decay)
@@ -132,6 +133,7 @@ def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = Fal
                               warmup_factor=transfer.warmup_factor,
                               milestones=list(transfer.milestones), gamma=transfer.gamma,
                               pyramid_channels=transfer.pyramid_channels,
+                              rois_per_image=transfer.rois_per_image,
                               model="Mask R-CNN" if masks else "Faster R-CNN",
                               bn="train mode (SyncBN over processes)")
     training = dense.train(DetectionTask(detector, masks), optimizer, lr_at, settings, stop)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mixmask.data.dense.reading import read_index_png, read_rgb, stable_image_ids
 from mixmask.data.dense.sample import IGNORE_INDEX, DenseDataset, DenseTarget
-from mixmask.data.dense.voc import read_index_png, read_rgb, stable_image_ids
 from mixmask.data.files import describe_folder
 from mixmask.errors import DatasetError
 

@@ -6,9 +6,6 @@ The devkit layout (host.robots.ox.ac.uk/pascal/VOC)::
                        ImageSets/Main/{trainval,test}.txt}
     VOCdevkit/VOC2012/{Annotations, JPEGImages, ImageSets/Main/trainval.txt,
                        ImageSets/Segmentation/{train,val}.txt, SegmentationClass/<id>.png}
-
-Also home to the helpers the segmentation readers share (:func:`read_rgb`,
-:func:`read_index_png`, :func:`stable_image_ids`).
 """
 
 from __future__ import annotations
@@ -18,13 +15,12 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 
 import numpy as np
-import PIL.Image
 import torch
 from torch import Tensor
 
+from mixmask.data.dense.reading import read_index_png, read_rgb, stable_image_ids
 from mixmask.data.dense.sample import IGNORE_INDEX, DenseDataset, DenseTarget
 from mixmask.data.files import describe_folder
-from mixmask.data.image_set import open_rgb
 from mixmask.errors import DatasetError, did_you_mean
 
 VOC_CLASSES = (
@@ -35,39 +31,6 @@ VOC_CLASSES = (
 YEARS = ("VOC2007", "VOC2012")
 _LABEL_OF = {name: label for label, name in enumerate(VOC_CLASSES, start=1)}
 _Box = tuple[float, float, float, float]
-
-
-def read_rgb(path: str) -> Tensor:
-    """The image at ``path`` as uint8 [3, H, W] RGB (palette, greyscale and RGBA converted)."""
-    return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1).contiguous()
-
-
-def read_index_png(path: str, image_size: tuple[int, int]) -> np.ndarray:
-    """A label PNG's class indices as uint8 [H, W], read as stored (a palette PNG's indices,
-    not its colours); its (width, height) must be ``image_size``."""
-    try:
-        with PIL.Image.open(path) as png:
-            mode, size = png.mode, png.size
-            indices = np.array(png)
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise DatasetError(f"Could not read label PNG {path!r} ({error}). Remove or replace "
-                           "the file.") from None
-    if mode not in ("P", "L"):
-        raise DatasetError(f"Label PNG {path!r} is a {mode} image, not class indices (a palette "
-                           "or greyscale PNG); use the dataset's original annotation files.")
-    if size != image_size:
-        raise DatasetError(f"Label PNG {path!r} is {size[0]}x{size[1]} pixels but its image is "
-                           f"{image_size[0]}x{image_size[1]}; they must match pixel for pixel.")
-    return indices
-
-
-def stable_image_ids(names: Sequence[str]) -> list[int]:
-    """An integer id per image name: its digits ("2008_000008" -> 2008000008), so an id
-    leads back to its file; positions in ``names`` when the digits are not unique."""
-    digits = ["".join(char for char in name if char.isdigit()) for name in names]
-    if all(digits) and len(set(map(int, digits))) == len(names):
-        return [int(value) for value in digits]
-    return list(range(len(names)))
 
 
 def read_id_list(path: str) -> list[str]:

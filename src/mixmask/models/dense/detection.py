@@ -29,12 +29,14 @@ DETECTION_TASKS = ("boxes", "instances")
 
 def build_detector(backbone: nn.Module, task: str, num_classes: int, *, image_size: int,
                    max_size: int, mean: Sequence[float], std: Sequence[float],
-                   pyramid_channels: int = 256, probe_size: int = 64) -> nn.Module:
+                   pyramid_channels: int = 256, probe_size: int = 64,
+                   rois_per_image: int = 512) -> nn.Module:
     """Faster R-CNN (``task="boxes"``) or Mask R-CNN (``"instances"``) for ``num_classes``
     object classes (torchvision adds the background) on ``backbone``.
 
     ``probe_size``: an input size the backbone accepts (its pretraining size), to read the
-    strides and channels of its maps."""
+    strides and channels of its maps. ``rois_per_image``: the RoIs sampled per image for the
+    box head's loss (detectron2's and torchvision's 512, a quarter positive)."""
     if task not in DETECTION_TASKS:
         raise ValueError(f"task must be one of {DETECTION_TASKS}, got {task!r}.")
     pyramid = DetectionPyramid(backbone, pyramid_channels, probe_size)
@@ -43,4 +45,4 @@ def build_detector(backbone: nn.Module, task: str, num_classes: int, *, image_si
     detector = MaskRCNN if task == "instances" else FasterRCNN
     return detector(pyramid, num_classes=num_classes + 1, min_size=image_size,
                     max_size=max_size, image_mean=list(mean), image_std=list(std),
-                    rpn_anchor_generator=anchors)
+                    rpn_anchor_generator=anchors, box_batch_size_per_image=rois_per_image)
