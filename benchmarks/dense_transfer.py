@@ -124,6 +124,18 @@ def markdown_table(results: dict[str, dict[str, dict]], tasks: list[str]) -> str
     return "\n".join(rows)
 
 
+def measured(out: Path, variants: list[str]) -> dict[str, dict[str, dict]]:
+    """The results already in ``OUT/<variant>/eval/seeds/``, labelled as ``main`` labels
+    them."""
+    results: dict[str, dict[str, dict]] = {}
+    for name in variants:
+        for path in sorted((out / name / "eval" / "seeds").glob("*.json")):
+            label = (f"{VARIANTS[name][1]} (random init)" if "_scratch_" in path.stem
+                     else name)
+            results.setdefault(label, {})[path.stem] = json.loads(path.read_text())
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,8 +148,13 @@ def main() -> None:
     parser.add_argument("--voc-root", default="", help="VOCdevkit (--scale gpu)")
     parser.add_argument("--ade20k-root", default="", help="ADEChallengeData2016 (--scale gpu)")
     parser.add_argument("--out", default="runs/benchmarks/dense_transfer")
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of what OUT already holds; run nothing")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.table_only:
+        print(markdown_table(measured(out, args.variants), args.tasks))
+        return
     out.mkdir(parents=True, exist_ok=True)
     started, shell, results = time.perf_counter(), [], {}
     floors: set[str] = set()

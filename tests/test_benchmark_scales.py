@@ -233,3 +233,35 @@ def test_finetune_diagnosis_scores_both_batchnorm_modes_and_keeps_the_running_st
     torch.testing.assert_close(batch_scores, by_hand, atol=1e-5, rtol=1e-5)
     assert torch.equal(labels, torch.arange(10) % 3)
     assert torch.equal(backbone[1].running_mean, saved)
+
+
+@pytest.mark.parametrize("variant", ["mixmask_mocov2_r18", "mocov2_r18", "a2mim_r18", "mae_vit"])
+def test_dense_transfer_gpu_scale_is_a_valid_config_with_the_real_datasets(variant):
+    benchmark = load_benchmark("dense_transfer")
+    recipe, _ = benchmark.VARIANTS[variant]
+    for task, (_, _, _, _, protocol) in benchmark.TASKS.items():
+        config = load_config(benchmark.CONFIGS / recipe,
+                             [*benchmark.PRETRAIN["gpu"], "transfer.root=/data/x"],
+                             layers=[benchmark.ROOT / "configs" / f"{protocol['gpu']}.yaml"])
+        assert config.transfer.dataset == ("voc" if task == "boxes" else "ade20k")
+        assert (config.train.device, config.train.precision) == ("cuda", "bf16")
+        cpu = load_config(benchmark.CONFIGS / recipe, benchmark.PRETRAIN["cpu"],
+                          layers=[benchmark.ROOT / "configs" / f"{protocol['cpu']}.yaml"])
+        assert cpu.transfer.dataset == "mosaic" and cpu.data.subset == 2000
+
+
+def test_dense_transfer_commands_name_each_seed_and_its_floor():
+    benchmark = load_benchmark("dense_transfer")
+    commands = benchmark.transfer_commands(Path("run"), "cpu", ["boxes", "uper"], 1, True,
+                                           ["x.y=1"])
+    assert sorted(commands) == ["detect_boxes_scratch_seed1", "detect_boxes_seed1",
+                                "segment_uper_scratch_seed1", "segment_uper_seed1"]
+    assert commands["detect_boxes_scratch_seed1"][-1] == "--from-scratch"
+    assert commands["segment_uper_seed1"][:6] == ["segment", "run", "--head", "uper",
+                                                  "--config", "transfer/mosaic"]
+    table = benchmark.markdown_table(
+        {"mocov2_r18": {"detect_boxes_seed0": {"box_ap": 10.0, "wall_time_s": 5.0,
+                                               "backbone": "resnet18"},
+                        "detect_boxes_seed1": {"box_ap": 12.0, "wall_time_s": 7.0,
+                                               "backbone": "resnet18"}}}, ["boxes"])
+    assert "| mocov2_r18 | resnet18 | 11.00 ± 1.41 | 6 s |" in table
