@@ -20,3 +20,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class StopAfter:
+    """A stop flag raised after ``steps`` training steps (a SIGTERM, in effect): wraps the
+    ``training_step`` that ``module`` (a finetune or dense-training module) calls."""
+
+    def __init__(self, steps: int, patch, module):
+        self.received = None
+        original, count = module.training_step, [0]
+
+        def counting(*args, **kwargs):
+            output = original(*args, **kwargs)
+            count[0] += 1
+            if count[0] == steps:
+                self.received = "SIGTERM"
+            return output
+
+        patch.setattr(module, "training_step", counting)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import StopAfter
 
 from mixmask.cli import main
 from mixmask.config import ModelConfig
@@ -298,23 +299,6 @@ def dense_run(tmp_path_factory) -> Path:
     return pretrained_run(tmp_path_factory.mktemp("dense"), CIFAR10_TARBALL)
 
 
-class _StopAfter:
-    """A stop flag raised after ``steps`` training steps (a SIGTERM, in effect)."""
-
-    def __init__(self, steps: int, patch):
-        self.received = None
-        original, count = dense_training.training_step, [0]
-
-        def counting(*args, **kwargs):
-            output = original(*args, **kwargs)
-            count[0] += 1
-            if count[0] == steps:
-                self.received = "SIGTERM"
-            return output
-
-        patch.setattr(dense_training, "training_step", counting)
-
-
 def test_a_stopped_detection_resumes_to_the_uninterrupted_weights_bit_for_bit(
         dense_run, tmp_path, monkeypatch):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
@@ -327,7 +311,7 @@ def test_a_stopped_detection_resumes_to_the_uninterrupted_weights_bit_for_bit(
     assert expected["protocol"] == "detect_instances" and expected["proxy"] is True
     with monkeypatch.context() as patch:
         with pytest.raises(DenseStopped, match="after iteration 2 of 4"):
-            run_detect(stopped, FAST, task="instances", stop=_StopAfter(2, patch))
+            run_detect(stopped, FAST, task="instances", stop=StopAfter(2, patch, dense_training))
     assert not (stopped / "eval" / "detect_instances.json").exists()
     _, resumed = run_detect(stopped, FAST, task="instances")
     final = torch.load(stopped / "eval" / "detect_instances" / "last.ckpt", weights_only=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import StopAfter
 from PIL import Image
 from torch import nn
 
@@ -281,23 +282,6 @@ def test_from_scratch_starts_from_pretrainings_random_init(tmp_path, cifar10_tar
                for key, value in expected.items())
 
 
-class _StopAfter:
-    """A stop flag raised after ``steps`` training steps (a SIGTERM, in effect)."""
-
-    def __init__(self, steps: int, monkeypatch):
-        self.received = None
-        original, count = finetune_module.training_step, [0]
-
-        def counting(*args, **kwargs):
-            output = original(*args, **kwargs)
-            count[0] += 1
-            if count[0] == steps:
-                self.received = "SIGTERM"
-            return output
-
-        monkeypatch.setattr(finetune_module, "training_step", counting)
-
-
 def test_a_stopped_finetune_resumes_into_the_uninterrupted_result(tmp_path, tiny_run,
                                                                   monkeypatch):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
@@ -306,7 +290,8 @@ def test_a_stopped_finetune_resumes_into_the_uninterrupted_result(tmp_path, tiny
     _, expected = run_finetune(reference, FINETUNE, labels="10%")
     with monkeypatch.context() as patch:
         with pytest.raises(FinetuneStopped, match="after step 4 of 6"):
-            run_finetune(stopped, FINETUNE, labels="10%", stop=_StopAfter(4, patch))
+            run_finetune(stopped, FINETUNE, labels="10%",
+                         stop=StopAfter(4, patch, finetune_module))
     saved = torch.load(stopped / "eval" / "finetune_10pct" / "last.ckpt", weights_only=True)
     assert saved["step"] == 4 and len(saved["history"]) == 1  # mid-epoch 2
     assert not (stopped / "eval" / "finetune_10pct.json").exists()

@@ -25,7 +25,7 @@ from mixmask.data.dense.sets import transformed_sets
 from mixmask.data.dense.transforms import collate_dense
 from mixmask.data.loaders import ignore_stop_signals
 from mixmask.data.progress import image_progress
-from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.errors import ConfigError, MixmaskError
 from mixmask.eval.data import EpochBatches
 from mixmask.eval.protocols import result_header
 from mixmask.methods import PixelStats
@@ -36,7 +36,7 @@ from mixmask.runs.checkpoint import (
     load_optimizer_state,
     load_state,
     read_checkpoint,
-    save_atomically,
+    save_on_rank_zero,
 )
 from mixmask.runs.folder import (
     build_run_method,
@@ -150,14 +150,8 @@ class IterationTraining:
                    "optimizer": self.optimizer.state_dict(), "iteration": state["iteration"],
                    "settings": self.settings, "losses": state["losses"],
                    "wall_time_s": state["wall_time_s"] + now - self.started}
-        if self.fabric.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                save_atomically(content, path)
-            except (OSError, RuntimeError) as error:
-                raise CheckpointError(
-                    f"cannot save {path} at iteration {state['iteration']} ({error}); free "
-                    "some space and run the same command again to continue.") from None
+        save_on_rank_zero(content, path, is_global_zero=self.fabric.is_global_zero,
+                          where=f"iteration {state['iteration']}")
         self.fabric.barrier()
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mixmask.data.batch import Batch
-from mixmask.errors import CheckpointError, ConfigError, MixmaskError
+from mixmask.errors import ConfigError, MixmaskError
 from mixmask.eval.accuracy import EpochRecord, topk_accuracy
 from mixmask.eval.data import AugmentedLabelled, EpochBatches, train_loader
 from mixmask.methods.protocol import StepOutput
@@ -46,7 +46,7 @@ from mixmask.runs.checkpoint import (
     load_optimizer_state,
     load_state,
     read_checkpoint,
-    save_atomically,
+    save_on_rank_zero,
 )
 from mixmask.train.schedule import cosine_epoch_lr, warmup_cosine_lr
 from mixmask.train.step import training_step
@@ -352,14 +352,8 @@ class _Finetune:
                    "optimizer": self.optimizer.state_dict(), "step": state["step"],
                    "history": self.record.history, "settings": self.settings,
                    "wall_time_s": state["wall_time_s"] + time.perf_counter() - self.started}
-        if self.fabric.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                save_atomically(content, path)
-            except (OSError, RuntimeError) as error:
-                raise CheckpointError(
-                    f"cannot save {path} at step {state['step']} ({error}); free some space "
-                    "and run the same command again to continue.") from None
+        save_on_rank_zero(content, path, is_global_zero=self.fabric.is_global_zero,
+                          where=f"step {state['step']}")
         self.fabric.barrier()
 
 

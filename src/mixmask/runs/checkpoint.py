@@ -37,8 +37,7 @@ from mixmask.ops.tensors import all_finite
 ALLOWED_GLOBALS: tuple[type, ...] = (TorchVersion,)
 
 TRUST_HINT = ("mixmask reads checkpoints as data only, because unpickling other objects can "
-              "run code (see 'What mixmask trusts' in the documentation's Design page, "
-              "docs/design.md of the mixmask repository)")
+              "run code (see 'What mixmask trusts' in docs/design.md)")
 
 
 def read_checkpoint(path: Path, *, required: tuple[str, ...] = ("method",),
@@ -337,6 +336,21 @@ def check_same_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], f
                           for key in differing[:3])
         raise ConfigError(f"{folder} holds a {what} with other settings ({shown}); delete "
                           f"that folder to run the {what} afresh with these.")
+
+
+def save_on_rank_zero(content: dict[str, Any], path: Path, *, is_global_zero: bool,
+                      where: str) -> None:
+    """An evaluation's resumable state (finetune, detect, segment), written atomically by
+    the first process; a full disk or unwritable folder is one sentence naming ``where``
+    (``step 12``, ``iteration 300``) and how to continue."""
+    if not is_global_zero:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save_atomically(content, path)
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"cannot save {path} at {where} ({error}); free some space and "
+                              "run the same command again to continue.") from None
 
 
 def save_atomically(content: dict[str, Any], path: Path) -> None:
