@@ -111,6 +111,16 @@ def test_mim_ablation_variants_are_valid_configs(scale):
     assert (pixmim.method.mae.target, pixmim.method.mae.lowpass_mode) == ("lowpass", "clean")
 
 
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_siameseim_claims_variants_and_evaluations_are_valid_configs(scale):
+    benchmark = load_benchmark("siameseim_claims")
+    assert {"siameseim_vit", "siameseim_r18", "mae", "mocov2_r18"} <= set(benchmark.RECIPES)
+    for name, (recipe, variant, _) in benchmark.RECIPES.items():
+        config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
+                                                          *benchmark.EVALUATION[scale]])
+        assert config.scenarios.robustness_test_images == (500 if scale == "cpu" else 0), name
+
+
 SUITE_STEPS = ["gpu_checks", "augment", "train_step", "epoch_time", "time_to_accuracy"]
 
 

@@ -22,7 +22,8 @@ PACKAGE = SRC / "mixmask"
 LAYERS = ("errors", "ops", "models", "data", "methods", "config", "runs", "eval",
           "train", "eval.commands", "pictures", "cli")
 EVAL_COMMANDS = {"mixmask.eval.protocols", "mixmask.eval.finetune", "mixmask.eval.dense_training",
-                 "mixmask.eval.detect", "mixmask.eval.segment"}
+                 "mixmask.eval.detect", "mixmask.eval.segment", "mixmask.eval.frozen_run",
+                 "mixmask.eval.fewshot", "mixmask.eval.longtail", "mixmask.eval.robustness"}
 MAX_TOP_LEVEL, MAX_MODULE_LINES, MAX_FUNCTION_LINES = 13, 500, 80
 
 

@@ -21,6 +21,9 @@ EXAMPLES = """examples:
   mixmask finetune runs/quickstart --labels 10% --from-scratch
   mixmask detect runs/quickstart --task boxes --config transfer/mosaic
   mixmask segment runs/quickstart --head linear --config transfer/mosaic
+  mixmask fewshot runs/quickstart --shots 1 5 10 --episodes 10
+  mixmask longtail runs/quickstart --imbalance 100
+  mixmask robustness runs/quickstart --corruptions gaussian_noise fog --severities 1 3 5
   mixmask export runs/quickstart --format torchvision --out r18.pth
   mixmask results runs/
   mixmask show-masks configs/cifar100/byol_mixmask_r18.yaml --out masks.png
@@ -81,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                               "head, everything trained; default linear")
     segment.add_argument("--from-scratch", action="store_true",
                          help="the same recipe from the random init of train.seed (the floor)")
+    _scenario_parsers(commands)
     export = _run_parser(commands, "export", "backbone weights for torchvision, timm, "
                          "detectron2, ViTDet or safetensors")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
@@ -119,6 +123,34 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                              help=QUIET_HELP)
     return parser
+
+
+def _scenario_parsers(commands) -> None:
+    """``mixmask fewshot | longtail | robustness``: each flag sets the scenarios.* key of
+    :data:`SCENARIOS`."""
+    fewshot = _evaluation_parser(commands, "fewshot", "few-shot logistic regression on frozen "
+                                 "features, k images per class -> RUN/eval/fewshot.json")
+    # The lists take strings: an override after them (`--shots 1 5 eval.x=1`) is split off
+    # in _scenario, and a value that is not a number is one sentence there.
+    fewshot.add_argument("--shots", nargs="+", metavar="K",
+                         help="labelled images per class (scenarios.fewshot_shots; 1 5 10)")
+    fewshot.add_argument("--episodes", type=int, metavar="N",
+                         help="draws per shot count (scenarios.fewshot_episodes; 10)")
+    longtail = _evaluation_parser(commands, "longtail", "linear probe trained on a long-tailed "
+                                  "train split (CIFAR-LT) -> RUN/eval/longtail.json")
+    longtail.add_argument("--imbalance", type=float, metavar="R",
+                          help="largest / smallest class (scenarios.longtail_imbalance; 100)")
+    robustness = _evaluation_parser(commands, "robustness", "accuracy under the 15 common "
+                                    "corruptions (CIFAR-10-C style) -> RUN/eval/robustness.json")
+    robustness.add_argument("--corruptions", nargs="+", metavar="NAME",
+                            help="corruptions to apply (scenarios.robustness_corruptions; "
+                                 "default all 15)")
+    robustness.add_argument("--severities", nargs="+", metavar="S",
+                            help="levels 1-5 (scenarios.robustness_severities; 1 2 3 4 5)")
+    for command in (fewshot, longtail, robustness):
+        command.add_argument("--from-scratch", action="store_true",
+                             help="the random init of train.seed (the floor) -> "
+                                  "RUN/eval/<protocol>_scratch.json")
 
 
 def _run_parser(commands, name: str, what: str):
@@ -164,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return _reconstruct(args)
         if args.command in ("detect", "segment"):
             return _dense(args)
+        if args.command in SCENARIOS:
+            return _scenario(args)
         if args.command == "export":
             return _export(args)
         if args.command == "results":
@@ -326,6 +360,64 @@ def _dense(args) -> int:
     return 0
 
 
+# The scenario commands, each flag -> the scenarios.* key it sets.
+SCENARIOS = {"fewshot": {"shots": "fewshot_shots", "episodes": "fewshot_episodes"},
+             "longtail": {"imbalance": "longtail_imbalance"},
+             "robustness": {"corruptions": "robustness_corruptions",
+                            "severities": "robustness_severities"}}
+
+
+def _scenario(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from mixmask.pictures.scenario_plots import draw_scenario_plots
+
+    console = Console()
+    flags = []
+    for flag, key in SCENARIOS[args.command].items():
+        value = getattr(args, flag)
+        if isinstance(value, list):  # overrides written after the list belong to overrides
+            args.overrides += [item for item in value if "=" in item]
+            value = [item for item in value if "=" not in item]
+            if flag != "corruptions" and not all(item.isdigit() for item in value):
+                raise MixmaskError(f"--{flag} takes whole numbers, got {' '.join(value)}.")
+            value = value if flag == "corruptions" else [int(item) for item in value]
+        if value is not None:
+            flags.append(f"scenarios.{key}={json.dumps(value)}")
+    common = dict(checkpoint=args.checkpoint, protocol_file=args.protocol_file,
+                  console=console, from_scratch=args.from_scratch)
+    # Flags after the overrides: `--shots 1 5` wins over a scenarios.fewshot_shots= given too.
+    overrides = [*args.overrides, *flags]
+    if args.command == "fewshot":
+        from mixmask.eval.fewshot import run_fewshot
+
+        path, result = run_fewshot(Path(args.run), overrides, **common)
+        numbers = "; ".join(f"{name}: {row['mean_top1']:.2f} +- {row['ci95']:.2f}"
+                            for name, row in [*((f"{k}-shot", v) for k, v in
+                                                result["shots"].items()),
+                                              *result["label_fractions"].items()])
+    elif args.command == "longtail":
+        from mixmask.eval.longtail import run_longtail
+
+        path, result = run_longtail(Path(args.run), overrides, **common)
+        numbers = ", ".join(f"{key} {result[key]:.2f}" if result[key] is not None
+                            else f"{key} - (no such class)"
+                            for key in ("top1", "many_top1", "medium_top1", "few_top1"))
+    else:
+        from mixmask.eval.robustness import run_robustness
+
+        path, result = run_robustness(Path(args.run), overrides, **common)
+        numbers = (f"clean top-1 {result['clean_top1']:.2f}, mean corrupted "
+                   f"{result['mean_corrupted_top1']:.2f} (drop {result['drop']:.2f})")
+    console.print(f"{result['protocol']}: {numbers}. Protocol: {result['description']}. "
+                  f"Written to {path}")
+    if args.command in ("fewshot", "robustness"):
+        draw_scenario_plots(Path(args.run), console.print)
+    return 0
+
+
 def _export(args) -> int:
     from mixmask.data import DATASET_STATS
     from mixmask.methods import PixelStats
@@ -364,8 +456,8 @@ def _recipes(args) -> int:
     for row in rows:
         print(f"{row['name']:<{width}}  {row['method']:<12} {row['masking']:<8} "
               f"{row['backbone']:<9} {row['dataset']:<12} {row['about']}")
-    print("\nprotocol files (--config of knn, linear, finetune; transfer/: of detect, "
-          "segment):")
+    print("\nprotocol files (--config of knn, linear, finetune, fewshot, longtail, robustness; "
+          "transfer/: of detect, segment):")
     for row in protocol_files():
         print(f"  {row['name'].removeprefix('eval/'):<24} {row['about']}")
     print("\nmixmask pretrain NAME [section.key=value ...]; mixmask recipes NAME --copy DIR "

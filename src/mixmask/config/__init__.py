@@ -19,6 +19,7 @@ from mixmask.config.loading import (
     save_config,
     yaml_problem,
 )
+from mixmask.config.scenarios import ScenarioConfig
 from mixmask.config.schema import (
     Config,
     DataConfig,
@@ -32,5 +33,6 @@ from mixmask.config.transfer import TransferConfig
 from mixmask.config.validation import validate
 
 __all__ = ["RECIPES_DIR", "Config", "DataConfig", "EvalConfig", "MethodConfig", "ModelConfig",
-           "MonitorConfig", "TrainConfig", "TransferConfig", "load_config", "read_recipe",
-           "recipe_names", "resolve_recipe", "save_config", "validate", "yaml_problem"]
+           "MonitorConfig", "ScenarioConfig", "TrainConfig", "TransferConfig", "load_config",
+           "read_recipe", "recipe_names", "resolve_recipe", "save_config", "validate",
+           "yaml_problem"]

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from mixmask.config.scenarios import ScenarioConfig
 from mixmask.config.transfer import TransferConfig
 from mixmask.data.views import AUGMENTATION_PRESETS
 from mixmask.errors import ConfigError, did_you_mean
@@ -344,6 +345,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    scenarios: ScenarioConfig = field(default_factory=ScenarioConfig)
     out_dir: str = "runs/run"
     # none | auto (continue from out_dir/checkpoints/last.ckpt if it exists) | a path
     resume: str = "none"

@@ -17,6 +17,7 @@ def validate(config: Config) -> None:
     (its class's ``validate_config``) and the backbone registry's."""
 
     _check_transfer(config.transfer)
+    _check_scenarios(config.scenarios)
     positive = {
         "data.image_size": config.data.image_size,
         "train.epochs": config.train.epochs,
@@ -169,3 +170,34 @@ def _check_transfer(transfer) -> None:
     if not all(0.0 < fraction < 1.0 for fraction in transfer.milestones):
         raise ConfigError("'transfer.milestones' are fractions of transfer.iterations, each "
                           f"in (0, 1); got {list(transfer.milestones)}.")
+
+
+def _check_scenarios(scenarios) -> None:
+    """The ``scenarios`` section (mixmask fewshot / longtail / robustness)."""
+    if not scenarios.fewshot_shots or min(scenarios.fewshot_shots) < 1:
+        raise ConfigError("'scenarios.fewshot_shots' are images per class, each 1 or more; got "
+                          f"{list(scenarios.fewshot_shots)}.")
+    if not all(0.0 < fraction < 1.0 for fraction in scenarios.fewshot_fractions):
+        raise ConfigError("'scenarios.fewshot_fractions' are shares of the train split, each in "
+                          f"(0, 1); got {list(scenarios.fewshot_fractions)}.")
+    for key in ("fewshot_episodes", "logistic_max_iterations"):
+        if getattr(scenarios, key) < 1:
+            raise ConfigError(f"'scenarios.{key}' must be 1 or more, got "
+                              f"{getattr(scenarios, key)}.")
+    if not scenarios.logistic_lambda >= 0:
+        raise ConfigError("'scenarios.logistic_lambda' must be 0 or more, got "
+                          f"{scenarios.logistic_lambda}.")
+    if not scenarios.longtail_imbalance >= 1:
+        raise ConfigError("'scenarios.longtail_imbalance' is the largest over the smallest "
+                          f"class, 1 or more; got {scenarios.longtail_imbalance}.")
+    if not 0 <= scenarios.longtail_few <= scenarios.longtail_many:
+        raise ConfigError("'scenarios.longtail_few' must lie between 0 and "
+                          f"scenarios.longtail_many ({scenarios.longtail_many}); got "
+                          f"{scenarios.longtail_few}.")
+    if not scenarios.robustness_severities or not all(
+            1 <= severity <= 5 for severity in scenarios.robustness_severities):
+        raise ConfigError("'scenarios.robustness_severities' are levels 1 to 5; got "
+                          f"{list(scenarios.robustness_severities)}.")
+    if scenarios.robustness_test_images < 0:
+        raise ConfigError("'scenarios.robustness_test_images' must be 0 (all) or more, got "
+                          f"{scenarios.robustness_test_images}.")

@@ -171,6 +171,21 @@ def view_transform(view: ViewConfig, mean: Sequence[float], std: Sequence[float]
     return ViewTransform(view, mean, std)
 
 
+def eval_geometry(image_size: int, resize_from_larger: bool
+                  ) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+    """The resize and centre crop of :func:`eval_transform` alone (PIL in, PIL out): where
+    the robustness protocol applies its corruptions, as ImageNet-C corrupts 224 px centre
+    crops (Hendrycks & Dietterich 2019, sec. 3)."""
+    if resize_from_larger:
+        return T.Compose([T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size)])
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
+
+
+def to_normalised_tensor(mean: Sequence[float], std: Sequence[float]
+                         ) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
 def eval_transform(
     image_size: int, mean: Sequence[float], std: Sequence[float], resize_from_larger: bool
 ) -> Callable[[PIL.Image.Image], torch.Tensor]:
@@ -180,8 +195,5 @@ def eval_transform(
     centre crop; otherwise resize the shorter side to image_size (a no-op for images that
     already have it) and centre crop to a square.
     """
-    if resize_from_larger:
-        resize = [T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size)]
-    else:
-        resize = [T.Resize(image_size), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([eval_geometry(image_size, resize_from_larger),
+                      to_normalised_tensor(mean, std)])

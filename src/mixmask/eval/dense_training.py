@@ -27,7 +27,7 @@ from mixmask.data.loaders import ignore_stop_signals
 from mixmask.data.progress import image_progress
 from mixmask.errors import ConfigError, MixmaskError
 from mixmask.eval.data import EpochBatches
-from mixmask.eval.protocols import result_header
+from mixmask.eval.frozen_run import result_header
 from mixmask.methods import PixelStats
 from mixmask.models.dense.pyramid import train_for_dense
 from mixmask.ops.tensors import all_finite

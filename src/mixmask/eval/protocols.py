@@ -8,7 +8,6 @@ different protocols never overwrite each other and ``mixmask results`` can tabul
 
 from __future__ import annotations
 
-import datetime
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from mixmask.eval.data import (
     classifier_train_transform,
     label_subset,
 )
-from mixmask.eval.features import extract_features
 from mixmask.eval.finetune import Classifier, FinetuneSchedule, finetune
+from mixmask.eval.frozen_run import FrozenRun, bad_images, print_line, result_header
 from mixmask.eval.knn import knn_accuracy
 from mixmask.eval.linear import linear_moco, train_linear_probe
 from mixmask.methods import PixelStats
@@ -36,10 +35,9 @@ from mixmask.runs.folder import (
     evaluation_sets,
     load_run_checkpoint,
     load_run_config,
-    pretrained_method,
     write_result,
 )
-from mixmask.train.fabric import build_fabric, device_name, resolve_accelerator, versions
+from mixmask.train.fabric import build_fabric, resolve_accelerator
 from mixmask.train.signals import GivenStop, StopSignals
 
 PROTOCOL_DESCRIPTIONS = {
@@ -60,75 +58,25 @@ PROTOCOL_DESCRIPTIONS = {
 # --------------------------------------------------------------------------- the run
 
 
-def _device(config: Config) -> torch.device:
-    return torch.device(resolve_accelerator(config.train.device))
-
-
-def result_header(config: Config, run: Path, protocol: str, description: str,
-            checkpoint_path: Path | None, checkpoint: dict[str, Any] | None, device,
-            wall_time_s: float) -> dict[str, Any]:
-    return {
-        "protocol": protocol, "description": description,
-        "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
-        "pretrain_step": None if checkpoint is None else checkpoint.get("step"),
-        "run": str(run), "method": config.method.name,
-        "masking": config.method.axis.masking if config.method.axis is not None else "none",
-        "backbone": config.model.backbone, "dataset": config.data.dataset,
-        "wall_time_s": wall_time_s, "device": device_name(device), "versions": versions(),
-        "seed": config.train.seed,
-        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _bad_images(eval_data) -> dict[str, Any]:
-    """The evaluation sets' unreadable files (skipped, each replaced by its readable
-    neighbour: ImageSet.load_item), as summary.json reports the training split's."""
-    files = [*eval_data.train.image_set.skipped_files(), *eval_data.test.image_set.skipped_files()]
-    return {"bad_images": len(files), "bad_image_files": files[:100]}
-
-
-def _say(console: Console | None, message: str) -> None:
-    (console.print if console is not None else print)(message)
-
-
 # --------------------------------------------------------------------------- kNN
 
 
 def run_knn(run: Path, overrides: list[str], *, checkpoint: str | None = None,
             protocol_file: str | None = None, console: Console | None = None
             ) -> tuple[Path, dict[str, Any]]:
-    config = load_run_config(run, overrides, protocol_file)
-    checkpoint_path, content = load_run_checkpoint(run, checkpoint)
-    eval_data = evaluation_sets(config)
+    frozen = FrozenRun.open(run, overrides, checkpoint=checkpoint,
+                            protocol_file=protocol_file, console=console)
     started = time.perf_counter()
-    device = _device(config)
-    method = pretrained_method(config, eval_data, checkpoint_path, content, device)
-    train_features, train_labels, test_features, test_labels = _features(
-        method, eval_data, config, device, console)
-    k, t = config.eval.knn_k, config.eval.knn_temperature
+    train_features, train_labels, test_features, test_labels = frozen.split_features()
+    k, t = frozen.config.eval.knn_k, frozen.config.eval.knn_temperature
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
-                            num_classes=eval_data.num_classes, k=k, temperature=t)
+                            num_classes=frozen.eval_data.num_classes, k=k, temperature=t)
     description = PROTOCOL_DESCRIPTIONS["knn"].format(k=k, t=t)
-    result = result_header(config, run, "knn", description, checkpoint_path, content, device,
-                     time.perf_counter() - started)
+    result = frozen.header("knn", description, time.perf_counter() - started)
     result.update(top1=accuracy[1], top5=accuracy[5],
                   settings={"k": k, "temperature": t},
-                  train_images=len(train_labels), test_images=len(test_labels),
-                  **_bad_images(eval_data))
+                  train_images=len(train_labels), test_images=len(test_labels))
     return write_result(run, "knn", result), result
-
-
-def _features(method, eval_data, config: Config, device, console, *, train: bool = True):
-    workers = config.data.num_workers
-    out = []
-    for name, dataset in (("train", eval_data.train), ("test", eval_data.test)):
-        if name == "train" and not train:
-            continue
-        with image_progress(f"features ({name})", len(dataset),
-                            enabled=config.train.progress_bar, console=console) as advance:
-            out.extend(extract_features(method, dataset, device=device, num_workers=workers,
-                                        encode=method.features, progress=advance))
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- linear
@@ -139,23 +87,17 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
                console: Console | None = None) -> tuple[Path, dict[str, Any]]:
     if protocol not in ("moco", "cached"):
         raise ConfigError(f"--protocol must be moco or cached, got {protocol!r}.")
-    config = load_run_config(run, overrides, protocol_file)
-    checkpoint_path, content = load_run_checkpoint(run, checkpoint)
-    eval_data = evaluation_sets(config)
+    frozen = FrozenRun.open(run, overrides, checkpoint=checkpoint,
+                            protocol_file=protocol_file, console=console)
     started = time.perf_counter()
-    device = _device(config)
-    method = pretrained_method(config, eval_data, checkpoint_path, content, device)
+    config, eval_data, method = frozen.config, frozen.eval_data, frozen.method
     evaluation = config.eval
     steps = [int(fraction * evaluation.linear_epochs)
              for fraction in evaluation.linear_milestones]
 
-    def say(message: str) -> None:
-        _say(console, message)
-
     if protocol == "cached":
         lr = evaluation.linear_lr
-        (train_features, train_labels, test_features, test_labels) = _features(
-            method, eval_data, config, device, console)
+        (train_features, train_labels, test_features, test_labels) = frozen.split_features()
         record = EpochRecord()
         train_linear_probe(train_features, train_labels, num_classes=eval_data.num_classes,
                            epochs=evaluation.linear_epochs, lr=lr,
@@ -167,8 +109,7 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
         settings = {"lr": lr, "momentum": 0.9, "weight_decay": 0.0, "standardised": True}
     else:
         lr = evaluation.linear_moco_lr
-        (test_features, test_labels) = _features(method, eval_data, config, device, console,
-                                                 train=False)
+        (test_features, test_labels) = frozen.split_features(train=False)
         image_set = eval_data.train.image_set
         train_set = AugmentedLabelled(
             image_set, torch.arange(len(image_set)),
@@ -185,10 +126,10 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
                 weight_decay=evaluation.linear_weight_decay,
                 batch_size=evaluation.linear_batch_size,
                 milestones=evaluation.linear_milestones, seed=config.train.seed,
-                device=device, num_workers=config.data.num_workers,
+                device=frozen.device, num_workers=config.data.num_workers,
                 batchnorm=evaluation.linear_batchnorm,
-                on_epoch=lambda epoch, row: say(
-                    f"linear (moco) epoch {epoch}/{evaluation.linear_epochs}: loss "
+                on_epoch=lambda epoch, row: print_line(
+                    console, f"linear (moco) epoch {epoch}/{evaluation.linear_epochs}: loss "
                     f"{row['loss']:.3f}, test top-1 {row['top1']:.2f}, top-5 {row['top5']:.2f}"),
                 progress=advance)
         settings = {"lr": lr, "momentum": 0.9, "weight_decay": evaluation.linear_weight_decay,
@@ -202,11 +143,9 @@ def run_linear(run: Path, overrides: list[str], *, protocol: str,
     name = f"linear_{protocol}"
     description = PROTOCOL_DESCRIPTIONS[name].format(
         lr=lr, wd=evaluation.linear_weight_decay, epochs=evaluation.linear_epochs, steps=steps)
-    result = result_header(config, run, name, description, checkpoint_path, content, device,
-                     time.perf_counter() - started)
+    result = frozen.header(name, description, time.perf_counter() - started)
     result.update(record.summary(), settings=settings, history=record.history,
-                  train_images=train_images, test_images=len(test_labels),
-                  **_bad_images(eval_data))
+                  train_images=train_images, test_images=len(test_labels))
     return write_result(run, name, result), result
 
 
@@ -261,7 +200,7 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
 
     def say(message: str) -> None:
         if fabric.is_global_zero:
-            _say(console, message)
+            print_line(console, message)
 
     total = evaluation.finetune_epochs * len(indices)
     stop_context = StopSignals() if stop is None else GivenStop(stop)
@@ -279,11 +218,11 @@ def run_finetune(run: Path, overrides: list[str], *, labels: str, from_scratch: 
                 f"{name} epoch {epoch}/{evaluation.finetune_epochs}: test top-1 "
                 f"{row['top1']:.2f}, top-5 {row['top5']:.2f}"))
     description = _finetune_description(evaluation, schedule, labels=labels, init=init)
-    result = result_header(config, run, name, description, checkpoint_path, content, fabric.device,
-                     wall_time_s)
+    result = result_header(config, run, name, description, checkpoint_path, content,
+                           fabric.device, wall_time_s)
     result.update(record.summary(), settings=settings, history=record.history,
                   from_scratch=from_scratch, test_images=len(eval_data.test),
-                  **_bad_images(eval_data))
+                  **bad_images(eval_data))
     if not fabric.is_global_zero:
         return run / "eval" / f"{name}.json", result
     return write_result(run, name, result), result

@@ -11,8 +11,9 @@ from typing import Any
 from mixmask.errors import MixmaskError
 from mixmask.runs.folder import protocol_results
 
-COLUMNS = ("run", "method", "masking", "backbone", "dataset", "protocol", "top1", "top5",
-           "best_top1", "box_ap", "mask_ap", "miou", "init", "pretrain_step", "wall_time_s")
+COLUMNS = ("run", "method", "masking", "backbone", "dataset", "protocol", "top1", "ci95",
+           "top5", "best_top1", "box_ap", "mask_ap", "miou", "init", "pretrain_step",
+           "wall_time_s")
 
 # Each protocol's headline number, first found: classification's top-1, segmentation's
 # mIoU, instance segmentation's mask AP, detection's box AP.
@@ -28,11 +29,23 @@ def headline(row: dict[str, Any]) -> tuple[str, str]:
 
 
 def result_rows(runs: list[Path], problems: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per protocol result in ``RUN/eval/*.json``. A file that cannot be read is
-    left out and named in ``problems`` (one sentence each), so one bad file never hides
-    the other results."""
-    return [result_row(run, result) for run in runs
-            for _, result in protocol_results(run, problems)]
+    """One row per protocol result in ``RUN/eval/*.json`` (several for a result that
+    lists ``summary_rows``: few-shot's shot counts, robustness's clean and corrupted
+    scores). A file that cannot be read is left out and named in ``problems`` (one
+    sentence each), so one bad file never hides the other results."""
+    return [row for run in runs for _, result in protocol_results(run, problems)
+            for row in result_row_list(run, result)]
+
+
+def result_row_list(run: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows of one protocol result: one, or one per entry of its
+    ``summary_rows`` (each a protocol name, top1 and an optional ci95)."""
+    summary_rows = result.get("summary_rows")
+    if not isinstance(summary_rows, list) or not summary_rows:
+        return [result_row(run, result)]
+    return [result_row(run, {**result, "protocol": row.get("protocol", result["protocol"]),
+                             "top1": row.get("top1"), "ci95": row.get("ci95")})
+            for row in summary_rows if isinstance(row, dict)]
 
 
 def result_row(run: Path, result: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +53,7 @@ def result_row(run: Path, result: dict[str, Any]) -> dict[str, Any]:
     return {"run": str(run), "method": result.get("method"),
             "masking": result.get("masking"), "backbone": result.get("backbone"),
             "dataset": result.get("dataset"), "protocol": result["protocol"],
-            "top1": result.get("top1"), "top5": result.get("top5"),
+            "top1": result.get("top1"), "ci95": result.get("ci95"), "top5": result.get("top5"),
             "best_top1": result.get("best_top1"), "box_ap": result.get("box_ap"),
             "mask_ap": result.get("mask_ap"), "miou": result.get("miou"),
             "init": "random" if result.get("from_scratch") else "pretrained",

@@ -6,6 +6,8 @@ them at its end).
 - ``monitor.png``: the kNN / online-probe top-1 of the per-epoch monitors against the
   epoch and against wall time (time-to-accuracy).
 - ``embedding.png``: a t-SNE of test-image features coloured by class.
+- ``fewshot.png``, ``robustness.png``: from ``RUN/eval/fewshot.json`` / ``robustness.json``
+  when those protocols ran (:mod:`mixmask.pictures.scenario_plots`).
 - ``retrieval.png``: test queries (left column) and their nearest training images by
   cosine similarity, framed green when the class matches and red when not.
 
@@ -34,6 +36,7 @@ from mixmask.errors import (
 from mixmask.eval.collapse import COLLAPSE_RATIO, healthy_std, spread_problem
 from mixmask.eval.features import extract_features
 from mixmask.pictures.isolated import run_isolated
+from mixmask.pictures.scenario_plots import write_scenario_plots
 from mixmask.runs.folder import (
     evaluation_sets,
     load_run_checkpoint,
@@ -342,7 +345,7 @@ def write_plots(run: Path, overrides: list[str] = (), *, checkpoint: str | None 
                 representation: bool = True) -> tuple[list[Path], str | None]:
     """Every plot of a run; returns the files and, when the embedding and retrieval plots
     could not be drawn (no labels, no test split, no checkpoint), the reason."""
-    written = write_curve_plots(run)
+    written = write_curve_plots(run) + write_scenario_plots(run)
     if not representation:
         return written, None
     try:

@@ -249,10 +249,10 @@ def _evaluation_part(run: RunRecord) -> str:
         return ('<h3>Evaluations</h3><p class="note">No evaluation in eval/*.json (run '
                 "<code>mixmask knn RUN</code>, <code>mixmask linear RUN</code> or "
                 "<code>mixmask finetune RUN</code>).</p>")
-    metrics = ("top1", "top5", "best_top1", "box_ap", "mask_ap", "miou")
+    metrics = ("top1", "ci95", "top5", "best_top1", "box_ap", "mask_ap", "miou")
     head = "".join(f"<th>{name}</th>" for name in (
-        "protocol", "init", "top-1 %", "top-5 %", "best top-1 %", "box AP", "mask AP",
-        "mIoU %", "pretrain step", "wall time s", "file"))
+        "protocol", "init", "top-1 %", "95% interval +-", "top-5 %", "best top-1 %", "box AP",
+        "mask AP", "mIoU %", "pretrain step", "wall time s", "file"))
     rows = []
     for row in run.evaluations:
         cells = [f'<th scope="row" class="protocol">{_text(row["protocol"])}</th>',

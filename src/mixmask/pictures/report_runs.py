@@ -13,7 +13,7 @@ import yaml
 
 from mixmask.config import load_config
 from mixmask.errors import MixmaskError
-from mixmask.eval.results import result_row
+from mixmask.eval.results import result_row_list
 from mixmask.runs.folder import protocol_results, read_mapping
 
 __all__ = ["RunRecord", "changed_keys", "disambiguate_labels", "flatten", "load_run"]
@@ -65,8 +65,9 @@ def load_run(path: Path) -> RunRecord:
     _compare_with_recipe(run)
 
     problems: list[str] = []
-    run.evaluations = [{**result_row(path, result), "file": result_file.name}
-                       for result_file, result in protocol_results(path, problems)]
+    run.evaluations = [{**row, "file": result_file.name}
+                       for result_file, result in protocol_results(path, problems)
+                       for row in result_row_list(path, result)]
     if problems:
         run.evaluation_note = " ".join(problems)
     return run
