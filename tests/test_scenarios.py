@@ -221,3 +221,35 @@ def test_robustness_refuses_bad_input_in_one_sentence(tiny_run, capsys, argv, me
     assert main(["robustness", str(tiny_run), *argv, "--quiet"]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_robustness_with_the_finetuned_network_scores_what_finetune_scored(tiny_run, capsys):
+    assert main(["robustness", str(tiny_run), "--classifier", "finetune_1pct",
+                 "--quiet"]) == 2
+    assert "needs a finished `mixmask finetune" in capsys.readouterr().err
+    assert main(["finetune", str(tiny_run), "--labels", "10%", "eval.finetune_epochs=1",
+                 "eval.finetune_batch_size=8", "--quiet"]) == 0
+    assert main(["robustness", str(tiny_run), "--classifier", "finetune_10pct",
+                 "--corruptions", "fog", "--severities", "2", "--quiet"]) == 0
+    result = json.loads((tiny_run / "eval" / "robustness.json").read_text())
+    finetuned = json.loads((tiny_run / "eval" / "finetune_10pct.json").read_text())
+    assert result["settings"]["classifier"] == "finetune_10pct"
+    # The same network on the same centre crops of the whole test split: finetune's own
+    # last-epoch test top-1 is the clean score here, computed by another code path.
+    assert result["test_images"] == finetuned["test_images"]
+    assert result["clean_top1"] == pytest.approx(finetuned["top1"], abs=1e-4)  # fp32 mean there
+
+
+def test_the_report_shows_the_scenario_rows_and_curves(tiny_run, tmp_path):
+    from mixmask.pictures.report import write_report
+
+    assert main(["fewshot", str(tiny_run), "--shots", "1", "--episodes", "2",
+                 "scenarios.fewshot_fractions=[]", "--quiet"]) == 0
+    assert main(["robustness", str(tiny_run), "--corruptions", "contrast", "--severities",
+                 "1", "3", "scenarios.robustness_test_images=20", "eval.linear_epochs=1",
+                 "--quiet"]) == 0
+    page = write_report([tiny_run], tmp_path / "report.html").read_text()
+    for protocol in ("fewshot_1shot", "robustness_clean", "robustness_corrupted"):
+        assert f'data-protocol="{protocol}"' in page
+    assert "<figcaption>fewshot</figcaption>" in page
+    assert "<figcaption>robustness</figcaption>" in page

@@ -147,6 +147,10 @@ def _scenario_parsers(commands) -> None:
                                  "default all 15)")
     robustness.add_argument("--severities", nargs="+", metavar="S",
                             help="levels 1-5 (scenarios.robustness_severities; 1 2 3 4 5)")
+    robustness.add_argument("--classifier", metavar="NAME",
+                            help="linear (a probe on clean features, the default) or a "
+                                 "finished finetune of the run, e.g. finetune_10pct "
+                                 "(scenarios.robustness_classifier)")
     for command in (fewshot, longtail, robustness):
         command.add_argument("--from-scratch", action="store_true",
                              help="the random init of train.seed (the floor) -> "
@@ -364,7 +368,8 @@ def _dense(args) -> int:
 SCENARIOS = {"fewshot": {"shots": "fewshot_shots", "episodes": "fewshot_episodes"},
              "longtail": {"imbalance": "longtail_imbalance"},
              "robustness": {"corruptions": "robustness_corruptions",
-                            "severities": "robustness_severities"}}
+                            "severities": "robustness_severities",
+                            "classifier": "robustness_classifier"}}
 
 
 def _scenario(args) -> int:

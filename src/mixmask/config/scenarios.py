@@ -42,5 +42,9 @@ class ScenarioConfig:
     # Test images scored per corruption and severity (0 = the whole test split; the first
     # N in a fixed random order otherwise, the clean score on the same N).
     robustness_test_images: int = 0
+    # What classifies the corrupted images: "linear" (a cached linear probe trained here on
+    # clean features) or a finished `mixmask finetune` of the run, by its result's name
+    # ("finetune_10pct", "finetune_100pct": the whole finetuned network).
+    robustness_classifier: str = "linear"
     # Seed of the episodes, the long-tail subset and the corruptions' noise.
     seed: int = 0

@@ -198,6 +198,10 @@ def _check_scenarios(scenarios) -> None:
             1 <= severity <= 5 for severity in scenarios.robustness_severities):
         raise ConfigError("'scenarios.robustness_severities' are levels 1 to 5; got "
                           f"{list(scenarios.robustness_severities)}.")
+    if not re.fullmatch(r"linear|finetune_\d+pct", scenarios.robustness_classifier):
+        raise ConfigError("'scenarios.robustness_classifier' is 'linear' or a finished finetune "
+                          "of the run such as 'finetune_10pct'; got "
+                          f"{scenarios.robustness_classifier!r}.")
     if scenarios.robustness_test_images < 0:
         raise ConfigError("'scenarios.robustness_test_images' must be 0 (all) or more, got "
                           f"{scenarios.robustness_test_images}.")

@@ -183,10 +183,10 @@ def _round_robin_files(split_dir: str, classes: list[str]) -> tuple[list[str], l
         else []
         for c in classes
     ]
-    return _interleave(per_class)
+    return interleave_classes(per_class)
 
 
-def _interleave(per_class: list[list[str]]) -> tuple[list[str], list[int]]:
+def interleave_classes(per_class: list[list[str]]) -> tuple[list[str], list[int]]:
     """Paths and labels of per-class file lists, the i-th file of each class (in class
     order) before the (i+1)-th of any."""
     paths, labels = [], []
@@ -223,7 +223,7 @@ def list_tinyimagenet(root: str, split: str, cache: str, progress: bool = False)
     else:
         split_dir = os.path.join(tree, "val")
         per_class = _tiny_val_files(split_dir, classes)
-    paths, labels = _interleave(per_class)
+    paths, labels = interleave_classes(per_class)
     return _Listing(split_dir, paths, labels, classes)
 
 

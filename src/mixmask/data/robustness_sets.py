@@ -50,7 +50,7 @@ from mixmask.data.files import (
     is_image,
     visible_entries,
 )
-from mixmask.data.image_folders import _interleave
+from mixmask.data.image_folders import interleave_classes
 from mixmask.data.image_set import ImageSet
 from mixmask.errors import DatasetError, did_you_mean
 
@@ -304,7 +304,7 @@ def _image_folder_set(folder: str, train_classes: list[str], mean: tuple[float, 
             f"{len(empty)} class folders of {folder!r} hold no images "
             f"({', '.join(IMAGE_EXTENSIONS)}): {_first_five(empty)}. Restore their images or "
             "remove the folders.")
-    paths, local_labels = _interleave(per_class)
+    paths, local_labels = interleave_classes(per_class)
     labels = torch.as_tensor([indices[label] for label in local_labels], dtype=torch.int64)
     image_set = ImageSet(None, paths, labels, list(train_classes), mean, std,
                          max_bad_fraction=max_bad_fraction)

@@ -3,7 +3,9 @@ under the common corruptions of ImageNet-C / CIFAR-10-C (Hendrycks & Dietterich 
 robustness setting of SiameseIM (arXiv 2206.01204, Table 1: ImageNet-A/R/Sketch/C).
 
 A linear probe is trained on clean centre-crop features of the train split (the cached
-linear protocol: ``eval.linear_*``); each corruption of :mod:`mixmask.data.corruptions`
+linear protocol: ``eval.linear_*``), or, with ``scenarios.robustness_classifier=
+finetune_10pct`` (any finished ``mixmask finetune`` of the run), the finetuned network
+classifies; each corruption of :mod:`mixmask.data.corruptions`
 is then applied on the fly to the test split's centre crops (ImageNet-C corrupts 224 px
 crops the same way) at each severity, deterministically per (``scenarios.seed``,
 corruption, severity, image), and the probe scores the corrupted features. Reported: clean
@@ -20,6 +22,7 @@ by name onto the train classes, the probe's scores restricted to the classes pre
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,14 +47,14 @@ from mixmask.data.robustness_sets import (
 )
 from mixmask.data.transforms import eval_geometry, eval_transform, to_normalised_tensor
 from mixmask.errors import ConfigError
-from mixmask.eval.accuracy import EpochRecord
 from mixmask.eval.features import extract_features
+from mixmask.eval.finetune import Classifier
 from mixmask.eval.frozen_run import FrozenRun
 from mixmask.eval.linear import train_linear_probe
-from mixmask.runs.folder import write_result
+from mixmask.runs.checkpoint import load_state, read_checkpoint
+from mixmask.runs.folder import read_mapping, write_result
 
-DESCRIPTION = ("robustness: linear probe (cached standardised centre-crop features, SGD lr "
-               "{lr}, {epochs} epochs) trained on clean images; test top-1 under {count} "
+DESCRIPTION = ("robustness: {classifier}, trained on clean images; test top-1 under {count} "
                "corruptions of Hendrycks & Dietterich 2019 (mixmask.data.corruptions, "
                "CIFAR-10-C constants) at severities {severities}, on {images} test images")
 
@@ -129,13 +132,21 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
         raise ConfigError(f"unknown corruption {unknown[0]!r}; the corruptions are "
                           f"{', '.join(CORRUPTIONS)}.")
     severities = sorted(set(scenarios.robustness_severities))
-    train_features, train_labels = frozen.encode(frozen.eval_data.train, "train")
-    record = EpochRecord()
-    probe = train_linear_probe(
-        train_features, train_labels, num_classes=frozen.eval_data.num_classes,
-        epochs=evaluation.linear_epochs, lr=evaluation.linear_lr,
-        batch_size=evaluation.linear_batch_size, milestones=evaluation.linear_milestones,
-        seed=config.train.seed, record=record)
+    if scenarios.robustness_classifier == "linear":
+        train_features, train_labels = frozen.encode(frozen.eval_data.train, "train")
+        probe = train_linear_probe(
+            train_features, train_labels, num_classes=frozen.eval_data.num_classes,
+            epochs=evaluation.linear_epochs, lr=evaluation.linear_lr,
+            batch_size=evaluation.linear_batch_size, milestones=evaluation.linear_milestones,
+            seed=config.train.seed)
+        model, encode, classifier_settings = frozen.method, frozen.method.features, {
+            "classifier": "linear_cached", "lr": evaluation.linear_lr,
+            "epochs": evaluation.linear_epochs, "train_images": len(train_labels)}
+    else:
+        model, classifier_settings = finetuned_classifier(frozen,
+                                                          scenarios.robustness_classifier)
+        model.to(frozen.device)
+        encode, probe = model.scores, torch.nn.Identity()
 
     test_set = frozen.eval_data.test.image_set
     order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(
@@ -146,9 +157,9 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
     normalise = to_normalised_tensor(test_set.mean, test_set.std)
 
     def score(dataset, advance, classes: list[int] | None = None) -> float:
-        features, labels = extract_features(frozen.method, dataset, device=frozen.device,
+        features, labels = extract_features(model, dataset, device=frozen.device,
                                             num_workers=config.data.num_workers,
-                                            encode=frozen.method.features, progress=advance)
+                                            encode=encode, progress=advance)
         with torch.no_grad():
             scores = probe(features)
         if classes is not None:
@@ -171,8 +182,11 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
     published = (_published_set(frozen, probe, score, severities, normalise)
                  if scenarios.robustness_root else None)
     description = DESCRIPTION.format(
-        lr=evaluation.linear_lr, epochs=evaluation.linear_epochs, count=len(names),
-        severities="/".join(map(str, severities)), images=len(indices))
+        classifier=(f"linear probe (cached standardised centre-crop features, SGD lr "
+                    f"{evaluation.linear_lr}, {evaluation.linear_epochs} epochs)"
+                    if scenarios.robustness_classifier == "linear" else
+                    f"the network of {scenarios.robustness_classifier} (mixmask finetune)"),
+        count=len(names), severities="/".join(map(str, severities)), images=len(indices))
     result = frozen.header("robustness", description, time.perf_counter() - started)
     summary_rows = [{"protocol": "robustness_clean", "top1": clean},
                     {"protocol": "robustness_corrupted", "top1": table["mean_top1"]}]
@@ -190,10 +204,35 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
                   "implementation": "mixmask.data.corruptions (CIFAR-10-C constants up to "
                                     "64 px; see its docstring for deviations)",
                   "applied_to": "the evaluation centre crop, before normalisation",
-                  "probe": "linear_cached", "lr": evaluation.linear_lr,
-                  "epochs": evaluation.linear_epochs, "root": scenarios.robustness_root},
-        train_images=len(train_labels), test_images=len(indices))
+                  "root": scenarios.robustness_root, **classifier_settings},
+        test_images=len(indices))
     return write_result(run, frozen.result_name("robustness"), result), result
+
+
+def finetuned_classifier(frozen: FrozenRun, name: str) -> tuple[Classifier, dict[str, Any]]:
+    """The network a finished ``mixmask finetune`` of the run left in
+    ``RUN/eval/<name>/last.ckpt`` (its result ``RUN/eval/<name>.json`` marks it finished),
+    rebuilt over the run's backbone with the pooling it was finetuned with."""
+    result_path = frozen.run / "eval" / f"{name}.json"
+    checkpoint_path = frozen.run / "eval" / name / "last.ckpt"
+    if not result_path.is_file() or not checkpoint_path.is_file():
+        labels = name.removeprefix("finetune_").removesuffix("pct")
+        raise ConfigError(f"scenarios.robustness_classifier={name} needs a finished `mixmask "
+                          f"finetune {frozen.run} --labels {labels}%`: {result_path} or "
+                          f"{checkpoint_path} is missing.")
+    settings, problem = read_mapping(result_path, json.loads)
+    if settings is None or not isinstance(settings.get("settings"), dict):
+        raise ConfigError(f"{result_path} is not a finetune result"
+                          f"{f' ({problem})' if problem else ''}.")
+    finetuned = settings["settings"]
+    backbone = frozen.method.backbone
+    if finetuned.get("global_pool"):
+        backbone.set_global_pool(finetuned["global_pool"])
+    classifier = Classifier(backbone, frozen.method.feature_dim, frozen.eval_data.num_classes)
+    content = read_checkpoint(checkpoint_path, required=("classifier",))
+    load_state(classifier, content["classifier"], checkpoint_path)
+    return classifier, {"classifier": name, "checkpoint_of_classifier": str(checkpoint_path),
+                        "finetune_settings": finetuned}
 
 
 def _published_set(frozen: FrozenRun, probe, score, severities: list[int],
