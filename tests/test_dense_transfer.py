@@ -376,3 +376,35 @@ def test_a_payload_in_the_detection_checkpoint_is_refused_and_runs_nothing(dense
     err = capsys.readouterr().err.strip()
     assert "not plain data" in err and len(err.splitlines()) == 1
     assert not marker.exists()
+
+
+def test_vitdet_optimizer_decays_the_vits_layers_and_spares_norms_from_weight_decay():
+    from types import SimpleNamespace
+
+    from mixmask.errors import ConfigError
+    from mixmask.eval.detect import detection_optimizer
+
+    backbone, _ = build_backbone(ModelConfig(backbone="vit_tiny", patch_size=4), 32)
+    detector = build_detector(backbone, "boxes", 3, image_size=64, max_size=64,
+                              mean=(0.5,) * 3, std=(0.5,) * 3, probe_size=32)
+    transfer = SimpleNamespace(optimizer="adamw", lr=1e-4, weight_decay=0.1, momentum=0.9,
+                               layer_decay=0.5, drop_path=0.1)
+    optimizer = detection_optimizer(detector, backbone, transfer)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    setting = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups
+               for p in group["params"]}
+    named = dict(detector.named_parameters())
+    vit = "backbone.body.backbone."
+    # ViT-Tiny has 12 blocks: block i is layer i + 1, scaled 0.5 ** (13 - (i + 1)); the
+    # embeddings are layer 0 (0.5 ** 13); the pyramid and heads take the full lr.
+    assert setting[id(named[vit + "blocks.11.mlp.fc1.weight"])] == (1e-4 * 0.5, 0.1)
+    assert setting[id(named[vit + "blocks.0.attn.qkv.weight"])] == (1e-4 * 0.5 ** 12, 0.1)
+    assert setting[id(named[vit + "pos_embed"])] == (1e-4 * 0.5 ** 13, 0.0)
+    assert setting[id(named[vit + "blocks.3.norm1.weight"])] == (1e-4 * 0.5 ** 9, 0.0)
+    assert setting[id(named["rpn.head.conv.0.0.weight"])] == (1e-4, 0.1)
+    assert setting[id(named["rpn.head.conv.0.0.bias"])] == (1e-4, 0.0)
+    assert len(setting) == sum(p.requires_grad for p in detector.parameters())
+    assert all(block.drop_path1.drop_prob > 0 for block in backbone.blocks[1:])
+    resnet, _ = build_backbone(ModelConfig(backbone="resnet18", width=0.125), 32)
+    with pytest.raises(ConfigError, match="needs a ViT backbone"):
+        detection_optimizer(resnet, resnet, transfer)

@@ -42,6 +42,15 @@ class TransferConfig:
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # The detection optimizer: "sgd" (above: MoCo's detectron2 configs) or "adamw", ViTDet's
+    # (Li et al. 2022, arXiv 2203.16527, sec. 4 and its COCO configs: AdamW (0.9, 0.999), lr
+    # 1e-4 at batch 64, wd 0.1, no weight decay on biases, norms and position embeddings);
+    # the same warm-up and step schedule either way. layer_decay < 1: a ViT backbone's
+    # layer-wise lr decay (ViTDet: 0.7 for ViT-B, embeddings x decay^(depth+1), the pyramid
+    # and heads at the full lr); drop_path: stochastic depth of a ViT's blocks (0.1 there).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    layer_decay: float = 1.0
+    drop_path: float = 0.0
     warmup_iterations: int = 100
     warmup_factor: float = 0.001
     milestones: tuple[float, ...] = (0.75, 0.9167)

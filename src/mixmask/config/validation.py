@@ -167,6 +167,11 @@ def _check_transfer(transfer) -> None:
         if getattr(transfer, key) < 0:
             raise ConfigError(f"'transfer.{key}' must be 0 or more, got "
                               f"{getattr(transfer, key)}.")
+    if not 0.0 < transfer.layer_decay <= 1.0:
+        raise ConfigError("'transfer.layer_decay' must lie in (0, 1] (1 = off), got "
+                          f"{transfer.layer_decay}.")
+    if not 0.0 <= transfer.drop_path < 1.0:
+        raise ConfigError(f"'transfer.drop_path' must lie in [0, 1), got {transfer.drop_path}.")
     if not all(0.0 < fraction < 1.0 for fraction in transfer.milestones):
         raise ConfigError("'transfer.milestones' are fractions of transfer.iterations, each "
                           f"in (0, 1); got {list(transfer.milestones)}.")

@@ -9,6 +9,11 @@ trained, and BatchNorm in **train mode** (batch statistics; MoCo uses SyncBN, wh
 what several processes get here too), not frozen. What differs: torchvision's FPN
 Faster / Mask R-CNN instead of detectron2's R50-C4 (torchvision has no C4 head), and the
 images are resized by the data transforms, with AP computed at that resolution.
+
+ViTs train better with ViTDet's recipe (Li et al. 2022, arXiv 2203.16527, sec. 4):
+``transfer.optimizer=adamw`` with ``transfer.layer_decay`` and ``transfer.drop_path``
+(``--config transfer/coco_vitdet``; ``transfer/mosaic_vitdet`` for the proxy), the same
+warm-up and step schedule; its large-scale jitter augmentation is not reproduced.
 """
 
 from __future__ import annotations
@@ -25,10 +30,15 @@ from mixmask.eval.dense_metrics import coco_average_precision, coco_detections, 
 from mixmask.eval.dense_training import DenseRun
 from mixmask.methods.protocol import StepOutput
 from mixmask.models.dense.detection import DETECTION_TASKS, build_detector
+from mixmask.ops.optim import (
+    layer_decay_lr_scale,
+    no_decay_bias_norm_and_tokens,
+    parameter_groups,
+)
 from mixmask.train.schedule import warmup_step_lr
 
 DESCRIPTION = ("{model} with an FPN over the {init} backbone, all layers trained (BN in train "
-               "mode), SGD lr {lr} m{momentum} wd {wd}, {iterations} iterations of {batch} "
+               "mode), {optimizer} lr {lr} wd {wd}, {iterations} iterations of {batch} "
                "images, warm-up {warmup} then x{gamma} at {milestones}; COCO AP on {test} "
                "test images of {dataset}{proxy}")
 PROXY_NOTE = (" (a localisation proxy: CIFAR images pasted on canvases, not comparable to "
@@ -94,6 +104,37 @@ def detection_scores(detector: nn.Module, test_set, num_classes: int, *, masks: 
     return scores
 
 
+def detection_optimizer(detector: nn.Module, backbone: nn.Module, transfer
+                        ) -> torch.optim.Optimizer:
+    """SGD over every trainable parameter (MoCo's detectron2 configs), or ViTDet's AdamW
+    (no weight decay on biases, norms, tokens and position embeddings); either with a ViT
+    backbone's layer-wise lr decay when ``transfer.layer_decay < 1`` (each group's ``lr``
+    is its peak: the schedule scales it)."""
+    scale = None
+    if transfer.layer_decay != 1.0:
+        depth = getattr(backbone, "depth", None)
+        if depth is None:
+            raise ConfigError("transfer.layer_decay < 1 needs a ViT backbone (its blocks); set "
+                              "transfer.layer_decay=1 for this run's backbone.")
+        scale = layer_decay_lr_scale(depth, transfer.layer_decay)
+    if transfer.drop_path > 0:
+        if not callable(getattr(backbone, "set_drop_path", None)):
+            raise ConfigError("transfer.drop_path > 0 needs a ViT backbone (its blocks); set "
+                              "transfer.drop_path=0 for this run's backbone.")
+        backbone.set_drop_path(transfer.drop_path)
+    adamw = transfer.optimizer == "adamw"
+    groups = parameter_groups(detector.named_parameters(), lr_scale=scale,
+                              exclude_from_decay=no_decay_bias_norm_and_tokens if adamw else None)
+    for group in groups:
+        group.pop("param_names")
+        group["lr"] = transfer.lr * group.pop("lr_scale")
+    if adamw:
+        return torch.optim.AdamW(groups, lr=transfer.lr, betas=(0.9, 0.999),
+                                 weight_decay=transfer.weight_decay)
+    return torch.optim.SGD(groups, lr=transfer.lr, momentum=transfer.momentum,
+                           weight_decay=transfer.weight_decay)
+
+
 def detect_name(task: str, from_scratch: bool) -> str:
     """``detect_boxes`` / ``detect_instances``, ``_scratch`` appended for the floor."""
     return f"detect_{task}" + ("_scratch" if from_scratch else "")
@@ -117,9 +158,7 @@ def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = Fal
                               pyramid_channels=transfer.pyramid_channels,
                               probe_size=dense.config.data.image_size,
                               rois_per_image=transfer.rois_per_image)
-    optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad],
-                                lr=transfer.lr, momentum=transfer.momentum,
-                                weight_decay=transfer.weight_decay)
+    optimizer = detection_optimizer(detector, dense.backbone, transfer)
 
     def lr_at(base: float, iteration: int) -> float:
         return warmup_step_lr(base, iteration, iterations=transfer.iterations,
@@ -127,7 +166,10 @@ def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = Fal
                               warmup_factor=transfer.warmup_factor,
                               milestones=transfer.milestones, gamma=transfer.gamma)
 
-    settings = dense.settings(optimizer="sgd", lr=transfer.lr, momentum=transfer.momentum,
+    settings = dense.settings(optimizer=transfer.optimizer, lr=transfer.lr,
+                              momentum=transfer.momentum if transfer.optimizer == "sgd" else None,
+                              betas=[0.9, 0.999] if transfer.optimizer == "adamw" else None,
+                              layer_decay=transfer.layer_decay, drop_path=transfer.drop_path,
                               weight_decay=transfer.weight_decay,
                               warmup_iterations=transfer.warmup_iterations,
                               warmup_factor=transfer.warmup_factor,
@@ -150,7 +192,10 @@ def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = Fal
 
     scores = dense.scores(score)
     description = DESCRIPTION.format(
-        model=settings["model"], init=dense.init, lr=transfer.lr, momentum=transfer.momentum,
+        model=settings["model"], init=dense.init, lr=transfer.lr,
+        optimizer=(f"SGD m{transfer.momentum}" if transfer.optimizer == "sgd" else
+                   "AdamW (0.9, 0.999)") + (f", layer decay {transfer.layer_decay}"
+                                            if transfer.layer_decay != 1.0 else ""),
         wd=transfer.weight_decay, iterations=transfer.iterations, batch=transfer.batch_size,
         warmup=transfer.warmup_iterations, gamma=transfer.gamma,
         milestones=list(transfer.milestones), test=len(dense.test_set),

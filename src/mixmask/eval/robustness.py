@@ -125,29 +125,14 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
                             protocol_file=protocol_file, console=console,
                             from_scratch=from_scratch)
     started = time.perf_counter()
-    config, scenarios, evaluation = frozen.config, frozen.config.scenarios, frozen.config.eval
+    config, scenarios = frozen.config, frozen.config.scenarios
     names = list(scenarios.robustness_corruptions) or list(CORRUPTIONS)
     unknown = [name for name in names if name not in CORRUPTIONS]
     if unknown:
         raise ConfigError(f"unknown corruption {unknown[0]!r}; the corruptions are "
                           f"{', '.join(CORRUPTIONS)}.")
     severities = sorted(set(scenarios.robustness_severities))
-    if scenarios.robustness_classifier == "linear":
-        train_features, train_labels = frozen.encode(frozen.eval_data.train, "train")
-        probe = train_linear_probe(
-            train_features, train_labels, num_classes=frozen.eval_data.num_classes,
-            epochs=evaluation.linear_epochs, lr=evaluation.linear_lr,
-            batch_size=evaluation.linear_batch_size, milestones=evaluation.linear_milestones,
-            seed=config.train.seed)
-        model, encode, classifier_settings = frozen.method, frozen.method.features, {
-            "classifier": "linear_cached", "lr": evaluation.linear_lr,
-            "epochs": evaluation.linear_epochs, "train_images": len(train_labels)}
-    else:
-        model, classifier_settings = finetuned_classifier(frozen,
-                                                          scenarios.robustness_classifier)
-        model.to(frozen.device)
-        encode, probe = model.scores, torch.nn.Identity()
-
+    model, encode, probe, classifier_settings = clean_classifier(frozen)
     test_set = frozen.eval_data.test.image_set
     order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(
         scenarios.seed)).tolist()
@@ -182,11 +167,8 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
     published = (_published_set(frozen, probe, score, severities, normalise)
                  if scenarios.robustness_root else None)
     description = DESCRIPTION.format(
-        classifier=(f"linear probe (cached standardised centre-crop features, SGD lr "
-                    f"{evaluation.linear_lr}, {evaluation.linear_epochs} epochs)"
-                    if scenarios.robustness_classifier == "linear" else
-                    f"the network of {scenarios.robustness_classifier} (mixmask finetune)"),
-        count=len(names), severities="/".join(map(str, severities)), images=len(indices))
+        classifier=classifier_settings.pop("description"), count=len(names),
+        severities="/".join(map(str, severities)), images=len(indices))
     result = frozen.header("robustness", description, time.perf_counter() - started)
     summary_rows = [{"protocol": "robustness_clean", "top1": clean},
                     {"protocol": "robustness_corrupted", "top1": table["mean_top1"]}]
@@ -207,6 +189,28 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
                   "root": scenarios.robustness_root, **classifier_settings},
         test_images=len(indices))
     return write_result(run, frozen.result_name("robustness"), result), result
+
+
+def clean_classifier(frozen: FrozenRun):
+    """(the model to run in eval mode, its encoder, the head over the encoder's output,
+    settings): a cached linear probe trained here on clean features, or the network of a
+    finished finetune (``scenarios.robustness_classifier``)."""
+    evaluation, name = frozen.config.eval, frozen.config.scenarios.robustness_classifier
+    if name != "linear":
+        classifier, settings = finetuned_classifier(frozen, name)
+        settings["description"] = f"the network of {name} (mixmask finetune)"
+        return classifier.to(frozen.device), classifier.scores, torch.nn.Identity(), settings
+    train_features, train_labels = frozen.encode(frozen.eval_data.train, "train")
+    probe = train_linear_probe(
+        train_features, train_labels, num_classes=frozen.eval_data.num_classes,
+        epochs=evaluation.linear_epochs, lr=evaluation.linear_lr,
+        batch_size=evaluation.linear_batch_size, milestones=evaluation.linear_milestones,
+        seed=frozen.config.train.seed)
+    return frozen.method, frozen.method.features, probe, {
+        "classifier": "linear_cached", "lr": evaluation.linear_lr,
+        "epochs": evaluation.linear_epochs, "train_images": len(train_labels),
+        "description": f"linear probe (cached standardised centre-crop features, SGD lr "
+                       f"{evaluation.linear_lr}, {evaluation.linear_epochs} epochs)"}
 
 
 def finetuned_classifier(frozen: FrozenRun, name: str) -> tuple[Classifier, dict[str, Any]]:
