@@ -399,7 +399,9 @@ def test_vitdet_optimizer_decays_the_vits_layers_and_spares_norms_from_weight_de
     # embeddings are layer 0 (0.5 ** 13); the pyramid and heads take the full lr.
     assert setting[id(named[vit + "blocks.11.mlp.fc1.weight"])] == (1e-4 * 0.5, 0.1)
     assert setting[id(named[vit + "blocks.0.attn.qkv.weight"])] == (1e-4 * 0.5 ** 12, 0.1)
-    assert setting[id(named[vit + "pos_embed"])] == (1e-4 * 0.5 ** 13, 0.0)
+    assert setting[id(named[vit + "patch_embed.proj.weight"])] == (1e-4 * 0.5 ** 13, 0.1)
+    assert setting[id(named[vit + "patch_embed.proj.bias"])] == (1e-4 * 0.5 ** 13, 0.0)
+    assert setting[id(named[vit + "cls_token"])] == (1e-4 * 0.5 ** 13, 0.0)
     assert setting[id(named[vit + "blocks.3.norm1.weight"])] == (1e-4 * 0.5 ** 9, 0.0)
     assert setting[id(named["rpn.head.conv.0.0.weight"])] == (1e-4, 0.1)
     assert setting[id(named["rpn.head.conv.0.0.bias"])] == (1e-4, 0.0)
