@@ -118,7 +118,7 @@ def test_siameseim_claims_variants_and_evaluations_are_valid_configs(scale):
     for name, (recipe, variant, _) in benchmark.RECIPES.items():
         config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
                                                           *benchmark.EVALUATION[scale]])
-        assert config.scenarios.robustness_test_images == (500 if scale == "cpu" else 0), name
+        assert config.scenarios.robustness_test_images == (200 if scale == "cpu" else 0), name
 
 
 SUITE_STEPS = ["gpu_checks", "augment", "train_step", "epoch_time", "time_to_accuracy"]
