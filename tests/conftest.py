@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `pytest -n 2` (README): one torch thread per worker, or the workers fight over the
+    # `pytest -n 3` (README): one torch thread per worker, or the workers fight over the
     # cores; set before torch starts, so the subprocesses the tests launch (CLI runs, DDP)
     # inherit it and compute with the same thread count as the test that checks them.
     os.environ["OMP_NUM_THREADS"] = "1"
