@@ -71,7 +71,7 @@ class CorruptedImages(Dataset):
         self.corruption, self.severity = corruption, severity
         # One stream per (corruption, severity): a corruption's noise never repeats another's.
         code = (CORRUPTIONS.index(corruption) + 1) * 10 + severity if severity else 0
-        self.seed = seed, code
+        self.stream = seed, code  # the first two parts of each image's item_seed
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -81,7 +81,7 @@ class CorruptedImages(Dataset):
         image = self.geometry(image.convert("RGB"))
         if self.severity:
             pixels = corrupt(numpy.asarray(image), self.corruption, self.severity,
-                             item_seed(*self.seed, position))
+                             item_seed(*self.stream, position))
             image = PIL.Image.fromarray(pixels)
         return self.normalise(image), label
 
