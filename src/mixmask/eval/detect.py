@@ -38,7 +38,7 @@ from mixmask.ops.optim import (
 from mixmask.train.schedule import warmup_step_lr
 
 DESCRIPTION = ("{model} with an FPN over the {init} backbone, all layers trained (BN in train "
-               "mode), {optimizer} lr {lr} wd {wd}, {iterations} iterations of {batch} "
+               "mode), {optimizer}, lr {lr} wd {wd}, {iterations} iterations of {batch} "
                "images, warm-up {warmup} then x{gamma} at {milestones}; COCO AP on {test} "
                "test images of {dataset}{proxy}")
 PROXY_NOTE = (" (a localisation proxy: CIFAR images pasted on canvases, not comparable to "
