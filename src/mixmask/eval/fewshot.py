@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import Tensor
 
 from mixmask.data.progress import image_progress
@@ -66,13 +65,11 @@ def episode_summary(top1s: list[float], seeds: list[int], train_images: int
             "episode_top1": top1s, "episode_seeds": seeds, "train_images": train_images}
 
 
-def run_fewshot(run: Path, overrides: list[str], *, from_scratch: bool = False,
-                checkpoint: str | None = None,
-                protocol_file: str | None = None, console: Console | None = None
+def run_fewshot(run: Path, overrides: list[str], **opening: Any
                 ) -> tuple[Path, dict[str, Any]]:
-    frozen = FrozenRun.open(run, overrides, checkpoint=checkpoint,
-                            protocol_file=protocol_file, console=console,
-                            from_scratch=from_scratch)
+    """``mixmask fewshot``; ``opening``: :meth:`FrozenRun.open`'s options (checkpoint,
+    protocol_file, console, from_scratch)."""
+    frozen = FrozenRun.open(run, overrides, **opening)
     started = time.perf_counter()
     scenarios = frozen.config.scenarios
     train_features, train_labels, test_features, test_labels = frozen.split_features()
@@ -83,7 +80,7 @@ def run_fewshot(run: Path, overrides: list[str], *, from_scratch: bool = False,
     by_shots: dict[str, Any] = {}
     by_fraction: dict[str, Any] = {}
     with image_progress("few-shot episodes", len(budgets) * len(seeds),
-                        enabled=frozen.config.train.progress_bar, console=console,
+                        enabled=frozen.config.train.progress_bar, console=frozen.console,
                         unit="episodes") as advance:
         for kind, budget in budgets:
             top1s, size = [], 0

@@ -1,7 +1,7 @@
 """What every evaluation on a frozen backbone starts from: the run's resolved config, a
-checkpoint, the labelled splits, the pretrained method on its device, centre-crop features
-of each split, and the header every ``RUN/eval/<protocol>.json`` carries (docs/design.md,
-"evaluation results")."""
+checkpoint (or the random init), the labelled splits, the pretrained method on its device,
+centre-crop features of each split, and the header every ``RUN/eval/<protocol>.json``
+carries (docs/design.md, section "Evaluation protocols: how each reuses the engine")."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ class FrozenRun:
     console: Console | None
 
     @classmethod
-    def open(cls, run: Path, overrides: list[str], *, checkpoint: str | None,
-             protocol_file: str | None, console: Console | None,
+    def open(cls, run: Path, overrides: list[str], *, checkpoint: str | None = None,
+             protocol_file: str | None = None, console: Console | None = None,
              from_scratch: bool = False) -> FrozenRun:
         """``from_scratch``: the random init of ``train.seed`` instead of a checkpoint (the
         floor a pretrained backbone is read against)."""

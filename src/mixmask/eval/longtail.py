@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import Tensor
 
 from mixmask.eval.accuracy import EpochRecord
@@ -84,13 +83,11 @@ def group_top1(predictions: Tensor, labels: Tensor, classes: list[int]) -> float
     return 100.0 * (predictions[members] == labels[members]).double().mean().item()
 
 
-def run_longtail(run: Path, overrides: list[str], *, from_scratch: bool = False,
-                 checkpoint: str | None = None,
-                 protocol_file: str | None = None, console: Console | None = None
+def run_longtail(run: Path, overrides: list[str], **opening: Any
                  ) -> tuple[Path, dict[str, Any]]:
-    frozen = FrozenRun.open(run, overrides, checkpoint=checkpoint,
-                            protocol_file=protocol_file, console=console,
-                            from_scratch=from_scratch)
+    """``mixmask longtail``; ``opening``: :meth:`FrozenRun.open`'s options (checkpoint,
+    protocol_file, console, from_scratch)."""
+    frozen = FrozenRun.open(run, overrides, **opening)
     started = time.perf_counter()
     scenarios, evaluation = frozen.config.scenarios, frozen.config.eval
     train_features, train_labels, test_features, test_labels = frozen.split_features()

@@ -30,7 +30,6 @@ from typing import Any
 import numpy
 import PIL.Image
 import torch
-from rich.console import Console
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -117,13 +116,11 @@ def corruption_table(top1: dict[str, dict[int, float]]) -> dict[str, Any]:
             "group_mean": by_group, "mean_top1": sum(cells) / len(cells)}
 
 
-def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = False,
-                   checkpoint: str | None = None,
-                   protocol_file: str | None = None, console: Console | None = None
+def run_robustness(run: Path, overrides: list[str], **opening: Any
                    ) -> tuple[Path, dict[str, Any]]:
-    frozen = FrozenRun.open(run, overrides, checkpoint=checkpoint,
-                            protocol_file=protocol_file, console=console,
-                            from_scratch=from_scratch)
+    """``mixmask robustness``; ``opening``: :meth:`FrozenRun.open`'s options (checkpoint,
+    protocol_file, console, from_scratch)."""
+    frozen = FrozenRun.open(run, overrides, **opening)
     started = time.perf_counter()
     config, scenarios = frozen.config, frozen.config.scenarios
     names = list(scenarios.robustness_corruptions) or list(CORRUPTIONS)
@@ -154,7 +151,7 @@ def run_robustness(run: Path, overrides: list[str], *, from_scratch: bool = Fals
     cells = 1 + len(names) * len(severities)
     top1: dict[str, dict[int, float]] = {}
     with image_progress("robustness", cells * len(indices), enabled=config.train.progress_bar,
-                        console=console) as advance:
+                        console=frozen.console) as advance:
         clean = score(CorruptedImages(test_set, indices, geometry, normalise,
                                       corruption=names[0], severity=0, seed=scenarios.seed),
                       advance)
