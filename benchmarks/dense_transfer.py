@@ -31,6 +31,7 @@ import json
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,12 +40,43 @@ from mixmask.cli import main as mixmask
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "cifar10"
-# name -> (recipe, backbone family); the floor (random init) is one per family.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: the pretraining recipe, the backbone family (one random-init floor per
+    family and detection recipe), the run folder it pretrains into (a variant that only
+    changes the transfer recipe shares its pretraining's folder) and the CPU detection
+    recipe (ViTDet's AdamW with layer decay for a ViT, transfer/mosaic's SGD otherwise)."""
+
+    recipe: str
+    family: str
+    folder: str
+    detect_recipe: dict[str, str] | None = None  # scale -> --config; None: TASKS' own
+
+    @property
+    def floor(self) -> str:
+        suffix = "" if self.detect_recipe is None else ", " + self.detect_recipe["cpu"]
+        return f"{self.family} (random init{suffix})"
+
+    def kept(self, out: Path, name: str) -> Path:
+        """Where this variant keeps its seed-suffixed results (its own subfolder when it
+        shares another variant's run folder)."""
+        run = out / self.folder
+        return run / "eval" / ("seeds" if self.folder == name else f"seeds_{name}")
+
+    def tasks(self, tasks: list[str]) -> list[str]:
+        """A variant that only changes the detection recipe runs only detection."""
+        return tasks if self.detect_recipe is None else [t for t in tasks if t == "boxes"]
+
+
 VARIANTS = {
-    "mixmask_mocov2_r18": ("mixmask_mocov2_r18.yaml", "resnet"),
-    "mocov2_r18": ("mocov2_r18.yaml", "resnet"),
-    "a2mim_r18": ("a2mim_r18.yaml", "resnet"),
-    "mae_vit": ("mae_vit_tiny.yaml", "vit"),
+    "mixmask_mocov2_r18": Variant("mixmask_mocov2_r18.yaml", "resnet", "mixmask_mocov2_r18"),
+    "mocov2_r18": Variant("mocov2_r18.yaml", "resnet", "mocov2_r18"),
+    "a2mim_r18": Variant("a2mim_r18.yaml", "resnet", "a2mim_r18"),
+    "mae_vit": Variant("mae_vit_tiny.yaml", "vit", "mae_vit"),
+    "mae_vit_vitdet": Variant("mae_vit_tiny.yaml", "vit", "mae_vit", detect_recipe={
+        "cpu": "transfer/mosaic_vitdet", "gpu": "transfer/coco_vitdet"}),
 }
 PRETRAIN = {
     "cpu": ["data.subset=2000", "train.epochs=5", "train.warmup_epochs=1",
@@ -67,12 +99,16 @@ METRIC = {"boxes": "box_ap", "linear": "miou", "uper": "miou"}
 
 
 def transfer_commands(run: Path, scale: str, tasks: list[str], seed: int, floor: bool,
-                      extra: list[str]) -> dict[str, list[str]]:
-    """The evaluation stem (``RUN/eval/<stem>.json``, seed-suffixed) -> its command."""
+                      extra: list[str], variant: Variant | None = None
+                      ) -> dict[str, list[str]]:
+    """The evaluation stem (``RUN/eval/<stem>.json``, seed-suffixed) -> its command (the
+    variant's detection recipe, if it has its own)."""
     out = {}
     for task in tasks:
         command, flag, value, stem, protocol = TASKS[task]
-        base = [command, str(run), flag, value, "--config", protocol[scale],
+        own = variant.detect_recipe if variant is not None and task == "boxes" else None
+        recipe = (own or protocol)[scale]
+        base = [command, str(run), flag, value, "--config", recipe,
                 f"train.seed={seed}", *extra]
         out[f"{stem}_seed{seed}"] = base
         if floor:
@@ -80,14 +116,13 @@ def transfer_commands(run: Path, scale: str, tasks: list[str], seed: int, floor:
     return out
 
 
-def run_command(command: list[str], run: Path, stem: str) -> dict:
+def run_command(command: list[str], run: Path, kept: Path) -> dict:
     """Run one evaluation, keep its JSON under a seed-suffixed name (each seed its own)."""
     name = command[0] + "_" + command[3] + ("_scratch" if "--from-scratch" in command else "")
     print(f"running: mixmask {' '.join(command)}", flush=True)
     if mixmask(command) != 0:
         raise SystemExit(f"failed: mixmask {' '.join(command)}")
     written = run / "eval" / f"{name}.json"
-    kept = run / "eval" / "seeds" / f"{stem}.json"
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(written, kept)
     # The next seed trains afresh (the checkpoint folder holds this seed's settings).
@@ -106,38 +141,42 @@ def _mean_and_spread(values: list[float]) -> str:
 
 def markdown_table(results: dict[str, dict[str, dict]], tasks: list[str]) -> str:
     """One row per variant (and per family's random init): each task's metric, mean ±
-    standard deviation over seeds, and the transfer wall time per seed."""
+    standard deviation over seeds, the seeds, and the transfer wall time of the fastest
+    seed (the least disturbed by whatever else the machine ran)."""
     heads = [f"{TASKS[task][3]} {METRIC[task]}" for task in tasks]
-    rows = ["| init | backbone | " + " | ".join(heads) + " | wall time per seed |",
-            "| --- | --- |" + " ---: |" * (len(tasks) + 1)]
+    rows = ["| init | backbone | " + " | ".join(heads) + " | seeds | wall time (fastest seed) |",
+            "| --- | --- |" + " ---: |" * (len(tasks) + 2)]
     for label, evaluations in results.items():
-        cells, wall, backbone = [], 0.0, "-"
+        cells, wall, backbone, seeds = [], 0.0, "-", 0
         for task in tasks:
             found = [result for stem, result in evaluations.items()
                      if stem.startswith(TASKS[task][3] + "_seed")
-                     or (label.endswith("(random init)")
+                     or ("(random init" in label
                          and stem.startswith(TASKS[task][3] + "_scratch_seed"))]
             cells.append(_mean_and_spread([result[METRIC[task]] for result in found]))
-            wall += sum(result["wall_time_s"] for result in found) / max(len(found), 1)
+            wall += min((result["wall_time_s"] for result in found), default=0.0)
             backbone = found[0]["backbone"] if found else backbone
-        rows.append(f"| {label} | {backbone} | " + " | ".join(cells) + f" | {wall:.0f} s |")
+            seeds = max(seeds, len(found))
+        if seeds:
+            rows.append(f"| {label} | {backbone} | " + " | ".join(cells)
+                        + f" | {seeds} | {wall:.0f} s |")
     return "\n".join(rows)
 
 
-def floor_measured(out: Path, family: str) -> bool:
-    """Whether a variant of ``family`` already holds random-init results."""
-    return any(any((out / name / "eval" / "seeds").glob("*_scratch_seed*.json"))
-               for name, (_, other) in VARIANTS.items() if other == family)
+def floor_measured(out: Path, floor: str, seed: int) -> bool:
+    """Whether a variant with this floor (family and detection recipe) already holds
+    random-init results of this seed."""
+    return any(any(variant.kept(out, name).glob(f"*_scratch_seed{seed}.json"))
+               for name, variant in VARIANTS.items() if variant.floor == floor)
 
 
 def measured(out: Path, variants: list[str]) -> dict[str, dict[str, dict]]:
-    """The results already in ``OUT/<variant>/eval/seeds/``, labelled as ``main`` labels
-    them."""
+    """The results already kept under ``OUT`` for these variants, labelled as ``main``
+    labels them."""
     results: dict[str, dict[str, dict]] = {}
     for name in variants:
-        for path in sorted((out / name / "eval" / "seeds").glob("*.json")):
-            label = (f"{VARIANTS[name][1]} (random init)" if "_scratch_" in path.stem
-                     else name)
+        for path in sorted(VARIANTS[name].kept(out, name).glob("*.json")):
+            label = VARIANTS[name].floor if "_scratch_" in path.stem else name
             results.setdefault(label, {})[path.stem] = json.loads(path.read_text())
     return results
 
@@ -153,6 +192,8 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(PRETRAIN), default="cpu")
     parser.add_argument("--voc-root", default="", help="VOCdevkit (--scale gpu)")
     parser.add_argument("--ade20k-root", default="", help="ADEChallengeData2016 (--scale gpu)")
+    parser.add_argument("--coco-root", default="",
+                        help="COCO 2017 for the ViTDet variant (--scale gpu)")
     parser.add_argument("--out", default="runs/benchmarks/dense_transfer")
     parser.add_argument("--table-only", action="store_true",
                         help="print the table of what OUT already holds; run nothing")
@@ -162,12 +203,12 @@ def main() -> None:
         print(markdown_table(measured(out, args.variants), args.tasks))
         return
     out.mkdir(parents=True, exist_ok=True)
-    started, shell, results = time.perf_counter(), [], {}
-    floors: set[str] = set()
+    started, shell = time.perf_counter(), []
+    floors: set[tuple[str, int]] = set()
     for name in args.variants:
-        recipe, family = VARIANTS[name]
-        run = out / name
-        pretrain = ["pretrain", str(CONFIGS / recipe), *PRETRAIN[args.scale],
+        variant = VARIANTS[name]
+        run = out / variant.folder
+        pretrain = ["pretrain", str(CONFIGS / variant.recipe), *PRETRAIN[args.scale],
                     *args.overrides, f"out_dir={run}"]
         shell.append("mixmask " + " ".join(pretrain))
         if not (run / "summary.json").is_file():  # a finished pretraining is kept
@@ -175,25 +216,27 @@ def main() -> None:
             print(f"running: mixmask {' '.join(pretrain)}", flush=True)
             if mixmask(pretrain) != 0:
                 raise SystemExit(f"failed: mixmask {' '.join(pretrain)}")
-        # One floor per backbone family: measured by the first variant of the family that
-        # runs, unless some variant's folder already holds it (a later --variants batch).
-        floor = family not in floors and not floor_measured(out, family)
-        floors.add(family)
         for seed in args.seeds:
-            for task in args.tasks:
+            # One floor per family, detection recipe and seed: measured by the first such
+            # variant that runs, unless a folder already holds it (an earlier invocation).
+            floor = ((variant.floor, seed) not in floors
+                     and not floor_measured(out, variant.floor, seed))
+            floors.add((variant.floor, seed))
+            for task in variant.tasks(args.tasks):
                 extra = list(args.overrides)
                 if args.scale == "gpu":
-                    root = args.voc_root if task == "boxes" else args.ade20k_root
+                    root = (args.ade20k_root if task != "boxes" else args.coco_root
+                            if variant.detect_recipe else args.voc_root)
                     extra += [f"transfer.root={root}", "train.device=cuda",
                               "train.precision=bf16"]
                 for stem, command in transfer_commands(run, args.scale, [task], seed, floor,
-                                                       extra).items():
+                                                       extra, variant).items():
                     shell.append("mixmask " + " ".join(command))
-                    kept = run / "eval" / "seeds" / f"{stem}.json"
-                    result = (json.loads(kept.read_text()) if kept.is_file()
-                              else run_command(command, run, stem))
-                    label = f"{family} (random init)" if "_scratch_" in stem else name
-                    results.setdefault(label, {})[stem] = result
+                    kept = variant.kept(out, name) / f"{stem}.json"
+                    if not kept.is_file():
+                        run_command(command, run, kept)
+    # The table holds every variant's kept results, of this invocation and earlier ones.
+    results = measured(out, list(VARIANTS))
     markdown = markdown_table(results, args.tasks)
     print(markdown)
     print("The CIFAR mosaic is a localisation proxy: its AP and mIoU are not comparable to "

@@ -53,6 +53,21 @@ load with ``data.num_workers`` workers (the quickstart's 1: on 2 cores the main 
 trains), lightly's with ``os.cpu_count()``, as its examples do (the JSON records both).
 The quickstart's 10 epochs may end before 600 s on a fast machine; ``train.epochs=N``
 (a longer schedule) makes the budget the limit for every pipeline alike.
+
+Precision: ours run at the recipe's ``train.precision`` (``auto``: bf16 on a CPU or GPU that
+computes it natively, else fp32; each row records what ran); lightly's loop runs as its
+users write it, in fp32. Each pipeline's weights at every epoch's end (our epoch
+checkpoints, lightly's in-memory copies, not timed) get the kNN afterwards, in fp32 for
+all, so the JSON holds each pipeline's kNN curve against training time, and the
+``comparison``: the training time lightly's MoCo v2 and ours take to reach the kNN both
+reach (the lower of the two final kNNs, at epoch resolution), their ratio, and lightly's
+kNN after as much training time as ours took. ``--pipelines lightly mocov2`` runs only
+those two; ``--summarise`` prints the table over every ``lightly_seed*.json`` in
+``--out`` (mean ± std over seeds)::
+
+    for seed in 0 1 2; do python benchmarks/time_to_accuracy.py --peer lightly \
+        --pipelines lightly mocov2 --seed $seed data.root=...; done
+    python benchmarks/time_to_accuracy.py --peer lightly --summarise
 """
 
 from __future__ import annotations
@@ -113,7 +128,86 @@ LIGHTLY_MISSING = ("--peer lightly needs the lightly package: pip install 'light
 # budget of our runs on work the lightly loop does not do; every backbone is measured
 # with the same kNN afterwards instead.
 PEER_TRAINING_ONLY = ["monitor.knn=false", "monitor.online_probe=false", "eval.knn=false",
-                      "eval.linear=false", "eval.compare_random_init=false"]
+                      "eval.linear=false", "eval.compare_random_init=false",
+                      # epoch=N.ckpt each epoch: the kNN curve, measured afterwards
+                      "train.checkpoint_every=1"]
+PIPELINES = {"lightly": "lightly MoCo v2", "mocov2": "mixmask MoCo v2",
+             "mixmask": "mixmask MixMask"}
+
+
+def reached_at(curve: list[dict[str, float]], target: float) -> float | None:
+    """Training seconds at the first epoch whose kNN top-1 is at least ``target``."""
+    return next((point["train_s"] for point in curve if point["knn_top1"] >= target), None)
+
+
+def knn_by(curve: list[dict[str, float]], seconds: float) -> float | None:
+    """kNN top-1 of the last epoch finished within ``seconds`` of training."""
+    done = [point["knn_top1"] for point in curve if point["train_s"] <= seconds]
+    return done[-1] if done else None
+
+
+def peer_comparison(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """lightly's MoCo v2 against ours, both ways the issue asks: the training time each
+    takes to reach the kNN both reach (the lower of their final kNNs; epoch resolution),
+    and lightly's kNN after as much training time as ours took in all."""
+    by_name = {row["pipeline"]: row for row in rows}
+    lightly, ours = by_name.get(PIPELINES["lightly"]), by_name.get(PIPELINES["mocov2"])
+    if not (lightly and ours and lightly["curve"] and ours["curve"]):
+        return None
+    target = min(lightly["curve"][-1]["knn_top1"], ours["curve"][-1]["knn_top1"])
+    lightly_s, ours_s = reached_at(lightly["curve"], target), reached_at(ours["curve"], target)
+    ours_total = ours["curve"][-1]["train_s"]
+    return {"target_knn": target, "lightly_s": lightly_s, "ours_s": ours_s,
+            "speedup": lightly_s / ours_s if lightly_s and ours_s else None,
+            "ours_precision": ours["precision"], "ours_train_s": ours_total,
+            "ours_knn": ours["curve"][-1]["knn_top1"],
+            "lightly_knn_at_ours_time": knn_by(lightly["curve"], ours_total)}
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    std = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def summarise_peer(out: Path) -> str:
+    """A markdown table over every ``OUT/lightly_seed*.json``: each pipeline's precision,
+    images/s, final kNN and training time (mean ± std over the seeds), then the
+    comparison rows."""
+    results = [json.loads(path.read_text()) for path in sorted(out.glob("lightly_seed*.json"))]
+    if not results:
+        raise SystemExit(f"no lightly_seed*.json in {out}: run --peer lightly first")
+    lines = [f"seeds: {', '.join(str(r['settings']['seed']) for r in results)}", "",
+             "| pipeline | precision | training img/s | kNN top-1 | training time (s) |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for name in PIPELINES.values():
+        rows = [row for r in results for row in r["rows"] if row["pipeline"] == name]
+        if rows:
+            lines.append(f"| {name} | {rows[0]['precision']} | "
+                         f"{_spread([row['images_per_s'] for row in rows])} | "
+                         f"{_spread([row['knn_top1'] for row in rows])} | "
+                         f"{_spread([row['train_s'] for row in rows])} |")
+    compared = [r["comparison"] for r in results if r.get("comparison")]
+    at_ours_time = [c["lightly_knn_at_ours_time"] for c in compared
+                    if c["lightly_knn_at_ours_time"] is not None]
+    if compared:
+        lines += ["", "| comparison (lightly MoCo v2 vs mixmask MoCo v2) | value |",
+                  "| --- | ---: |",
+                  f"| kNN both reach (the lower final kNN) | "
+                  f"{_spread([c['target_knn'] for c in compared])} |",
+                  f"| lightly's training time to reach it (s) | "
+                  f"{_spread([c['lightly_s'] for c in compared if c['lightly_s']])} |",
+                  f"| ours (s) | {_spread([c['ours_s'] for c in compared if c['ours_s']])} |",
+                  f"| speed-up at equal kNN (lightly time / ours) | "
+                  f"{_spread([c['speedup'] for c in compared if c['speedup']])} |",
+                  f"| ours: kNN at the end of its training | "
+                  f"{_spread([c['ours_knn'] for c in compared])} |",
+                  f"| lightly: kNN after as much training time | {_spread(at_ours_time)} |"]
+    return "\n".join(lines)
 
 
 class LightlyViews(Dataset):
@@ -213,7 +307,7 @@ def lightly_moco_v2(config, *, budget_s: float, max_steps: int | None = None, ev
         return query, key
 
     setup_s = time.perf_counter() - started
-    step, loss = 0, torch.tensor(float("nan"))
+    step, loss, snapshots, paused = 0, torch.tensor(float("nan")), [], 0.0
     while step < total_steps and time.perf_counter() - started < budget_s:
         for (view_0, view_1), _ in loader:
             momentum = (params.momentum if params.momentum_schedule == "constant" else
@@ -229,19 +323,31 @@ def lightly_moco_v2(config, *, budget_s: float, max_steps: int | None = None, ev
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            if step % steps_per_epoch == 0:  # the epoch's weights, for the kNN curve
+                copying = time.perf_counter()
+                snapshots.append((step, copying - started - setup_s - paused,
+                                  {key: value.detach().clone()
+                                   for key, value in backbone.state_dict().items()}))
+                paused += time.perf_counter() - copying
             if step >= total_steps or time.perf_counter() - started >= budget_s:
                 break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall_s = time.perf_counter() - started
+    wall_s = time.perf_counter() - started - paused
     del loader  # its workers
     knn_started = time.perf_counter()
     eval_data = eval_data if eval_data is not None else _eval_data(config)
     knn = knn_of(backbone, eval_data, config, device)
+    curve = []
+    for epoch_step, train_s, state in snapshots:
+        backbone.load_state_dict(state)
+        curve.append({"epoch": epoch_step / steps_per_epoch, "train_s": train_s,
+                      "knn_top1": knn_of(backbone, eval_data, config, device)})
+    # lightly's users run its loop as written, in fp32 (it leaves precision to the loop).
     return _row("lightly MoCo v2", steps=step, batch_size=train.batch_size,
                 steps_per_epoch=steps_per_epoch, wall_s=wall_s, train_s=wall_s - setup_s,
                 knn=knn, knn_s=time.perf_counter() - knn_started, loss=float(loss.detach()),
-                workers=workers)
+                workers=workers, precision="32", curve=curve)
 
 
 class BudgetStop:
@@ -306,22 +412,34 @@ def mixmask_run(config, pipeline: str, *, budget_s: float, eval_data=None) -> di
     knn_started = time.perf_counter()
     eval_data = eval_data if eval_data is not None else _eval_data(config)
     knn = knn_of(backbone.to(device), eval_data, config, device)
+    curve = []  # from the epoch checkpoints (train.checkpoint_every=1), where kept
+    for path in sorted((run_dir / "checkpoints").glob("epoch=*.ckpt"),
+                       key=lambda found: int(found.stem.removeprefix("epoch="))):
+        epoch = read_checkpoint(path)
+        backbone.load_state_dict({key.removeprefix("backbone."): value
+                                  for key, value in epoch["method"].items()
+                                  if key.startswith("backbone.")})
+        curve.append({"epoch": epoch["step"] / steps_per_epoch, "train_s": epoch["wall_time_s"],
+                      "knn_top1": knn_of(backbone, eval_data, config, device)})
     # The checkpoint's wall time runs from the engine's training start (after data and model).
     return _row(pipeline, steps=checkpoint["step"], batch_size=config.train.batch_size,
                 steps_per_epoch=steps_per_epoch, wall_s=wall_s,
                 train_s=checkpoint["wall_time_s"], knn=knn,
                 knn_s=time.perf_counter() - knn_started, loss=_last_loss(run_dir),
-                workers=config.data.num_workers, stopped_by_budget=stop.fired)
+                workers=config.data.num_workers, stopped_by_budget=stop.fired,
+                precision=config.train.precision, curve=curve)  # as pretrain resolved it
 
 
 def _row(pipeline: str, *, steps: int, batch_size: int, steps_per_epoch: int, wall_s: float,
          train_s: float, knn: float, knn_s: float, loss: float, workers: int,
-         stopped_by_budget: bool | None = None) -> dict[str, Any]:
+         stopped_by_budget: bool | None = None, precision: str = "32",
+         curve: list[dict[str, float]] | None = None) -> dict[str, Any]:
     # Throughput: images (not views) per second of training, setup excluded, alike for all.
     row = {"pipeline": pipeline, "images_per_s": steps * batch_size / train_s if train_s else 0.0,
            "epochs": steps / steps_per_epoch, "steps": steps, "knn_top1": knn,
            "wall_s": wall_s, "train_s": train_s, "setup_s": wall_s - train_s, "knn_s": knn_s,
-           "last_loss": loss, "loader_workers": workers}
+           "last_loss": loss, "loader_workers": workers, "precision": precision,
+           "curve": curve or []}
     if stopped_by_budget is not None:
         row["stopped_by_budget"] = stopped_by_budget
     return row
@@ -361,6 +479,7 @@ def compare_with_lightly(args) -> None:
                                                     f"out_dir={run_root / 'mocov2'}"]),
             "mixmask MixMask": load_config(CONFIG, [*common, f"out_dir={run_root / 'mixmask'}"]),
         }
+        chosen = [PIPELINES[key] for key in args.pipelines]
         reference = configs["lightly MoCo v2"]
         if reference.method.name != "mocov2" or reference.train.optimizer != "sgd":
             raise MixmaskError("--peer lightly compares MoCo v2 with SGD (the quickstart's "
@@ -370,10 +489,12 @@ def compare_with_lightly(args) -> None:
         eval_data = _eval_data(reference)
         # lightly first: our engine sets process-wide malloc options (mixmask.train.runtime) that
         # would otherwise speed up the lightly loop too.
-        rows = [lightly_moco_v2(configs["lightly MoCo v2"], budget_s=budget, eval_data=eval_data)]
+        rows = ([lightly_moco_v2(configs["lightly MoCo v2"], budget_s=budget,
+                                 eval_data=eval_data)] if "lightly MoCo v2" in chosen else [])
         for pipeline in ("mixmask MoCo v2", "mixmask MixMask"):
-            rows.append(mixmask_run(configs[pipeline], pipeline, budget_s=budget,
-                                    eval_data=eval_data))
+            if pipeline in chosen:
+                rows.append(mixmask_run(configs[pipeline], pipeline, budget_s=budget,
+                                        eval_data=eval_data))
     except MixmaskError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None
@@ -385,10 +506,19 @@ def compare_with_lightly(args) -> None:
           f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores")
     print(f"kNN: weighted, k={reference.monitor.knn_k}, t={reference.monitor.knn_temperature}, "
           "same eval images for all")
-    print(f"{'pipeline':<16} {'img/s':>7} {'epochs':>7} {'kNN top-1':>9} {'wall s':>7}")
+    print(f"{'pipeline':<16} {'precision':>9} {'img/s':>7} {'epochs':>7} {'kNN top-1':>9} "
+          f"{'wall s':>7}")
     for row in rows:
-        print(f"{row['pipeline']:<16} {row['images_per_s']:7.1f} {row['epochs']:7.2f} "
-              f"{row['knn_top1']:9.2f} {row['wall_s']:7.1f}")
+        print(f"{row['pipeline']:<16} {row['precision']:>9} {row['images_per_s']:7.1f} "
+              f"{row['epochs']:7.2f} {row['knn_top1']:9.2f} {row['wall_s']:7.1f}")
+    comparison = peer_comparison(rows)
+    if comparison is not None:
+        speedup = comparison["speedup"]
+        print(f"kNN both reach {comparison['target_knn']:.2f}: lightly after "
+              f"{comparison['lightly_s']:.0f} s of training, ours ({comparison['ours_precision']})"
+              f" after {comparison['ours_s']:.0f} s"
+              + (f" ({speedup:.2f}x)" if speedup else "") + "; lightly's kNN after ours' "
+              f"{comparison['ours_train_s']:.0f} s: {comparison['lightly_knn_at_ours_time']}")
     result = {
         "peer": "lightly",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -397,7 +527,8 @@ def compare_with_lightly(args) -> None:
                     "versions": {**versions(), "lightly": lightly.__version__}},
         "settings": {
             "budget_s": budget, "config": str(CONFIG), "scale": args.scale,
-            "overrides": args.overrides, "seed": args.seed,
+            "overrides": args.overrides, "seed": args.seed, "pipelines": chosen,
+            "knn_features": "fp32 for every pipeline (the same kNN, whatever each trained in)",
             "budget_counts": "data split, model, loader and training; kNN afterwards",
             "knn": {"k": reference.monitor.knn_k,
                     "temperature": reference.monitor.knn_temperature,
@@ -406,7 +537,7 @@ def compare_with_lightly(args) -> None:
                                  "mean/std)",
             "resolved_config": {name: config.to_dict() for name, config in configs.items()},
         },
-        "rows": rows,
+        "rows": rows, "comparison": comparison,
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"lightly_seed{args.seed}.json"
@@ -429,7 +560,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/benchmarks/time_to_accuracy")
     parser.add_argument("--peer", choices=["lightly"], default=None,
                         help="compare with another library's MoCo v2 (see above)")
+    parser.add_argument("--pipelines", nargs="+", choices=list(PIPELINES),
+                        default=list(PIPELINES), help="--peer: which pipelines run")
+    parser.add_argument("--summarise", action="store_true",
+                        help="--peer: print the table over OUT's lightly_seed*.json; run "
+                             "nothing")
     args = parser.parse_intermixed_args()  # overrides before and after the flags
+    if args.peer == "lightly" and args.summarise:
+        print(summarise_peer(Path(args.out)))
+        return
     if args.peer == "lightly":
         compare_with_lightly(args)
         return

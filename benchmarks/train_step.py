@@ -44,13 +44,16 @@ loading, no augmentation. Rows:
   libraries start from the same weights and queue, and their losses agree step by step
   (tests/test_benchmarks_train_step.py).
 
-Both libraries run the SAME backbone, built by ``mixmask.models.build_resnet``: torchvision's
-ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), width ``--width``; the same
-projector (Linear 512->2048, ReLU, Linear 2048->128, with biases; mixmask's defaults and
-lightly's ``MoCoProjectionHead(512, 2048, 128)``), queue / memory bank 4096 x 128,
-temperature 0.1, EMA momentum 0.99, SGD (lr 0.06, momentum 0.9, weight decay 5e-4), the same
-input tensors, batch and precision (fp32 on CPU, bf16 autocast around the forward and loss
-on CUDA), and the same memory format (``--channels-last`` converts models and inputs of
+Both libraries run the SAME backbone, built by ``mixmask.models.build_resnet``:
+torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), width
+``--width``; the same projector (Linear 512->2048, ReLU, Linear 2048->128, with biases;
+mixmask's defaults and lightly's ``MoCoProjectionHead(512, 2048, 128)``), queue / memory
+bank 4096 x 128, temperature 0.1, EMA momentum 0.99, SGD (lr 0.06, momentum 0.9, weight
+decay 5e-4), the same input tensors, batch and precision (``--precision``, one or more of
+``auto 32 bf16``, each row measured at each: ``auto`` is mixmask's
+``train.precision=auto``, bf16 autocast around the forward and loss on a GPU or a CPU that
+computes bf16 natively, fp32 elsewhere; with more than one, the row names end in the
+precision), and the same memory format (``--channels-last`` converts models and inputs of
 every row). Asymmetric loss by default, as lightly's example (one query view, one key
 view); ``--symmetric`` makes both sides symmetric (ours: ``method.mocov2.symmetric=true``;
 lightly: both directions, the loss averaged over them; the two clean terms go through one
@@ -133,7 +136,8 @@ from mixmask.methods import PixelStats, build_method
 from mixmask.models import build_resnet
 from mixmask.ops.mixing import sample_mixmask
 from mixmask.ops.optim import build_optimizer
-from mixmask.train.fabric import compile_networks
+from mixmask.ops.tensors import mixed_precision
+from mixmask.train.fabric import compile_networks, resolve_precision
 from mixmask.train.runtime import keep_freed_cpu_memory
 from mixmask.train.step import training_step
 
@@ -285,19 +289,16 @@ class Row:
         self.step_peak: int | None = None
         self.state_bytes: int | None = None
         self.burst_seconds: float | None = None
+        self.precision = "32"  # resolved (32, bf16)
+        self.precision_label = ""  # appended to the name when rows differ in precision
 
     @property
     def name(self) -> str:
-        return f"{self.library} {ROW_NAMES[self.masking]}"
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+        return f"{self.library} {ROW_NAMES[self.masking]}{self.precision_label}"
 
 
 def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
-               args: argparse.Namespace) -> Row:
+               args: argparse.Namespace, precision: str = "32") -> Row:
     config = ours_config(masking, args)
     torch.manual_seed(args.seed)
     method = build_method(config).to(device)
@@ -315,7 +316,7 @@ def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
 
     def step() -> Tensor:  # the engine's step function, without data loading, probe, logging
         output = training_step(method, optimizer, batch, generator, 0.0,
-                               autocast=autocast(device, args.precision))
+                               autocast=mixed_precision(device, precision))
         return output.loss.detach()
 
     return Row("ours", masking, step, f"mixmask MoCoV2 (masking={masking})",
@@ -323,7 +324,7 @@ def build_ours(masking: str, views: tuple[Tensor, Tensor], device: torch.device,
 
 
 def build_recipe(recipe: str, views: tuple[Tensor, Tensor], device: torch.device,
-                 args: argparse.Namespace) -> Row:
+                 args: argparse.Namespace, precision: str = "32") -> Row:
     """A MIM recipe's step (:data:`RECIPES`), built and stepped as the engine does."""
     config = load_config(CONFIGS / RECIPES[recipe], [
         f"data.image_size={args.image_size}", f"train.batch_size={args.batch}",
@@ -348,7 +349,7 @@ def build_recipe(recipe: str, views: tuple[Tensor, Tensor], device: torch.device
 
     def step() -> Tensor:
         output = training_step(method, optimizer, batch, generator, 0.0,
-                               autocast=autocast(device, args.precision))
+                               autocast=mixed_precision(device, precision))
         return output.loss.detach()
 
     return Row("ours", recipe, step, f"mixmask {config.method.name} "
@@ -393,7 +394,7 @@ class ReadOnlyMemoryBank(nn.Module):
 
 
 def build_lightly(lightly, masking: str, views: tuple[Tensor, Tensor], device: torch.device,
-                  args: argparse.Namespace) -> Row:
+                  args: argparse.Namespace, precision: str = "32") -> Row:
     config = ours_config(masking, args)  # the same hyper-parameters as ours' row
     moco, mask, train = config.method.mocov2, config.method.mask, config.train
     torch.manual_seed(args.seed)
@@ -447,7 +448,7 @@ def build_lightly(lightly, masking: str, views: tuple[Tensor, Tensor], device: t
     def step() -> Tensor:  # lightly's example loop, on pre-made device tensors
         update_momentum(model.backbone, model.backbone_momentum, m=moco.momentum)
         update_momentum(model.projection_head, model.projection_head_momentum, m=moco.momentum)
-        with autocast(device, args.precision):
+        with mixed_precision(device, precision):
             loss = compute_loss(x0, x1)
         loss.backward()
         optimizer.step()
@@ -508,7 +509,7 @@ def summarise(row: Row, batch: int) -> dict:
     peak = (row.state_bytes + step_peak
             if step_peak is not None and row.state_bytes is not None else None)
     return {"row": row.name, "library": row.library, "masking": row.masking,
-            "description": row.description, "batch": batch,
+            "precision": row.precision, "description": row.description, "batch": batch,
             "median_step_s": median, "images_per_s": batch / median,
             "step_seconds": row.step_seconds,
             "page_faults_per_step": statistics.median(row.step_faults),
@@ -520,14 +521,14 @@ def summarise(row: Row, batch: int) -> dict:
 
 
 def add_ratios(results: list[dict]) -> None:
-    by_key = {(r["library"], r["masking"]): r for r in results}
+    by_key = {(r["library"], r["masking"], r["precision"]): r for r in results}
     for result in results:
-        base = by_key.get((result["library"], "none"))
+        base = by_key.get((result["library"], "none", result["precision"]))
         # MixMask's and each MIM recipe's step time over MoCo v2's of the same library.
         result["mix_cost_vs_mocov2"] = (
             result["median_step_s"] / base["median_step_s"]
             if result["masking"] != "none" and base else None)
-        peer = by_key.get(("lightly", result["masking"]))
+        peer = by_key.get(("lightly", result["masking"], result["precision"]))
         result["ours_vs_lightly"] = (
             result["images_per_s"] / peer["images_per_s"]
             if result["library"] == "ours" and peer else None)
@@ -538,8 +539,9 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def print_table(results: list[dict], memory_method: str) -> None:
-    print(f"\n{'row':<20} {'batch':>5} {'images/s':>10} {'ms/step':>9} {'state MiB':>10} "
-          f"{'peak MiB':>9} {'faults/step':>11} {'vs MoCo v2':>13} {'ours/lightly':>13}"
+    print(f"\n{'row':<28} {'precision':>9} {'batch':>5} {'images/s':>10} {'ms/step':>9} "
+          f"{'state MiB':>10} {'peak MiB':>9} {'faults/step':>11} {'vs MoCo v2':>13} "
+          f"{'ours/lightly':>13}"
           + (f" {'burst im/s':>10}" if any(r["burst_images_per_s"] for r in results) else ""))
     for r in results:
         peak = f"{r['peak_mib']:9,.0f}" if r["peak_mib"] is not None else f"{'n/a':>9}"
@@ -547,7 +549,8 @@ def print_table(results: list[dict], memory_method: str) -> None:
         cost_cell = f"{cost:12.2f}x" if cost is not None else f"{'-':>13}"
         ratio = r["ours_vs_lightly"]
         ratio_cell = f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13}"
-        print(f"{r['row']:<20} {r['batch']:>5} {r['images_per_s']:10,.1f} "
+        print(f"{r['row']:<28} {r['precision']:>9} {r['batch']:>5} "
+              f"{r['images_per_s']:10,.1f} "
               f"{1000 * r['median_step_s']:9.1f} {r['state_mib']:10,.0f} {peak} "
               f"{r['page_faults_per_step']:11,.0f} {cost_cell} "
               f"{ratio_cell}" + (f" {r['burst_images_per_s']:10,.1f}"
@@ -571,8 +574,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed steps per row (default 10; --gpu: 50)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps per row first (default 5; --gpu: 10)")
-    parser.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", nargs="+", choices=["auto", "32", "bf16"],
+                        default=["auto"],
+                        help="every row at each (auto: train.precision=auto's choice here: "
+                             "bf16 where the device computes it natively, else fp32)")
     parser.add_argument("--channels-last", action="store_true",
                         help="channels_last models and inputs (every row)")
     parser.add_argument("--compile", action="store_true",
@@ -611,8 +616,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch < 2 or args.batch % 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch even and >= 2 (MixMask pairs the reversed batch), --steps >= 1, "
                      "--warmup >= 0")
-    if args.precision == "auto":
-        args.precision = "bf16" if resolve_device(args.device).type == "cuda" else "32"
+    # Each requested precision -> (resolved, row-name label); one precision: no label.
+    accelerator = resolve_device(args.device).type
+    args.precisions = {}
+    for requested in args.precision:
+        resolved = resolve_precision(requested, accelerator)[0]
+        args.precisions.setdefault(
+            requested, (resolved, f" {requested}" + (f" ({resolved})" if requested == "auto"
+                                                      else "")))
+    if len(args.precisions) == 1:
+        args.precisions = {key: (resolved, "") for key, (resolved, _) in
+                           args.precisions.items()}
     return args
 
 
@@ -621,14 +635,38 @@ def measure(rows: list[Row], notes: list[str], args, views, device, lightly,
     """Build each row, then time the rows' steps interleaved (and, with --burst, back to
     back) and measure each step's memory; ``rows`` fills as it goes, so a stop keeps what
     was measured."""
+    for precision, label in args.precisions.values():
+        measure_precision(rows, notes, args, views, device, lightly, precision, label)
+    for _ in range(args.steps):  # interleaved: step i of every row, then step i + 1
+        for row in rows:
+            seconds, faults = time_step(row.step, device)
+            row.step_seconds.append(seconds)
+            row.step_faults.append(faults)
+
+    if args.burst:
+        for row in rows:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                row.step()
+            synchronize(device)
+            row.burst_seconds = time.perf_counter() - start
+    for row in rows:  # one more, untimed step per row for its memory
+        row.step_peak = meter.peak_increase(row.step)
+
+
+def measure_precision(rows: list[Row], notes: list[str], args, views, device, lightly,
+                      precision: str, label: str) -> None:
+    """Build (and warm up) every row at one precision, appending them to ``rows``."""
     for library in args.libraries:
         if library == "lightly" and lightly is None:
             continue
         for masking in args.masking:
             if library == "ours":
-                row = build_ours(masking, views, device, args)
+                row = build_ours(masking, views, device, args, precision)
             else:
-                row = build_lightly(lightly, masking, views, device, args)
+                row = build_lightly(lightly, masking, views, device, args, precision)
+            row.precision, row.precision_label = precision, label
             try:
                 for _ in range(args.warmup):
                     row.step()
@@ -648,29 +686,13 @@ def measure(rows: list[Row], notes: list[str], args, views, device, lightly,
             print(f"  built {row.name} ({row.description}); warm-up done", flush=True)
 
     for recipe in args.recipes:
-        row = build_recipe(recipe, views, device, args)
+        row = build_recipe(recipe, views, device, args, precision)
+        row.precision, row.precision_label = precision, label
         for _ in range(args.warmup + (1 if args.warmup == 0 and args.compile else 0)):
             row.step()
         row.state_bytes = state_bytes(row)
         rows.append(row)
         print(f"  built {row.name} ({row.description}); warm-up done", flush=True)
-
-    for _ in range(args.steps):  # interleaved: step i of every row, then step i + 1
-        for row in rows:
-            seconds, faults = time_step(row.step, device)
-            row.step_seconds.append(seconds)
-            row.step_faults.append(faults)
-
-    if args.burst:
-        for row in rows:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                row.step()
-            synchronize(device)
-            row.burst_seconds = time.perf_counter() - start
-    for row in rows:  # one more, untimed step per row for its memory
-        row.step_peak = meter.peak_increase(row.step)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -687,10 +709,11 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu" and args.malloc == "keep" and not keep_freed_cpu_memory():
         notes.append("--malloc keep had no effect (not glibc): the system allocator was used")
     meter = MemoryMeter(device)
+    precisions = ", ".join(f"{key} = {value[0]}" for key, value in args.precisions.items())
     print(f"device: {machine['gpu'] or device} ({machine['cpu_model']}, "
           f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads); "
           f"batch {args.batch}, {args.image_size} px, ResNet-18 width {args.width}, "
-          f"precision {args.precision}, channels_last {args.channels_last}, "
+          f"precision {precisions}, channels_last {args.channels_last}, "
           f"compile {args.compile}, symmetric {args.symmetric}")
 
     views = make_views(args, device)

@@ -2,6 +2,7 @@
 by its path: ``from scripts import load_script``."""
 
 import importlib.util
+import sys
 
 from helpers import ROOT
 
@@ -11,5 +12,7 @@ def load_script(relative_path: str):
     path = ROOT / relative_path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    # Registered as importlib's recipe does: a dataclass in the script looks its module up.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module

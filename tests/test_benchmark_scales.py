@@ -245,19 +245,30 @@ def test_finetune_diagnosis_scores_both_batchnorm_modes_and_keeps_the_running_st
     assert torch.equal(backbone[1].running_mean, saved)
 
 
-@pytest.mark.parametrize("variant", ["mixmask_mocov2_r18", "mocov2_r18", "a2mim_r18", "mae_vit"])
+@pytest.mark.parametrize("variant", ["mixmask_mocov2_r18", "mocov2_r18", "a2mim_r18", "mae_vit",
+                                     "mae_vit_vitdet"])
 def test_dense_transfer_gpu_scale_is_a_valid_config_with_the_real_datasets(variant):
     benchmark = load_benchmark("dense_transfer")
-    recipe, _ = benchmark.VARIANTS[variant]
-    for task, (_, _, _, _, protocol) in benchmark.TASKS.items():
-        config = load_config(benchmark.CONFIGS / recipe,
+    chosen = benchmark.VARIANTS[variant]
+    for task in chosen.tasks(list(benchmark.TASKS)):
+        command = benchmark.transfer_commands(Path("run"), "gpu", [task], 0, False, [],
+                                              chosen)
+        gpu_protocol, = (argv[argv.index("--config") + 1] for argv in command.values())
+        config = load_config(benchmark.CONFIGS / chosen.recipe,
                              [*benchmark.PRETRAIN["gpu"], "transfer.root=/data/x"],
-                             layers=[benchmark.ROOT / "configs" / f"{protocol['gpu']}.yaml"])
-        assert config.transfer.dataset == ("voc" if task == "boxes" else "ade20k")
+                             layers=[benchmark.ROOT / "configs" / f"{gpu_protocol}.yaml"])
+        expected = ("ade20k" if task != "boxes" else "coco" if chosen.detect_recipe
+                    else "voc")
+        assert config.transfer.dataset == expected
         assert (config.train.device, config.train.precision) == ("cuda", "bf16")
-        cpu = load_config(benchmark.CONFIGS / recipe, benchmark.PRETRAIN["cpu"],
-                          layers=[benchmark.ROOT / "configs" / f"{protocol['cpu']}.yaml"])
+        command = benchmark.transfer_commands(Path("run"), "cpu", [task], 0, False, [],
+                                              chosen)
+        cpu_protocol, = (argv[argv.index("--config") + 1] for argv in command.values())
+        cpu = load_config(benchmark.CONFIGS / chosen.recipe, benchmark.PRETRAIN["cpu"],
+                          layers=[benchmark.ROOT / "configs" / f"{cpu_protocol}.yaml"])
         assert cpu.transfer.dataset == "mosaic" and cpu.data.subset == 2000
+        if chosen.detect_recipe:  # ViTDet's optimizer on the proxy too
+            assert (cpu.transfer.optimizer, cpu.transfer.layer_decay) == ("adamw", 0.7)
 
 
 def test_dense_transfer_commands_name_each_seed_and_its_floor():
@@ -274,4 +285,4 @@ def test_dense_transfer_commands_name_each_seed_and_its_floor():
                                                "backbone": "resnet18"},
                         "detect_boxes_seed1": {"box_ap": 12.0, "wall_time_s": 7.0,
                                                "backbone": "resnet18"}}}, ["boxes"])
-    assert "| mocov2_r18 | resnet18 | 11.00 ± 1.41 | 6 s |" in table
+    assert "| mocov2_r18 | resnet18 | 11.00 ± 1.41 | 2 | 5 s |" in table

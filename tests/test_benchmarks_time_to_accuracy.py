@@ -15,6 +15,7 @@ from helpers import ROOT
 from scripts import load_script
 
 from mixmask.config import load_config
+from mixmask.train.fabric import native_bf16
 
 
 def test_time_to_accuracy_writes_the_per_epoch_curve(tmp_path):
@@ -98,7 +99,52 @@ def test_peer_lightly_prints_the_table_and_writes_the_json(tmp_path, monkeypatch
     assert all(name in shown for name in pipelines) and "kNN top-1" in shown
     assert all(row["steps"] == 2 and row["epochs"] == 1.0 for row in result["rows"])
     assert all(math.isfinite(row["knn_top1"]) for row in result["rows"])
+    # One epoch of two steps: one point per kNN curve, at the final weights' kNN; lightly
+    # in fp32, ours as train.precision=auto resolved it here.
+    assert all(len(row["curve"]) == 1 and row["curve"][0]["knn_top1"] == row["knn_top1"]
+               for row in result["rows"])
+    expected = [("32", "bf16" if native_bf16("cpu") else "32")[pipeline != pipelines[0]]
+                for pipeline in pipelines]
+    assert [row["precision"] for row in result["rows"]] == expected
+    assert result["comparison"]["target_knn"] == min(
+        result["rows"][0]["knn_top1"], result["rows"][1]["knn_top1"])
     assert result["machine"]["cpu_count"] == os.cpu_count()
     assert result["machine"]["versions"]["lightly"]
     assert result["settings"]["knn"] == {"k": 200, "temperature": 0.1, "bank_images": 32,
                                          "test_images": 16}
+
+
+def test_the_peer_comparison_reads_both_curves_as_the_hand_values():
+    """Time to the kNN both reach (the lower final kNN, first epoch at or above it) and
+    lightly's kNN after ours' training time, on hand-made curves."""
+    benchmark = load_script("benchmarks/time_to_accuracy.py")
+
+    def row(name, points, precision):
+        return {"pipeline": name, "precision": precision,
+                "curve": [{"epoch": i + 1.0, "train_s": t, "knn_top1": k}
+                          for i, (t, k) in enumerate(points)]}
+    lightly = row("lightly MoCo v2", [(100, 20.0), (200, 30.0), (300, 35.0), (400, 36.0)], "32")
+    ours = row("mixmask MoCo v2", [(70, 21.0), (140, 29.0), (210, 34.0), (280, 35.5)], "bf16")
+    found = benchmark.peer_comparison([lightly, ours])
+    # Both reach 35.5: lightly at its 4th epoch (400 s), ours at its 4th (280 s).
+    assert found["target_knn"] == 35.5
+    assert (found["lightly_s"], found["ours_s"]) == (400, 280)
+    assert found["speedup"] == pytest.approx(400 / 280)
+    # After ours' 280 s lightly had finished 2 epochs: kNN 30.
+    assert found["lightly_knn_at_ours_time"] == 30.0 and found["ours_precision"] == "bf16"
+    assert benchmark.peer_comparison([lightly]) is None
+
+
+def test_summarise_tabulates_every_seed_with_mean_and_spread(tmp_path):
+    benchmark = load_script("benchmarks/time_to_accuracy.py")
+    for seed, (speedup, knn) in enumerate([(1.4, 35.0), (1.6, 37.0)]):
+        rows = [{"pipeline": "lightly MoCo v2", "precision": "32", "images_per_s": 100.0,
+                 "knn_top1": knn, "train_s": 200.0}]
+        comparison = {"target_knn": knn, "lightly_s": 140.0 * speedup, "ours_s": 140.0,
+                      "speedup": speedup, "ours_knn": knn, "lightly_knn_at_ours_time": None}
+        (tmp_path / f"lightly_seed{seed}.json").write_text(json.dumps(
+            {"settings": {"seed": seed}, "rows": rows, "comparison": comparison}))
+    table = benchmark.summarise_peer(tmp_path)
+    assert "| lightly MoCo v2 | 32 | 100.00 ± 0.00 | 36.00 ± 1.41 | 200.00 ± 0.00 |" in table
+    assert "| speed-up at equal kNN (lightly time / ours) | 1.50 ± 0.14 |" in table
+    assert "| lightly: kNN after as much training time | - |" in table

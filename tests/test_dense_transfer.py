@@ -353,6 +353,7 @@ def test_detect_and_segment_write_their_jsons_and_results_tabulates_them(dense_r
     (["detect", "{run}", "--from-scratch", "--checkpoint", "x.ckpt"], "takes no --checkpoint"),
     (["detect", "{run}", "transfer.mosaic_objects=[1,9]"], "without overlap"),
     (["segment", "{run}", "transfer.iterations=0"], "must be positive"),
+    (["segment", "{run}", "--head", "uper", "transfer.batch_size=1"], "at least 2 images"),
 ])
 def test_dense_mistakes_exit_2_with_one_sentence(dense_run, tmp_path, capsys, argv, sentence):
     filled = [item.format(run=dense_run, missing=tmp_path / "none") for item in argv]
@@ -410,3 +411,38 @@ def test_vitdet_optimizer_decays_the_vits_layers_and_spares_norms_from_weight_de
     resnet, _ = build_backbone(ModelConfig(backbone="resnet18", width=0.125), 32)
     with pytest.raises(ConfigError, match="needs a ViT backbone"):
         detection_optimizer(resnet, resnet, transfer)
+
+
+def test_detect_and_segment_train_on_two_ddp_processes(dense_run, tmp_path):
+    """``train.devices=2`` (gloo on the CPU): both commands launch two processes, each
+    trains on its half of every batch, and only the first writes the JSON, which says so.
+    On CPU processes BatchNorm keeps per-process statistics (torch's SyncBN needs GPUs).
+    Detection runs in bf16: the boxes reach torchvision in float32 (Fabric's precision
+    plugin would have cast them, and torchvision refuses bf16 boxes)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    run = tmp_path / "run"
+    shutil.copytree(dense_run, run)
+    mixmask = str(Path(sys.executable).with_name("mixmask"))
+    for argv, name in ((["detect", str(run), "--task", "boxes", "train.precision=bf16"],
+                        "detect_boxes"),
+                       # Two images per process: UperNet's 1x1 pooled maps need two.
+                       (["segment", str(run), "--head", "uper", "transfer.batch_size=4"],
+                        "segment_uper")):
+        done = subprocess.run([mixmask, *argv[:-1], *FAST, argv[-1], "train.devices=2",
+                               "train.device=cpu"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads((run / "eval" / f"{name}.json").read_text())
+        assert result["settings"]["world_size"] == 2
+        assert done.stdout.count("Written to") == 1  # rank 0 alone reports
+        if name == "detect_boxes":
+            assert "per-process statistics" in result["settings"]["bn"]
+            assert result["settings"]["precision"] == "bf16"
+            assert 0 <= result["box_ap"] <= 100
+        else:
+            assert 0 <= result["miou"] <= 100

@@ -139,7 +139,7 @@ def test_reference_types_defaults_and_choices():
     # keeps its quotes, a bool is lower case.
     assert rows["train.betas"][:2] == ["[float, float]", "`[0.9, 0.999]`"]
     assert rows["eval.linear_milestones"][:2] == ["list[float]", "`[0.6, 0.8]`"]
-    assert rows["train.precision"][1:3] == ["`'32'`", "`'32'`, `bf16`, `'16'`"]
+    assert rows["train.precision"][1:3] == ["`auto`", "`auto`, `'32'`, `bf16`, `'16'`"]
     assert rows["data.download"][1] == "`false`"
 
     # Comments: the block above a field, and one on the field's own line.

@@ -333,6 +333,8 @@ def _evaluate(args) -> int:
     else:
         path, result = protocols.run_finetune(run, args.overrides, labels=args.labels,
                                               from_scratch=args.from_scratch, **common)
+    if not _first_process():
+        return 0
     best = (f"; best epoch {result['best_epoch']}: top-1 {result['best_top1']:.2f}"
             if "best_epoch" in result else "")
     last = " (last epoch)" if "best_epoch" in result else ""
@@ -340,6 +342,13 @@ def _evaluate(args) -> int:
                   f"{result['top5']:.2f}%{last}{best}. Protocol: {result['description']}. "
                   f"Written to {path}")
     return 0
+
+
+def _first_process() -> bool:
+    """Not a DDP process other than global rank 0 (``train.devices`` > 1): one report."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _dense(args) -> int:
@@ -358,6 +367,8 @@ def _dense(args) -> int:
 
         path, result = run_segment(Path(args.run), args.overrides, head=args.head, **common)
         keys = ("miou", "pixel_accuracy")
+    if not _first_process():
+        return 0
     numbers = ", ".join(f"{key} {result[key]:.2f}" for key in keys if key in result)
     console.print(f"{result['protocol']}: {numbers}. Protocol: {result['description']}. "
                   f"Written to {path}")

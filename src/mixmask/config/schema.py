@@ -189,7 +189,10 @@ class TrainConfig:
     num_nodes: int = 1
     # Convert BatchNorm to SyncBatchNorm under DDP: statistics over the global batch.
     sync_batchnorm: bool = False
-    precision: Literal["32", "bf16", "16"] = "32"
+    # auto: bf16 mixed precision where the device computes bf16 natively (a GPU that
+    # supports it; a CPU with AVX-512 BF16 or AMX), fp32 elsewhere; resolved once at the
+    # start of a command and recorded (mixmask.train.fabric.resolve_precision).
+    precision: Literal["auto", "32", "bf16", "16"] = "auto"
     # NHWC activations: faster convolutions on tensor-core GPUs (same math).
     channels_last: bool = False
     # torch.compile the method's networks (backbone, heads, their EMA copies), in place, so

@@ -41,7 +41,8 @@ def evaluate(method: nn.Module, eval_data, config, device: torch.device, *, knn:
         with image_progress(f"features ({name})", len(dataset), enabled=show_progress,
                             progress=progress) as advance:
             return extract_features(method, dataset, device=device, num_workers=num_workers,
-                                    encode=encode, progress=advance)
+                                    encode=encode, progress=advance,
+                                    precision=config.train.precision)
 
     if knn or linear:
         train_features, train_labels = features("train", eval_data.train)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
-from torch import nn
+from torch import Tensor, nn
 
 from mixmask.data import DATASET_STATS
 from mixmask.data.dense.sets import transformed_sets
@@ -51,6 +51,18 @@ from mixmask.train.step import training_step
 
 class DenseStopped(MixmaskError):
     """A stop signal ended a detect / segment run at an iteration boundary; saved."""
+
+
+class HeldBatch:
+    """A batch that Fabric's mixed-precision plugins pass to the task as it is. They cast
+    every floating tensor of a forward's arguments (dataclasses too) to bf16 / fp16, and
+    in bf16 the box coordinates of an 800 px image round to 4 px (torchvision then refuses
+    them); autocast still runs the network's convolutions and matmuls in half precision."""
+
+    __slots__ = ("images", "targets")
+
+    def __init__(self, images: list[Tensor], targets: list):
+        self.images, self.targets = images, targets
 
 
 class IterationTraining:
@@ -110,7 +122,7 @@ class IterationTraining:
                 step_seed = self.seed * 1_000_003 + iteration
                 torch.manual_seed(step_seed)
                 self.generator.manual_seed(step_seed)
-                output = training_step(self.model, self.optimizer, (images, targets),
+                output = training_step(self.model, self.optimizer, HeldBatch(images, targets),
                                        self.generator, iteration / self.iterations,
                                        backward=fabric.backward)
                 state["iteration"] += 1
@@ -202,6 +214,24 @@ class DenseRun:
             raise ConfigError(f"transfer.dataset={self.config.transfer.dataset} has no "
                               "instance masks; use --task boxes.")
 
+    @property
+    def synchronised_bn(self) -> bool:
+        """BatchNorm statistics over all DDP processes (MoCo's SyncBN). torch's SyncBatchNorm
+        runs on GPUs only, so CPU processes (gloo) keep per-process statistics."""
+        return self.fabric.world_size > 1 and self.fabric.device.type == "cuda"
+
+    @property
+    def images_per_bn_statistics(self) -> int:
+        """How many images each BatchNorm's batch statistics are taken over."""
+        batch, world = self.config.transfer.batch_size, self.fabric.world_size
+        return batch // world if world > 1 and not self.synchronised_bn else batch
+
+    @property
+    def bn_description(self) -> str:
+        if self.fabric.world_size > 1 and not self.synchronised_bn:
+            return "train mode (per-process statistics: torch's SyncBN needs GPUs)"
+        return "train mode (SyncBN over processes)"
+
     def settings(self, **extra: Any) -> dict[str, Any]:
         """What the JSON reports and a resume checks against its checkpoint."""
         transfer, train = self.config.transfer, self.config.train
@@ -221,7 +251,7 @@ class DenseRun:
               lr_at: Callable[[float, int], float], settings: dict[str, Any],
               stop=None) -> IterationTraining:
         transfer = self.config.transfer
-        if self.fabric.world_size > 1:
+        if self.synchronised_bn:
             task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
         training = IterationTraining(
             self.fabric, task, optimizer, self.train_set, iterations=transfer.iterations,

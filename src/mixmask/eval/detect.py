@@ -27,7 +27,7 @@ from mixmask.data.dense.sample import DenseTarget
 from mixmask.data.progress import image_progress
 from mixmask.errors import ConfigError
 from mixmask.eval.dense_metrics import coco_average_precision, coco_detections, coco_ground_truth
-from mixmask.eval.dense_training import DenseRun
+from mixmask.eval.dense_training import DenseRun, HeldBatch
 from mixmask.methods.protocol import StepOutput
 from mixmask.models.dense.detection import DETECTION_TASKS, build_detector
 from mixmask.ops.optim import (
@@ -61,8 +61,8 @@ class DetectionTask(nn.Module):
         super().__init__()
         self.detector, self.masks = detector, masks
 
-    def forward(self, batch, generator=None, progress: float = 0.0) -> StepOutput:
-        images, targets = batch
+    def forward(self, batch: HeldBatch, generator=None, progress: float = 0.0) -> StepOutput:
+        images, targets = batch.images, batch.targets
         device = next(self.detector.parameters()).device
         losses = self.detector([image.to(device) for image in images],
                                [_torchvision_target(target, device, self.masks)
@@ -177,7 +177,7 @@ def run_detect(run, overrides: list[str], *, task: str, from_scratch: bool = Fal
                               pyramid_channels=transfer.pyramid_channels,
                               rois_per_image=transfer.rois_per_image,
                               model="Mask R-CNN" if masks else "Faster R-CNN",
-                              bn="train mode (SyncBN over processes)")
+                              bn=dense.bn_description)
     training = dense.train(DetectionTask(detector, masks), optimizer, lr_at, settings, stop)
     model = training.model.module.detector
 

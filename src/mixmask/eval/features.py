@@ -8,17 +8,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from mixmask.ops.tensors import mixed_precision
+
 
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, *, device: torch.device,
                      batch_size: int = 256, num_workers: int = 0,
                      encode: Callable[[Tensor], Tensor] | None = None,
-                     progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+                     progress: Callable[[int], None] | None = None,
+                     precision: str = "32") -> tuple[Tensor, Tensor]:
     """Features [N, D] (float32, on ``device``) and labels [N] of a labelled dataset.
 
     ``model`` is put in eval mode for the extraction (and back after); ``encode`` maps a
     batch of images to pooled features (default: ``model`` itself; for a method, its
-    ``features``); ``progress(images)`` is called after each batch."""
+    ``features``); ``progress(images)`` is called after each batch. ``precision`` (the
+    resolved ``train.precision``) autocasts the forward only: the features come back in
+    float32, and whatever reads them (kNN, probes, statistics) runs outside autocast."""
     encode = model if encode is None else encode
     was_training = model.training
     model.eval()
@@ -31,7 +36,9 @@ def extract_features(model: nn.Module, dataset: Dataset, *, device: torch.device
             # clone(): .float() of float32 features is the same tensor, and a network
             # compiled with mode=reduce-overhead (CUDA graphs) overwrites its outputs on
             # the next call, before torch.cat below reads them.
-            features.append(encode(images).float().clone())
+            with mixed_precision(device, precision):
+                encoded = encode(images)
+            features.append(encoded.float().clone())
             labels.append(targets.to(device, non_blocking=True))
             if progress is not None:
                 progress(len(targets))

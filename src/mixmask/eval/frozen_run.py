@@ -25,7 +25,12 @@ from mixmask.runs.folder import (
     load_run_config,
     pretrained_method,
 )
-from mixmask.train.fabric import device_name, resolve_accelerator, versions
+from mixmask.train.fabric import (
+    device_name,
+    resolve_accelerator,
+    settle_precision,
+    versions,
+)
 
 
 def result_header(config: Config, run: Path, protocol: str, description: str,
@@ -83,7 +88,9 @@ class FrozenRun:
         checkpoint_path, content = ((None, None) if from_scratch
                                     else load_run_checkpoint(run, checkpoint))
         eval_data = evaluation_sets(config)
-        device = torch.device(resolve_accelerator(config.train.device))
+        accelerator = resolve_accelerator(config.train.device)
+        settle_precision(config, accelerator)  # the run's own, unless overridden
+        device = torch.device(accelerator)
         method = pretrained_method(config, eval_data, checkpoint_path, content, device)
         return cls(run, config, checkpoint_path, content, eval_data, device, method, console)
 
@@ -94,7 +101,8 @@ class FrozenRun:
                             console=self.console) as advance:
             return extract_features(self.method, dataset, device=self.device,
                                     num_workers=self.config.data.num_workers,
-                                    encode=self.method.features, progress=advance)
+                                    encode=self.method.features, progress=advance,
+                                    precision=self.config.train.precision)
 
     def split_features(self, *, train: bool = True) -> tuple[Tensor, ...]:
         """(train features, train labels, test features, test labels), or only the test

@@ -141,7 +141,8 @@ def run_robustness(run: Path, overrides: list[str], **opening: Any
     def score(dataset, advance, classes: list[int] | None = None) -> float:
         features, labels = extract_features(model, dataset, device=frozen.device,
                                             num_workers=config.data.num_workers,
-                                            encode=encode, progress=advance)
+                                            encode=encode, progress=advance,
+                                            precision=config.train.precision)
         with torch.no_grad():
             scores = probe(features)
         if classes is not None:

@@ -26,7 +26,7 @@ from mixmask.data.dense.transforms import pad_batch
 from mixmask.data.progress import image_progress
 from mixmask.errors import ConfigError
 from mixmask.eval.dense_metrics import confusion_matrix, segmentation_scores
-from mixmask.eval.dense_training import DenseRun
+from mixmask.eval.dense_training import DenseRun, HeldBatch
 from mixmask.methods.protocol import StepOutput
 from mixmask.models.dense.segmentation import (
     SEGMENTATION_HEADS,
@@ -49,8 +49,8 @@ class SegmentationTask(nn.Module):
         super().__init__()
         self.segmenter = segmenter
 
-    def forward(self, batch, generator=None, progress: float = 0.0) -> StepOutput:
-        images, labels = pad_batch(*batch)
+    def forward(self, batch: HeldBatch, generator=None, progress: float = 0.0) -> StepOutput:
+        images, labels = pad_batch(batch.images, batch.targets)
         device = next(p for p in self.segmenter.parameters() if p.requires_grad).device
         logits = self.segmenter(images.to(device))
         loss = F.cross_entropy(logits.float(), labels.to(device), ignore_index=IGNORE_INDEX)
@@ -102,6 +102,11 @@ def run_segment(run, overrides: list[str], *, head: str, from_scratch: bool = Fa
                                     probe_size=dense.config.data.image_size)
         lr, weight_decay = transfer.segment_linear_lr, 0.0
     else:
+        if dense.images_per_bn_statistics < 2:
+            raise ConfigError(
+                "UperNet's pyramid pooling normalises 1x1 maps with BatchNorm in train mode, "
+                f"which needs at least 2 images per process; set transfer.batch_size to at "
+                f"least {2 * dense.fabric.world_size}.")
         segmenter = UperNetSegmenter(dense.backbone, num_classes,
                                      channels=transfer.segment_channels,
                                      probe_size=dense.config.data.image_size)

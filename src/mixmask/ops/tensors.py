@@ -19,6 +19,20 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def mixed_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast of ``train.precision`` (resolved: ``32``, ``bf16``, ``16``) on ``device``,
+    as Fabric's mixed-precision plugins enter it for a training step; for code that runs
+    outside Fabric (feature extraction). A no-op for ``32`` or where autocast does not
+    exist."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None or not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def channel_values(values: Sequence[float] | Tensor, channels: int, device: torch.device,
                    name: str) -> Tensor:
     """``values`` (one per channel: a mean, a std) as a float32 ``[1, C, 1, 1]`` tensor on

@@ -43,7 +43,7 @@ from mixmask.runs.folder import (
     load_run_config,
     pretrained_method,
 )
-from mixmask.train.fabric import resolve_accelerator
+from mixmask.train.fabric import resolve_accelerator, settle_precision
 
 DPI = 100  # pixels per inch of every saved figure (sizes below are in inches)
 PANEL_COLUMNS = 3
@@ -285,7 +285,9 @@ def write_representation_plots(run: Path, overrides: list[str] = (), *,
     config = load_run_config(run, list(overrides))
     checkpoint_path, content = load_run_checkpoint(run, checkpoint)
     eval_data = evaluation_sets(config)
-    device = torch.device(resolve_accelerator(config.train.device))
+    accelerator = resolve_accelerator(config.train.device)
+    settle_precision(config, accelerator)
+    device = torch.device(accelerator)
     method = pretrained_method(config, eval_data, checkpoint_path, content, device)
     sets = {"test": Subset(eval_data.test, range(min(EMBEDDING_POINTS, len(eval_data.test)))),
             "train": Subset(eval_data.train, range(min(RETRIEVAL_BANK, len(eval_data.train))))}
@@ -295,7 +297,7 @@ def write_representation_plots(run: Path, overrides: list[str] = (), *,
                             enabled=config.train.progress_bar, console=console) as advance:
             features[name] = extract_features(method, dataset, device=device,
                                               encode=method.features, progress=advance,
-                                              num_workers=0)
+                                              num_workers=0, precision=config.train.precision)
     # On the host from here: extract_features leaves them on the model's device, and the
     # t-SNE, the neighbour search and the pixel lookups below all index host tensors.
     (test_features, test_labels), (bank_features, bank_labels) = (

@@ -47,11 +47,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys a run settles from "auto" at its start and records settled (train.precision:
+# mixmask.train.fabric.settle_precision): the machine's choice, not a change of the recipe.
+SETTLED_FROM_AUTO = frozenset({"train.precision"})
+
+
 def changed_keys(config: dict[str, Any], recipe: dict[str, Any]) -> set[str]:
-    """Dotted keys of ``config`` whose value differs from (or is absent in) ``recipe``."""
+    """Dotted keys of ``config`` whose value differs from (or is absent in) ``recipe``; a
+    key of :data:`SETTLED_FROM_AUTO` the recipe leaves at ``auto`` does not count."""
     recipe_flat = flatten(recipe)
     return {key for key, value in flatten(config).items()
-            if key not in recipe_flat or recipe_flat[key] != value}
+            if key not in recipe_flat or (recipe_flat[key] != value and not (
+                key in SETTLED_FROM_AUTO and recipe_flat[key] == "auto"))}
 
 
 def load_run(path: Path) -> RunRecord:

@@ -25,10 +25,53 @@ def resolve_accelerator(device: str) -> str:
     return device
 
 
+def native_bf16(accelerator: str) -> str | None:
+    """Why this device computes bf16 natively (a few words), or None where it does not.
+
+    CPU: torch's own CPU-feature queries (``torch.cpu._is_avx512_bf16_supported`` and
+    ``_is_amx_tile_supported``, what torch's oneDNN and inductor kernels dispatch on); a
+    torch without them counts as no. Without those instructions oneDNN emulates bf16 by
+    converting to fp32 and back, slower than fp32 itself. GPU: ``torch.cuda.
+    is_bf16_supported(including_emulation=False)`` (Ampere and later)."""
+    if accelerator == "cuda":
+        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+            including_emulation=False)
+        return "this GPU computes bf16 natively" if supported else None
+    if accelerator != "cpu":
+        return None
+    found = [name for name, query in (("AMX", "_is_amx_tile_supported"),
+                                      ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+             if getattr(torch.cpu, query, lambda: False)()]
+    return f"this CPU computes bf16 natively ({' and '.join(found)})" if found else None
+
+
+def resolve_precision(requested: str, accelerator: str) -> tuple[str, str]:
+    """(``train.precision`` to run with, one sentence saying why). ``auto`` is bf16 mixed
+    precision where :func:`native_bf16` says so, else fp32: never fp16, whose overflow
+    needs a GradScaler and care that a default should not ask for. An explicit value is
+    kept as given."""
+    if requested != "auto":
+        return requested, f"train.precision={requested} as configured"
+    why = native_bf16(accelerator)
+    if why is not None:
+        return "bf16", f"bf16 mixed precision (train.precision=auto: {why})"
+    return "32", (f"fp32 (train.precision=auto: this {accelerator.upper()} has no native "
+                  "bf16 arithmetic)")
+
+
+def settle_precision(config: Config, accelerator: str) -> str:
+    """Replace ``train.precision=auto`` in ``config`` by this machine's choice, so that
+    config.yaml, summaries and result settings record what ran; returns the sentence of
+    :func:`resolve_precision` (commands print it once)."""
+    config.train.precision, sentence = resolve_precision(config.train.precision, accelerator)
+    return sentence
+
+
 def build_fabric(config: Config, accelerator: str) -> Fabric:
     """The Fabric of pretraining and finetuning: devices, precision, DDP (one place, so a
     test can hand the engine another precision plugin, e.g. fp16 with a GradScaler on the
-    CPU)."""
+    CPU). ``train.precision=auto`` is settled here (:func:`settle_precision`)."""
+    settle_precision(config, accelerator)
     return Fabric(accelerator=accelerator, devices=config.train.devices,
                   num_nodes=config.train.num_nodes,
                   precision=PRECISIONS[config.train.precision],

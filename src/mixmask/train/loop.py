@@ -36,6 +36,7 @@ from mixmask.train.fabric import (
     grad_scaler,
     printer,
     resolve_accelerator,
+    settle_precision,
 )
 from mixmask.train.metrics_log import MetricsLog
 from mixmask.train.runtime import keep_freed_cpu_memory
@@ -53,11 +54,13 @@ def pretrain(config: Config, *, console=None) -> dict[str, Any] | None:
     if config.train.sync_batchnorm and accelerator != "cuda" and config.train.processes > 1:
         raise ConfigError("train.sync_batchnorm=true needs CUDA GPUs (torch's SyncBatchNorm "
                           "runs on GPUs only); drop it for CPU processes.")
+    precision = settle_precision(config, accelerator)  # before config.yaml records it
     fabric = build_fabric(config, accelerator)
     fabric.launch()
     if accelerator == "cpu" and config.train.keep_cpu_memory:
         keep_freed_cpu_memory()
     say = printer(fabric, console)
+    say(f"Precision: {precision}.")
     resume_path, train_set = check(config, say)
     out_dir = Path(config.out_dir)
     if fabric.is_global_zero:

@@ -454,6 +454,7 @@ class Trainer:
                      f"{bad_files[0]}); summary.json lists them under bad_image_files.")
         summary["versions"] = versions()
         summary["device"] = device_name(fabric.device)
+        summary["precision"] = self.config.train.precision  # as resolved (train.precision=auto)
         summary["world_size"] = fabric.world_size
         if self.profiler is not None and self.profiler.summary is not None:
             summary["profile"] = self.profiler.summary
