@@ -189,6 +189,9 @@ def main() -> None:
                         default=list(VARIANTS))
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the random-init floors (the table then shows the floors "
+                             "an earlier invocation measured)")
     parser.add_argument("--scale", choices=sorted(PRETRAIN), default="cpu")
     parser.add_argument("--voc-root", default="", help="VOCdevkit (--scale gpu)")
     parser.add_argument("--ade20k-root", default="", help="ADEChallengeData2016 (--scale gpu)")
@@ -219,7 +222,7 @@ def main() -> None:
         for seed in args.seeds:
             # One floor per family, detection recipe and seed: measured by the first such
             # variant that runs, unless a folder already holds it (an earlier invocation).
-            floor = ((variant.floor, seed) not in floors
+            floor = (not args.no_floor and (variant.floor, seed) not in floors
                      and not floor_measured(out, variant.floor, seed))
             floors.add((variant.floor, seed))
             for task in variant.tasks(args.tasks):

@@ -66,7 +66,7 @@ def test_invalid_combinations():
     (["method.masking=unmix", "method.unmix.alpha=0"], "alpha' must be positive"),
     (["method.masking=erase", "method.erase.noise_std=-1"], "noise_std' must be 0 or more"),
     (["method.masking=erase", "method.erase.fill=black"], "must be one of 'noise'"),
-    (["method.name=simclr"], "must be one of 'mocov2'"),
+    (["method.name=supervised"], "must be one of 'mocov2'"),
     (["method.name=byol", "method.byol.momentum_end=1.5"], r"must lie in \[0, 1\]"),
 ])
 def test_impossible_mask_and_method_settings_are_clear_errors(overrides, message):

@@ -446,8 +446,8 @@ def draw_views(transforms, image) -> list[torch.Tensor]:
 
 
 def test_preset_views_names_counts_and_cycling():
-    assert AUGMENTATION_PRESETS == ("mocov2", "cifar", "byol", "byol_cifar", "conservative",
-                                    "mae", "a2mim_vit", "a2mim_resnet", "siameseim",
+    assert AUGMENTATION_PRESETS == ("mocov2", "cifar", "byol", "byol_cifar", "simclr",
+                                    "conservative", "mae", "a2mim_vit", "a2mim_resnet", "siameseim",
                                     "siameseim_cifar")
     for preset in AUGMENTATION_PRESETS:
         for num_views in (1, 2, 3, 5):
@@ -474,8 +474,8 @@ def test_preset_views_names_counts_and_cycling():
     assert [preset_views(name, 32)[0].interpolation for name in
             ("mae", "a2mim_vit", "a2mim_resnet", "cifar", "byol")] == [
         "bicubic", "bilinear", "bilinear", "bilinear", "bilinear"]
-    with pytest.raises(ValueError, match="Unknown augmentation preset 'simclr'.*mocov2, cifar"):
-        preset_views("simclr", 32)
+    with pytest.raises(ValueError, match="Unknown augmentation preset 'autoaug'.*mocov2, cifar"):
+        preset_views("autoaug", 32)
     with pytest.raises(ValueError, match="num_views must be at least 1"):
         preset_views("cifar", 32, 0)
 
@@ -497,7 +497,7 @@ def test_two_view_presets_match_the_recipes():
     cifar = repr(view_transform(preset_views("cifar", 32)[0], (0.5,) * 3, (0.5,) * 3))
     assert "GaussianBlur" not in cifar and "RandomHorizontalFlip" in cifar
     with pytest.raises(ValueError, match="mocov2, cifar"):
-        preset_views("simclr", 32)
+        preset_views("autoaug", 32)
 
 
 def steps_of(transform) -> dict[str, object]:
@@ -569,6 +569,8 @@ RECIPES = {
     "cifar": ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), (0.0, 0.0), (0.0, 0.0)),
     "byol": ((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), (1.0, 0.1), (0.0, 0.2)),
     "byol_cifar": ((0.08, 1.0), (0.4, 0.4, 0.2, 0.1), (0.0, 0.0), (0.0, 0.2)),
+    # solo-learn's scripts/pretrain/cifar/augmentations/symmetric.yaml (SimCLR, MoCo v3).
+    "simclr": ((0.08, 1.0), (0.8, 0.8, 0.8, 0.2), (0.5, 0.5), (0.0, 0.0)),
 }
 
 
@@ -586,7 +588,7 @@ def torchvision_compose(preset: str, view: int, size: int, mean, std) -> T.Compo
     return T.Compose(steps)
 
 
-@pytest.mark.parametrize("preset", ["mocov2", "cifar", "byol", "byol_cifar"])
+@pytest.mark.parametrize("preset", ["mocov2", "cifar", "byol", "byol_cifar", "simclr"])
 @pytest.mark.parametrize("size, source", [(32, (32, 32)), (24, (40, 52)), (96, (120, 104))])
 def test_view_transform_is_torchvisions_compose_to_the_bit(preset, size, source):
     """view_transform draws from torch's global RNG exactly as torchvision's own

@@ -700,7 +700,7 @@ def test_ops_that_work_in_place_internally_leave_their_inputs_alone():
 
 def test_user_errors_are_short_sentences():
     with pytest.raises(ValueError, match="Unknown augmentation preset"):
-        BatchedViewAugment.from_preset("simclr", 32, MEAN, STD)
+        BatchedViewAugment.from_preset("autoaug", 32, MEAN, STD)
     with pytest.raises(ValueError, match="share image_size"):
         BatchedViewAugment([ViewConfig(32), ViewConfig(64)], mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="share kernel_size"):

@@ -16,7 +16,7 @@ from mixmask.methods.siamese.base import Embedding, SiameseMethod
 from mixmask.ops.mixing import permutation_partner, sample_mixmask, sample_unmix
 from mixmask.ops.optim import build_optimizer, param_groups_for_lars
 
-BASES = ("mocov2", "byol", "simsiam", "barlow_twins", "vicreg")
+BASES = ("mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "simclr", "mocov3")
 MASKINGS = ("none", "erase", "mixmask", "unmix", "both")
 # Small heads so a step takes milliseconds.
 TINY_HEADS = [f"method.{base}.{key}={dim}" for base, keys in {
@@ -25,6 +25,8 @@ TINY_HEADS = [f"method.{base}.{key}={dim}" for base, keys in {
     "simsiam": ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"),
     "barlow_twins": ("proj_hidden_dim", "proj_output_dim"),
     "vicreg": ("proj_hidden_dim", "proj_output_dim"),
+    "simclr": ("proj_hidden_dim", "proj_output_dim"),
+    "mocov3": ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"),
 }.items() for key, dim in zip(keys, (64, 32, 32), strict=False)]
 
 

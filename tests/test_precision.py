@@ -169,7 +169,8 @@ REAL_BATCH_CASES = {
     **{f"{base}_mixmask": (None, [f"method.name={base}", "model.width=0.125",
                                   "method.masking=mixmask", "method.mocov2.queue_size=64"])
        for base in BUILTIN_METHODS},
-    **{recipe: (ROOT / "configs" / "cifar10" / f"{recipe}.yaml", [])
+    **{recipe: (ROOT / "configs" / "cifar10" / f"{recipe}.yaml",
+                ["model.width=0.25"] if recipe.endswith("r18") else [])
        for recipe in ("a2mim_r18", "a2mim_vit_tiny", "mae_vit_tiny", "pixmim_vit_tiny",
                       "siameseim_r18", "siameseim_vit_tiny", "convmae_tiny",
                       "mixmask_mocov2_convnext")},

@@ -347,7 +347,6 @@ def _evaluate(args) -> int:
 def _first_process() -> bool:
     """Not a DDP process other than global rank 0 (``train.devices`` > 1): one report."""
     import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 

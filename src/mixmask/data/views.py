@@ -125,6 +125,11 @@ _PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     # BYOL, Table 6: view 1 is always blurred and never solarized; view 2 the reverse, mostly.
     "byol": ({**_BYOL, "blur_p": 1.0}, {**_BYOL, "blur_p": 0.1, "solarize_p": 0.2}),
     "byol_cifar": (dict(_BYOL), {**_BYOL, "solarize_p": 0.2}),
+    # SimCLR's views (arXiv 2002.05709, app. A; solo-learn's CIFAR recipe alike:
+    # augmentations/symmetric.yaml): crop 0.08-1, jitter 0.8/0.8/0.8/0.2 with p 0.8
+    # (colour strength 1), grayscale 0.2, blur p 0.5 (sigma 0.1-2), flip; both views alike.
+    "simclr": ({"scale": (0.08, 1.0), "brightness": 0.8, "contrast": 0.8, "saturation": 0.8,
+                "hue": 0.2, "blur_p": 0.5},),
     # PixMIM's conservative transform: no colour ops at all (its train_pipeline has none).
     "conservative": ({"crop": "padded", "jitter_p": 0.0, "grayscale_p": 0.0},),
     # MAE (main_pretrain.py): RandomResizedCrop(scale=(0.2, 1.0), bicubic) + flip, no colour.

@@ -31,13 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixmask.ops.distributed import all_gather_cat, all_reduce_sum, world_size
+from mixmask.ops.distributed import (
+    all_gather_cat,
+    all_reduce_sum,
+    gather_all,
+    world_size,
+)
 from mixmask.ops.tensors import autocast_off
 
 __all__ = [
     "barlow_twins_loss",
     "byol_loss",
     "info_nce",
+    "moco_v3_loss",
+    "nt_xent",
     "simsiam_loss",
     "vicreg_loss",
 ]
@@ -71,6 +78,78 @@ def info_nce(
         logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature
         # Cross-entropy with target 0, written out: no label tensor to build.
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def nt_xent(online: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, arXiv 2002.05709, eq. 1), per anchor of one
+    direction: with z = ``online``, t = ``target`` (the other view of the same images), both
+    L2-normalised, and the batch's 2N embeddings as candidates::
+
+        L_i = -log( exp(z_i . t_i / T) / D_i ),
+        D_i = sum_k exp(z_i . t_k / T) + sum_{k != i} exp(z_i . z_k / T)
+
+    the reference's ``add_contrastive_loss`` (google-research/simclr, objective.py): the
+    cross-entropy of ``[z t^T, z z^T - inf * I] / T`` with target i. Its loss is the sum of
+    the two directions' means (z <-> t); a symmetric caller averages or sums them
+    (solo-learn averages). Under torch.distributed the candidates are the global batch,
+    gathered with the autograd-aware all_gather (as the reference's TPU cross-replica
+    concatenation), each process's anchors at its rank's rows; local batches must be equal.
+    Gradients reach both inputs (one network embeds both views). Float32, autocast off.
+
+    Returns the per-sample loss [B] (float32).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive (0.5 in SimCLR's CIFAR setting), got "
+                         f"{temperature}.")
+    _check_pair(online, target)
+    with autocast_off(online.device):
+        online = F.normalize(online.float(), dim=1)
+        target = F.normalize(target.float(), dim=1)
+        all_online, all_target = all_gather_cat(online), all_gather_cat(target)
+        rows, own = _own_rows(online.shape[0], all_online.shape[0], online.device)
+        to_target = online @ all_target.T / temperature
+        to_online = online @ all_online.T / temperature
+        to_online[rows, own] = float("-inf")  # an anchor is not its own negative
+        logits = torch.cat([to_target, to_online], dim=1)
+        return torch.logsumexp(logits, dim=1) - to_target[rows, own]
+
+
+def moco_v3_loss(query: Tensor, key: Tensor, temperature: float) -> Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie & He 2021, arXiv 2104.02057, sec. 3 / Alg. 1),
+    per sample: the keys of the (global) batch are the candidates, no queue::
+
+        L_i = 2T * ( logsumexp_j (q_i . k_j / T) - q_i . k_i / T )
+
+    as the reference's ``contrastive_loss`` (facebookresearch/moco-v3, moco/builder.py):
+    cross-entropy of ``q k^T / T`` with target i, times ``2 * T`` (the reference's scaling,
+    which keeps the gradient's size across temperatures). Both inputs L2-normalised here;
+    under torch.distributed the keys are gathered from every process without gradient
+    (they come from the momentum encoder), each process's queries at its rank's rows. Float32,
+    autocast off.
+
+    Returns the per-sample loss [B] (float32).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive (1.0 for MoCo v3's ResNet-50), got "
+                         f"{temperature}.")
+    _check_pair(query, key)
+    with autocast_off(query.device):
+        query = F.normalize(query.float(), dim=1)
+        keys = gather_all(F.normalize(key.float(), dim=1))
+        rows, own = _own_rows(query.shape[0], keys.shape[0], query.device)
+        logits = query @ keys.T / temperature
+        return 2 * temperature * (torch.logsumexp(logits, dim=1) - logits[rows, own])
+
+
+def _own_rows(local: int, gathered: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(0..local-1, each local row's index among the rows gathered from every process):
+    process r's rows follow those of processes 0..r-1, so all must hold the same count."""
+    if gathered != local * world_size():
+        raise ValueError("a loss over the global batch needs the same batch size on every "
+                         "process.")
+    rows = torch.arange(local, device=device)
+    rank = torch.distributed.get_rank() if world_size() > 1 else 0
+    return rows, rows + rank * local
 
 
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
