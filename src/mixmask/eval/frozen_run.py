@@ -1,7 +1,7 @@
 """What every evaluation on a frozen backbone starts from: the run's resolved config, a
 checkpoint (or the random init), the labelled splits, the pretrained method on its device,
 centre-crop features of each split, and the header every ``RUN/eval/<protocol>.json``
-carries (docs/design.md, section "Evaluation protocols: how each reuses the engine")."""
+carries (the docs' Evaluation page, docs/evaluation.md: what each result file holds)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from mixmask.ops.tensors import all_finite
 ALLOWED_GLOBALS: tuple[type, ...] = (TorchVersion,)
 
 TRUST_HINT = ("mixmask reads checkpoints as data only, because unpickling other objects can "
-              "run code (docs/design.md, section 'What mixmask trusts')")
+              "run code (the docs' Design page, section 'What mixmask trusts')")
 
 
 def read_checkpoint(path: Path, *, required: tuple[str, ...] = ("method",),

@@ -67,8 +67,7 @@ def info_nce(
 
     Returns the per-sample loss [B] (float32).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive (0.2 in MoCo v2), got {temperature}.")
+    _check_temperature(temperature, "0.2 in MoCo v2")
     with autocast_off(query.device):
         query = F.normalize(query.float(), dim=1)
         positive_key = F.normalize(positive_key.float(), dim=1)
@@ -98,9 +97,7 @@ def nt_xent(online: Tensor, target: Tensor, temperature: float) -> Tensor:
 
     Returns the per-sample loss [B] (float32).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive (0.5 in SimCLR's CIFAR setting), got "
-                         f"{temperature}.")
+    _check_temperature(temperature, "0.5 in SimCLR's CIFAR setting")
     _check_pair(online, target)
     with autocast_off(online.device):
         online = F.normalize(online.float(), dim=1)
@@ -129,9 +126,7 @@ def moco_v3_loss(query: Tensor, key: Tensor, temperature: float) -> Tensor:
 
     Returns the per-sample loss [B] (float32).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive (1.0 for MoCo v3's ResNet-50), got "
-                         f"{temperature}.")
+    _check_temperature(temperature, "1.0 for MoCo v3's ResNet-50")
     _check_pair(query, key)
     with autocast_off(query.device):
         query = F.normalize(query.float(), dim=1)
@@ -139,6 +134,11 @@ def moco_v3_loss(query: Tensor, key: Tensor, temperature: float) -> Tensor:
         rows, own = _own_rows(query.shape[0], keys.shape[0], query.device)
         logits = query @ keys.T / temperature
         return 2 * temperature * (torch.logsumexp(logits, dim=1) - logits[rows, own])
+
+
+def _check_temperature(temperature: float, example: str) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive ({example}), got {temperature}.")
 
 
 def _own_rows(local: int, gathered: int, device: torch.device) -> tuple[Tensor, Tensor]:
