@@ -4,7 +4,9 @@ dataset (DeviceViews), and from files decoded and cropped by DataLoader workers
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,19 @@ from PIL import Image
 from test_data import check_marks, geometry_view, marked_image_set
 
 from mixmask.config import load_config
-from mixmask.data import Batch, EpochBatchSampler, build_train_loader, load_image_set, preset_views
+from mixmask.data import (
+    DATASET_STATS,
+    Batch,
+    EpochBatchSampler,
+    ViewConfig,
+    build_train_loader,
+    load_image_set,
+    preset_views,
+)
 from mixmask.data.device_views import DecodedViews, DeviceViews, _batch_seed
+from mixmask.data.gpu_augment import BatchedViewAugment
 from mixmask.data.image_set import ImageSet
-from mixmask.data.loaders import CropDataset
+from mixmask.data.loaders import CropDataset, MultiViewDataset
 from mixmask.train.loop import pretrain
 
 CPU = torch.device("cpu")
@@ -188,8 +199,13 @@ def test_two_crops_are_pils_antialiased_resize_of_a_box_of_the_image():
             assert tuple(box) in [boxes[match] for match in matches]
             found.append(boxes[matches[0]])
     assert len(set(found)) > 4  # fresh boxes per view and per epoch
-    with pytest.raises(ValueError, match="same image_size"):
-        CropDataset(image_set, [config, preset_views("byol", 16)[0]], seed=0)
+    # Views of several sizes (multi-crop): each view is cut at its own size.
+    small = preset_views("byol", 6)[0]
+    crops, _, item_boxes, _ = CropDataset(image_set, [config, small], seed=0)[(0, 0)]
+    assert crops[0].shape == (3, 8, 8) and crops[1].shape == (3, 6, 6)
+    assert torch.equal(crops[0], dataset[(0, 0)][0][0])  # view 1 draws first, as before
+    assert torch.equal(crops[1], TF.pil_to_tensor(TF.resized_crop(image, *item_boxes[1].tolist(),
+                                                                  [6, 6])))
 
 
 def test_decoded_views_are_normalised_labelled_batches_of_the_sampler(files):
@@ -329,3 +345,201 @@ def test_engine_resumes_mid_epoch_on_files_to_the_uninterrupted_weights(tmp_path
                for folder in ("straight", "resumed")]
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, atol=0, rtol=0, msg=name)
+
+
+# -- views of several sizes: DINO's multi-crop --------------------------------------------
+
+# 2 global views at 32 px and 4 local views at 16 px (Caron et al. 2021, arXiv 2104.14294,
+# sec. 3: 2 x 224 + several x 96 px; the scales are DINO's defaults).
+GLOBAL_VIEWS = [dataclasses.replace(view, scale=(0.4, 1.0))
+                for view in preset_views("byol_cifar", 32)]
+LOCAL_VIEWS = [ViewConfig(16, scale=(0.05, 0.4))] * 4
+MULTI_CROP = GLOBAL_VIEWS + LOCAL_VIEWS
+SIZES = [32, 32, 16, 16, 16, 16]
+CIFAR10_SUBSET = (Path(os.environ.get("MIXMASK_DATA", Path(__file__).parents[2] / "shared/data"))
+                  / "cifar10_exact_subset.npz")
+
+
+@pytest.fixture(params=["synthetic", "cifar10"])
+def in_memory(request) -> ImageSet:
+    """64 in-memory 32 px images: synthetic, or real CIFAR-10 training images."""
+    if request.param == "synthetic":
+        return load_image_set("synthetic", "", "train", subset=64)
+    if not CIFAR10_SUBSET.is_file():
+        pytest.skip(f"real CIFAR-10 subset not found at {CIFAR10_SUBSET}; set MIXMASK_DATA "
+                    "to the folder holding cifar10_exact_subset.npz")
+    with np.load(CIFAR10_SUBSET) as data:
+        images = torch.from_numpy(data["x_train"][:64]).permute(0, 3, 1, 2).contiguous()
+        labels = torch.from_numpy(data["y_train"][:64]).long()
+    return ImageSet(images, None, labels, [], *DATASET_STATS["cifar10"])
+
+
+def same_batches(a: Batch, b: Batch) -> bool:
+    return (all(torch.equal(x, y) for x, y in zip(a.views, b.views, strict=True))
+            and torch.equal(a.labels, b.labels)
+            and all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes, strict=True))
+            and all(torch.equal(x, y) for x, y in zip(a.flips, b.flips, strict=True)))
+
+
+def check_boxes_inside(batch: Batch, height: int, width: int) -> None:
+    for box in batch.boxes:
+        top, left, box_height, box_width = box.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all()
+        assert (box_height >= 1).all() and (box_width >= 1).all()
+        assert (top + box_height <= height).all() and (left + box_width <= width).all()
+
+
+def test_single_size_device_views_are_batched_view_augment_to_the_bit(in_memory, files):
+    """Every existing recipe has views of one size: the device loaders give what one
+    BatchedViewAugment, built here directly, gives on the same images and generator."""
+    sampler = EpochBatchSampler(64, 16, seed=4)
+    sampler.set_epoch(1, start_batch=1)
+    for views, channels_last in ((preset_views("byol_cifar", 32), False),
+                                 (preset_views("byol", 24, 3), True)):
+        augment = BatchedViewAugment(views, mean=in_memory.mean, std=in_memory.std,
+                                     channels_last=channels_last)
+        loader = DeviceViews(in_memory, sampler, views, device=CPU, seed=6,
+                             channels_last=channels_last)
+        for offset, (keys, batch) in enumerate(zip(sampler, loader, strict=True)):
+            indices = torch.tensor([index for index, _ in keys])
+            generator = torch.Generator().manual_seed(_batch_seed(6, 1, 1 + offset, 0))
+            expected, params = augment(in_memory.images[indices], generator)
+            assert all(torch.equal(a, b) for a, b in zip(batch.views, expected, strict=True))
+            assert torch.equal(torch.cat(batch.boxes), params.boxes)
+            assert torch.equal(torch.cat(batch.flips), params.flip)
+    # Files: the workers' crops through augment_crops of one BatchedViewAugment.
+    sampler = EpochBatchSampler(12, 4, seed=1)
+    views = preset_views("byol", 32, 3)
+    augment = BatchedViewAugment(views, mean=files.mean, std=files.std)
+    crops = CropDataset(files, views, seed=3)
+    loader = DecodedViews(files, sampler, views, device=CPU, seed=3)
+    for offset, (keys, batch) in enumerate(zip(sampler, loader, strict=True)):
+        items = [crops[key] for key in keys]
+        generator = torch.Generator().manual_seed(_batch_seed(3, 0, offset, 0))
+        expected, params = augment.augment_crops(
+            [torch.stack([item[0][k] for item in items]) for k in range(3)], generator)
+        assert all(torch.equal(a, b) for a, b in zip(batch.views, expected, strict=True))
+        assert torch.equal(torch.cat(batch.flips), params.flip)
+
+
+def test_multi_crop_device_views_are_each_size_group_in_view_order(in_memory):
+    """2 x 32 px + 4 x 16 px: per batch, the global views' BatchedViewAugment and then the
+    local views' on the same images and the batch's generator; the global views are the
+    single-size loader's, bit for bit."""
+    sampler = EpochBatchSampler(64, 16, seed=3)
+    sampler.set_epoch(1)
+    loader = DeviceViews(in_memory, sampler, MULTI_CROP, device=CPU, seed=5)
+    single_size = list(DeviceViews(in_memory, sampler, GLOBAL_VIEWS, device=CPU, seed=5))
+    global_augment, local_augment = (
+        BatchedViewAugment(views, mean=in_memory.mean, std=in_memory.std)
+        for views in (GLOBAL_VIEWS, LOCAL_VIEWS))
+    areas = []
+    for offset, (keys, batch) in enumerate(zip(sampler, loader, strict=True)):
+        indices = torch.tensor([index for index, _ in keys])
+        assert batch.num_views == 6 and torch.equal(batch.labels, in_memory.labels[indices])
+        for view, box, flip, size in zip(batch.views, batch.boxes, batch.flips, SIZES,
+                                         strict=True):
+            assert view.shape == (16, 3, size, size) and view.dtype == torch.float32
+            assert box.shape == (16, 4) and flip.shape == (16,)
+        generator = torch.Generator().manual_seed(_batch_seed(5, 1, offset, 0))
+        global_views, global_params = global_augment(in_memory.images[indices], generator)
+        local_views, local_params = local_augment(in_memory.images[indices], generator)
+        for view, expected in zip(batch.views, global_views + local_views, strict=True):
+            assert torch.equal(view, expected)
+        assert torch.equal(torch.cat(batch.boxes[:2]), global_params.boxes)
+        assert torch.equal(torch.cat(batch.boxes[2:]), local_params.boxes)
+        assert torch.equal(torch.cat(batch.flips[2:]), local_params.flip)
+        assert same_batches(Batch(batch.views[:2], batch.labels, batch.boxes[:2],
+                                  batch.flips[:2]), single_size[offset])
+        check_boxes_inside(batch, 32, 32)
+        areas.append(torch.stack([box[:, 2] * box[:, 3] for box in batch.boxes]) / 32**2)
+    # Local crops cover 5-40% of the image, global ones 40-100% (up to the boxes' rounding).
+    areas = torch.cat(areas, dim=1)
+    assert 0.4 <= areas[:2].mean() <= 1.0 and 0.05 <= areas[2:].mean() <= 0.4
+    assert (areas[:2].amin(1) > 0.3).all() and (areas[2:].amax(1) < 0.5).all()
+
+
+def test_multi_crop_device_views_are_deterministic_and_resume_exactly(in_memory):
+    sampler = EpochBatchSampler(64, 16, seed=0)
+    sampler.set_epoch(2)
+    straight = list(DeviceViews(in_memory, sampler, MULTI_CROP, device=CPU, seed=1))
+    again = list(DeviceViews(in_memory, sampler, MULTI_CROP, device=CPU, seed=1))
+    sampler.set_epoch(2, start_batch=2)  # a run resumed after two batches of epoch 2
+    resumed = list(DeviceViews(in_memory, sampler, MULTI_CROP, device=CPU, seed=1))
+    assert len(resumed) == 2
+    assert all(same_batches(a, b) for a, b in zip(straight, again, strict=True))
+    assert all(same_batches(a, b) for a, b in zip(straight[2:], resumed, strict=True))
+    sampler.set_epoch(3)
+    other_epoch = next(iter(DeviceViews(in_memory, sampler, MULTI_CROP, device=CPU, seed=1)))
+    assert not torch.equal(other_epoch.views[3], straight[0].views[3])
+
+
+def test_multi_crop_decoded_views_cut_each_view_at_its_size(files):
+    """Files: the workers cut each view's crop at its own size (one uint8 tensor per view),
+    the device runs each size's augment_crops in turn; deterministic, worker-count free and
+    resumable."""
+    sampler = EpochBatchSampler(12, 4, seed=2)
+    sampler.set_epoch(1)
+    straight = list(DecodedViews(files, sampler, MULTI_CROP, device=CPU, seed=2))
+    crops = CropDataset(files, MULTI_CROP, seed=2)
+    global_augment, local_augment = (
+        BatchedViewAugment(views, mean=files.mean, std=files.std)
+        for views in (GLOBAL_VIEWS, LOCAL_VIEWS))
+    for offset, (keys, batch) in enumerate(zip(sampler, straight, strict=True)):
+        items = [crops[key] for key in keys]
+        per_view = [torch.stack([item[0][k] for item in items]) for k in range(6)]
+        assert [crop.shape[-1] for crop in per_view] == SIZES
+        generator = torch.Generator().manual_seed(_batch_seed(2, 1, offset, 0))
+        global_views, _ = global_augment.augment_crops(per_view[:2], generator)
+        local_views, local_params = local_augment.augment_crops(per_view[2:], generator)
+        for k, (view, expected) in enumerate(zip(batch.views, global_views + local_views,
+                                                 strict=True)):
+            assert view.shape == (4, 3, SIZES[k], SIZES[k]) and torch.equal(view, expected)
+            assert torch.equal(batch.boxes[k], torch.stack([item[2][k] for item in items]))
+        assert torch.equal(torch.cat(batch.flips[2:]), local_params.flip)
+        check_boxes_inside(batch, 40, 48)
+    again = list(DecodedViews(files, sampler, MULTI_CROP, device=CPU, seed=2, num_workers=2))
+    sampler.set_epoch(1, start_batch=1)
+    resumed = list(DecodedViews(files, sampler, MULTI_CROP, device=CPU, seed=2))
+    assert all(same_batches(a, b) for a, b in zip(straight, again, strict=True))
+    assert all(same_batches(a, b) for a, b in zip(straight[1:], resumed, strict=True))
+
+
+def test_multi_crop_host_views_collate_each_view_at_its_size(in_memory):
+    """The CPU pipeline needs nothing new: each view is collated on its own."""
+    sampler = EpochBatchSampler(64, 16, seed=1)
+    sampler.set_epoch(1)
+    loader = build_train_loader(in_memory, sampler, MULTI_CROP, pipeline="cpu", device=CPU,
+                                seed=3)
+    dataset = MultiViewDataset(in_memory, MULTI_CROP, seed=3)
+    straight = list(loader)
+    for keys, batch in itertools.islice(zip(sampler, straight, strict=True), 2):
+        items = [dataset[key] for key in keys]
+        assert batch.num_views == 6
+        for k, size in enumerate(SIZES):
+            assert batch.views[k].shape == (16, 3, size, size)
+            assert torch.equal(batch.views[k], torch.stack([item[0][k] for item in items]))
+            assert torch.equal(batch.boxes[k], torch.stack([item[2][k] for item in items]))
+            assert torch.equal(batch.flips[k], torch.stack([item[3][k] for item in items]))
+        check_boxes_inside(batch, 32, 32)
+    sampler.set_epoch(1, start_batch=3)
+    resumed = list(build_train_loader(in_memory, sampler, MULTI_CROP, pipeline="cpu",
+                                      device=CPU, seed=3))
+    assert all(same_batches(a, b) for a, b in zip(straight[3:], resumed, strict=True))
+
+
+@pytest.mark.parametrize("pipeline, on_disk", [("cpu", False), ("device", False),
+                                               ("device", True)])
+def test_multi_crop_boxes_and_flips_say_where_the_mark_is(tmp_path, pipeline, on_disk):
+    """Views of two sizes, interleaved: every view's box and flip, in view order, say which
+    part of the image it shows, in all three loaders."""
+    marked, rects = marked_image_set(12, on_disk=tmp_path / "marked" if on_disk else None)
+    sampler = EpochBatchSampler(12, 4, seed=0)
+    views = [geometry_view(24), geometry_view(12), geometry_view(24), geometry_view(12)]
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        loader = build_train_loader(marked, sampler, views, pipeline=pipeline, device=CPU,
+                                    seed=1)
+        batches = list(loader)
+        assert [view.shape[-1] for view in batches[0].views] == [24, 12, 24, 12]
+        check_marks(batches, rects)

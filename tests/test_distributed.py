@@ -27,11 +27,12 @@ SMALL = ["model.width=0.125", "data.image_size=16", "train.batch_size=8",
              "barlow_twins": ("proj_hidden_dim", "proj_output_dim"),
              "vicreg": ("proj_hidden_dim", "proj_output_dim"),
              "simclr": ("proj_hidden_dim", "proj_output_dim"),
-             "mocov3": ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim")}.items()
+             "mocov3": ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"),
+             "dino": ("proj_hidden_dim", "bottleneck_dim", "num_prototypes")}.items()
            for dim in dims]]
 # The five bases and the baselines on the same Siamese step (global negatives: SimCLR's
-# gathered with gradient, MoCo v3's keys without).
-SIAMESE = (*BUILTIN_METHODS, "simclr", "mocov3")
+# gathered with gradient, MoCo v3's keys without; DINO's teacher on both views at once).
+SIAMESE = (*BUILTIN_METHODS, "simclr", "mocov3", "dino")
 
 
 def eval_mode_method(name: str):

@@ -43,6 +43,7 @@ from mixmask.data.gpu_ops import (
     resized_crop,
     solarize,
 )
+from mixmask.data.multi_size_augment import MultiSizeViewAugment
 from mixmask.data.transforms import view_transform
 from mixmask.data.views import ViewConfig, preset_views
 
@@ -367,11 +368,13 @@ def test_a_view_of_images_cropped_elsewhere_matches_torchvision_without_the_crop
 DRAWS = 20_000
 
 
-def torchvision_crop_boxes(draws: int, height: int, width: int, seed: int) -> torch.Tensor:
+def torchvision_crop_boxes(draws: int, height: int, width: int, seed: int,
+                           scale: tuple[float, float] = (0.2, 1.0)) -> torch.Tensor:
     torch.manual_seed(seed)
     image = torch.empty(3, height, width)
     return torch.tensor(
-        [T.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)],
+        [T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+         for _ in range(draws)],
         dtype=torch.float64,
     )
 
@@ -714,3 +717,142 @@ def test_user_errors_are_short_sentences():
         gaussian_blur(random_images(), torch.ones(8), 4)
     with pytest.raises(ValueError, match="too large for 20x24 images"):
         gaussian_blur(random_images(), torch.ones(8), 41)
+
+
+# -- views of several sizes (DINO's multi-crop) -------------------------------------------
+
+# DINO's multi-crop at CIFAR scale (arXiv 2104.14294, sec. 3 and app.: global crops scale
+# (0.4, 1) at the image size, local crops (0.05, 0.4) at about 0.4 of it), with BYOL's
+# asymmetric colour ops on the two global views.
+GLOBAL_VIEWS = [dataclasses.replace(view, scale=(0.4, 1.0)) for view in preset_views("byol", 32)]
+LOCAL_VIEW = ViewConfig(16, scale=(0.05, 0.4), blur_p=0.5)
+
+
+def test_one_group_of_views_is_batched_view_augment_to_the_bit():
+    """Every preset's views share one size: MultiSizeViewAugment is then its one
+    BatchedViewAugment, call for call, the views and every parameter bit-identical."""
+    images = torch.randint(0, 256, (6, 3, 36, 32), dtype=torch.uint8, generator=seeded())
+    crops = [torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=seeded(1 + k))
+             for k in range(3)]
+    for preset, size, num_views in (("cifar", 32, 2), ("mocov2", 32, 2), ("byol", 16, 3),
+                                    ("siameseim", 16, 1)):
+        configs = preset_views(preset, size, num_views)
+        single = BatchedViewAugment(configs, mean=MEAN, std=STD, channels_last=True)
+        multi = MultiSizeViewAugment(configs, mean=MEAN, std=STD, channels_last=True)
+        assert len(multi.groups) == 1 and multi.members == (tuple(range(num_views)),)
+        assert multi.views == single.views and multi.num_views == num_views
+        calls = [(single(images, seeded(7)), multi(images, seeded(7)))]
+        if size == 16:
+            calls.append((single.augment_crops(crops[:num_views], seeded(8)),
+                          multi.augment_crops(crops[:num_views], seeded(8))))
+        for (expected_views, expected), (views, params) in calls:
+            assert all(torch.equal(a, b) for a, b in zip(views, expected_views, strict=True))
+            assert all(view.is_contiguous(memory_format=torch.channels_last) for view in views)
+            for name, value in expected.__dict__.items():
+                assert torch.equal(getattr(params, name), value), name
+
+
+@pytest.mark.parametrize("order", ["globals_first", "interleaved"])
+def test_views_of_several_sizes_are_each_groups_views_put_back_in_view_order(order):
+    """One group per size, drawn in the order of each group's first view from the one
+    generator, each group as its own BatchedViewAugment makes it; views, boxes and flips
+    come back in view order."""
+    configs = GLOBAL_VIEWS + [LOCAL_VIEW] * 4
+    if order == "interleaved":
+        configs = [LOCAL_VIEW, GLOBAL_VIEWS[0], LOCAL_VIEW, LOCAL_VIEW, GLOBAL_VIEWS[1],
+                   LOCAL_VIEW]
+    images = torch.randint(0, 256, (5, 3, 36, 40), dtype=torch.uint8, generator=seeded())
+    augment = MultiSizeViewAugment(configs, mean=MEAN, std=STD)
+    views, params = augment(images, seeded(3))
+    members = [[k for k, c in enumerate(configs) if c.image_size == size]
+               for size in dict.fromkeys(c.image_size for c in configs)]
+    assert augment.members == tuple(map(tuple, members))
+    # The independent calculation: one BatchedViewAugment per size, in the order of each
+    # size's first view, on one generator.
+    generator, expected_views, expected_rows = seeded(3), {}, {}
+    for indices in members:
+        group = BatchedViewAugment([configs[k] for k in indices], mean=MEAN, std=STD)
+        group_views, group_params = group(images, generator)
+        for position, k in enumerate(indices):
+            expected_views[k] = group_views[position]
+            expected_rows[k] = rows_of(group_params, slice(5 * position, 5 * (position + 1)))
+    assert len(views) == 6
+    for k, (view, config) in enumerate(zip(views, configs, strict=True)):
+        assert view.shape == (5, 3, config.image_size, config.image_size)
+        assert torch.equal(view, expected_views[k])
+        for name, value in rows_of(params, slice(5 * k, 5 * (k + 1))).__dict__.items():
+            assert torch.equal(value, getattr(expected_rows[k], name)), (k, name)
+    assert params.boxes.shape == (30, 4) and params.flip.shape == (30,)
+    # sample_params draws the same, in view order.
+    drawn = augment.sample_params(5, 36, 40, generator=seeded(3))
+    assert all(torch.equal(value, getattr(params, name)) for name, value in drawn.__dict__.items())
+    if order == "globals_first":  # the global views draw first: the single-size pipeline's
+        (first, second), _ = BatchedViewAugment(GLOBAL_VIEWS, mean=MEAN, std=STD)(images,
+                                                                                  seeded(3))
+        assert torch.equal(views[0], first) and torch.equal(views[1], second)
+
+
+def test_views_of_several_sizes_are_deterministic_and_never_read_back_to_the_host():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=seeded())
+    augment = MultiSizeViewAugment(GLOBAL_VIEWS + [LOCAL_VIEW] * 4, mean=MEAN, std=STD)
+    crops = [torch.randint(0, 256, (6, 3, s, s), dtype=torch.uint8, generator=seeded(s))
+             for s in (32, 32, 16, 16, 16, 16)]
+    first, _ = augment(images, seeded(5))
+    augment.augment_crops(crops, seeded(5))  # mean/std to the device once, outside the recorder
+    with HostSyncRecorder() as recorder:
+        again, _ = augment(images, seeded(5))
+        augment.augment_crops(crops, seeded(5))
+    assert recorder.syncing_ops == []
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other, _ = augment(images, seeded(6))
+    assert not torch.equal(other[2], first[2])
+    # Four local views of one image differ from each other.
+    pairs = itertools.combinations(range(2, 6), 2)
+    assert all(not torch.equal(first[a], first[b]) for a, b in pairs)
+
+
+def test_augment_crops_of_several_sizes_is_each_groups_augment_crops_in_view_order():
+    configs = [GLOBAL_VIEWS[0], LOCAL_VIEW, GLOBAL_VIEWS[1], LOCAL_VIEW]
+    crops = [torch.randint(0, 256, (4, 3, c.image_size, c.image_size), dtype=torch.uint8,
+                           generator=seeded(k)) for k, c in enumerate(configs)]
+    augment = MultiSizeViewAugment(configs, mean=MEAN, std=STD)
+    boxes = torch.arange(4 * 4 * 4).view(-1, 4)
+    views, params = augment.augment_crops(crops, seeded(2), boxes=boxes)
+    assert params.boxes is boxes
+    generator = seeded(2)
+    global_augment = BatchedViewAugment(GLOBAL_VIEWS, mean=MEAN, std=STD)
+    local_augment = BatchedViewAugment([LOCAL_VIEW] * 2, mean=MEAN, std=STD)
+    global_views, global_params = global_augment.augment_crops([crops[0], crops[2]], generator)
+    local_views, local_params = local_augment.augment_crops([crops[1], crops[3]], generator)
+    for view, expected in zip(views, [global_views[0], local_views[0], global_views[1],
+                                      local_views[1]], strict=True):
+        assert torch.equal(view, expected)
+    flips = torch.cat([global_params.flip[:4], local_params.flip[:4], global_params.flip[4:],
+                       local_params.flip[4:]])
+    assert torch.equal(params.flip, flips)
+    with pytest.raises(ValueError, match="Expected 4 crops"):
+        augment.augment_crops(crops[:3], seeded(2))
+    with pytest.raises(ValueError, match="crop=False needs one 32x32 image"):
+        augment.augment_crops([crops[1]] * 4, seeded(2))
+    with pytest.raises(ValueError, match="at least one view"):
+        MultiSizeViewAugment([], mean=MEAN, std=STD)
+
+
+def test_local_boxes_follow_torchvisions_distribution_with_their_own_scale():
+    """The local views (the second group, drawn after the global views) draw boxes as
+    RandomResizedCrop(16, scale=(0.05, 0.4)) does on the source image, inside it; the
+    global views as RandomResizedCrop(32, scale=(0.4, 1))."""
+    augment = MultiSizeViewAugment(GLOBAL_VIEWS + [LOCAL_VIEW] * 2, mean=MEAN, std=STD)
+    params = augment.sample_params(DRAWS // 4, 32, 32, generator=seeded(12))
+    draws = DRAWS // 2
+    for rows, scale in ((slice(0, draws), (0.4, 1.0)), (slice(draws, 2 * draws), (0.05, 0.4))):
+        ours = params.boxes[rows].double()
+        top, left, box_height, box_width = ours.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (box_height >= 1).all()
+        assert (top + box_height <= 32).all() and (left + box_width <= 32).all()
+        theirs = torchvision_crop_boxes(draws, 32, 32, seed=13, scale=scale)
+        for column in range(4):
+            statistic = ks_statistic(ours[:, column], theirs[:, column])
+            assert statistic < ks_bound(draws, draws), (scale, column)
+        area = (box_height * box_width / 32**2).mean()
+        assert abs(area - (theirs[:, 2] * theirs[:, 3] / 32**2).mean()) < 0.01, scale

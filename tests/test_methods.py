@@ -16,7 +16,7 @@ from mixmask.methods.siamese.base import Embedding, SiameseMethod
 from mixmask.ops.mixing import permutation_partner, sample_mixmask, sample_unmix
 from mixmask.ops.optim import build_optimizer, param_groups_for_lars
 
-BASES = ("mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "simclr", "mocov3")
+BASES = ("mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "simclr", "mocov3", "dino")
 MASKINGS = ("none", "erase", "mixmask", "unmix", "both")
 # Small heads so a step takes milliseconds.
 TINY_HEADS = [f"method.{base}.{key}={dim}" for base, keys in {
@@ -27,6 +27,7 @@ TINY_HEADS = [f"method.{base}.{key}={dim}" for base, keys in {
     "vicreg": ("proj_hidden_dim", "proj_output_dim"),
     "simclr": ("proj_hidden_dim", "proj_output_dim"),
     "mocov3": ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"),
+    "dino": ("proj_hidden_dim", "bottleneck_dim", "num_prototypes"),
 }.items() for key, dim in zip(keys, (64, 32, 32), strict=False)]
 
 
@@ -264,7 +265,11 @@ def test_erase_replaces_the_online_view_and_keeps_the_target_clean():
     assert 0.3 < changed < 0.7  # half of the cells filled with noise
 
 
-@pytest.mark.parametrize("base", BASES)
+# DINO is left out: its loss starts at log K (a near-uniform teacher over K prototypes) and
+# its normalised bottleneck narrows in the first steps before it spreads (centring and
+# sharpening act over epochs: DINO, "Avoiding collapse", Fig. 7), so 12 steps cannot tell
+# it from collapse; test_dino.py checks its teacher's centring and sharpening instead.
+@pytest.mark.parametrize("base", [base for base in BASES if base != "dino"])
 def test_a_few_steps_on_real_images_do_not_collapse(base, cifar10_tarball):
     """Collapse guard (SimSiam sec. 4.1's diagnostic): after 12 LARS steps on real CIFAR-10
     views, the per-dimension std of the L2-normalised projections stays well above 0 (a

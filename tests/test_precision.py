@@ -173,7 +173,7 @@ REAL_BATCH_CASES = {
                 ["model.width=0.25"] if recipe.endswith("r18") else [])
        for recipe in ("a2mim_r18", "a2mim_vit_tiny", "mae_vit_tiny", "pixmim_vit_tiny",
                       "siameseim_r18", "siameseim_vit_tiny", "convmae_tiny",
-                      "mixmask_mocov2_convnext")},
+                      "mixmask_mocov2_convnext", "simmim_r18", "simmim_vit_tiny")},
 }
 
 

@@ -216,6 +216,9 @@ class TrainConfig:
     momentum: float = 0.9  # sgd, lars
     betas: tuple[float, float] = (0.9, 0.999)  # adamw (MAE: 0.9, 0.95)
     weight_decay: float = 5e-4
+    # A cosine from train.weight_decay to this over training, per step, on every decayed
+    # group (DINO's and iBOT's weight-decay schedule: 0.04 -> 0.4); -1 = constant.
+    weight_decay_end: float = -1.0
     lars_eta: float = 0.02
     # Clip the LARS trust ratio so the adapted lr never exceeds train.lr (solo-learn clip_lr).
     lars_clip_lr: bool = True

@@ -67,6 +67,9 @@ def validate(config: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}.")
+    if config.train.weight_decay_end < 0 and config.train.weight_decay_end != -1:
+        raise ConfigError("'train.weight_decay_end' must be 0 or more (or -1: constant), got "
+                          f"{config.train.weight_decay_end}.")
     if not 0.0 <= config.model.drop_path_rate < 1.0:
         raise ConfigError("'model.drop_path_rate' must lie in [0, 1), got "
                           f"{config.model.drop_path_rate}.")

@@ -6,6 +6,7 @@ from mixmask.data.datasets import DATASET_STATS, load_image_set
 from mixmask.data.gpu_augment import BatchedViewAugment
 from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import EpochBatchSampler, EvalDataset, MultiViewDataset
+from mixmask.data.multi_size_augment import MultiSizeViewAugment
 from mixmask.data.pipeline import build_train_loader
 from mixmask.data.transforms import eval_transform, view_transform
 from mixmask.data.views import AUGMENTATION_PRESETS, ViewConfig, preset_views
@@ -19,6 +20,7 @@ __all__ = [
     "EpochBatchSampler",
     "EvalDataset",
     "ImageSet",
+    "MultiSizeViewAugment",
     "MultiViewDataset",
     "ViewConfig",
     "build_train_loader",

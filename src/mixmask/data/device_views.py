@@ -2,13 +2,17 @@
 
 * :class:`DeviceViews`, for datasets that fit in memory (CIFAR, STL-10, Tiny-ImageNet):
   the whole uint8 image tensor lives on the device (CIFAR-10: 147 MiB), each step indexes
-  its batch and augments it with :class:`~mixmask.data.gpu_augment.BatchedViewAugment`.
+  its batch and augments it with :class:`~mixmask.data.multi_size_augment.MultiSizeViewAugment`
+  (one :class:`~mixmask.data.gpu_augment.BatchedViewAugment` per group of views that share
+  a size; every preset is one group).
   No DataLoader workers, no host decode, no host-to-device copy per step.
 * :class:`DecodedViews`, for ImageFolder files too large to hold decoded: DataLoader
   workers decode each image and cut every view's crop
   (:class:`~mixmask.data.loaders.CropDataset`), the uint8 batch is pinned (on CUDA) and
   copied with ``non_blocking=True``, and the flip and the photometric ops run batched on
-  the device (``BatchedViewAugment.augment_crops``).
+  the device (``MultiSizeViewAugment.augment_crops``). Views of several sizes (DINO's
+  multi-crop: global and local views) are cut each at its own size and cross as one uint8
+  tensor per view.
 
 :func:`mixmask.data.pipeline.build_train_loader` picks one for an
 :class:`~mixmask.data.image_set.ImageSet`. Both iterate
@@ -29,9 +33,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mixmask.data.batch import UNLABELED, Batch
-from mixmask.data.gpu_augment import BatchedViewAugment
 from mixmask.data.image_set import ImageSet
 from mixmask.data.loaders import CropDataset, collate_views, ignore_stop_signals
+from mixmask.data.multi_size_augment import MultiSizeViewAugment
 from mixmask.data.views import ViewConfig
 
 __all__ = ["DecodedViews", "DeviceViews"]
@@ -47,8 +51,8 @@ class _DeviceAugmentedViews:
                  views: Sequence[ViewConfig], *, device: torch.device, seed: int, rank: int,
                  channels_last: bool):
         device = torch.device(device)
-        self.augment = BatchedViewAugment(views, mean=image_set.mean, std=image_set.std,
-                                          channels_last=channels_last)
+        self.augment = MultiSizeViewAugment(views, mean=image_set.mean, std=image_set.std,
+                                            channels_last=channels_last)
         self.batch_sampler = batch_sampler
         self.device, self.seed, self.rank = device, seed, rank
         self.generator = torch.Generator(device=device)

@@ -33,7 +33,9 @@ BYOL's two differ in ``blur_p`` and ``solarize_p``):
   :func:`~mixmask.data.views.preset_views`), :func:`apply_view`,
   :class:`BatchedViewAugment` (``__call__`` crops on the device; ``augment_crops`` takes
   views cropped elsewhere, e.g. by DataLoader workers that decode files:
-  :class:`mixmask.data.device_views.DecodedViews`).
+  :class:`mixmask.data.device_views.DecodedViews`);
+  :class:`mixmask.data.multi_size_augment.MultiSizeViewAugment` for views of several
+  sizes (DINO's multi-crop): one BatchedViewAugment per group of views that can share one.
 
 The ops, how they differ from the PIL pipeline and what they cost:
 :mod:`mixmask.data.gpu_ops`.
@@ -60,6 +62,7 @@ from mixmask.data.gpu_ops import (
 from mixmask.data.views import ViewConfig, preset_views, require_device_support
 
 __all__ = [
+    "SHARED_ATTRIBUTES",
     "BatchedViewAugment",
     "ViewParams",
     "apply_view",
@@ -308,6 +311,12 @@ def apply_view(
     return out
 
 
+# What the views of one BatchedViewAugment share: its V * B rows are one batch, resampled
+# to one size with one filter, blurred with one kernel size, solarized at one threshold.
+SHARED_ATTRIBUTES = ("image_size", "antialias", "interpolation", "kernel_size",
+                     "solarize_threshold")
+
+
 class BatchedViewAugment:
     """N independently augmented, normalised float32 views of a uint8 batch, on the
     batch's device; the tensor counterpart of N
@@ -318,8 +327,9 @@ class BatchedViewAugment:
 
     views: one :class:`ViewConfig` per view, in view order; they must share
     ``image_size``, ``antialias``, ``interpolation``, the blur kernel size and
-    ``solarize_threshold``
-    (probabilities and ranges may differ, as BYOL's asymmetric views do). All views run as
+    ``solarize_threshold`` (:data:`SHARED_ATTRIBUTES`; probabilities and ranges may
+    differ, as BYOL's asymmetric views do; views that differ in those, as multi-crop's
+    global and local views: :class:`MultiSizeViewAugment`). All views run as
     one batch of V * B rows, so the op count and kernel launches do not grow with V.
     channels_last: return the views in ``torch.channels_last`` memory format.
 
@@ -342,8 +352,7 @@ class BatchedViewAugment:
             raise ValueError("BatchedViewAugment needs at least one view.")
         require_device_support(views)
         first = views[0]
-        for name in ("image_size", "antialias", "interpolation", "kernel_size",
-                     "solarize_threshold"):
+        for name in SHARED_ATTRIBUTES:
             for other in views[1:]:
                 if getattr(first, name) != getattr(other, name):
                     raise ValueError(

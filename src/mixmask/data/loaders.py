@@ -150,7 +150,9 @@ class MultiViewDataset(Dataset):
 
 class CropDataset(Dataset):
     """Items, for keys ``(index, epoch)``, are ``(crops, label, boxes, epoch)``: a tuple of
-    V uint8 crops [3, S, S], each the image's RandomResizedCrop for that view
+    V uint8 crops [3, S_v, S_v] (S_v the view's ``image_size``: views may differ in size,
+    as multi-crop's global and local views do, and collate into one tensor per view),
+    each the image's RandomResizedCrop for that view
     (torchvision's box distribution with the view's ``scale`` and ``ratio``, and its PIL
     resize: antialiased, the view's ``interpolation``), their boxes int64 [V, 4] (top,
     left, height, width in source pixels), drawn view by view from a generator seeded by
@@ -158,14 +160,12 @@ class CropDataset(Dataset):
 
     Only the geometry runs here, so a DataLoader worker decodes and crops and the batch
     crosses to the device as uint8 (a quarter of float32's bytes); the flip and the
-    photometric rest run there, batched (``BatchedViewAugment.augment_crops``).
+    photometric rest run there, batched (``MultiSizeViewAugment.augment_crops``).
     """
 
     def __init__(self, image_set: ImageSet, views: Sequence[ViewConfig], seed: int):
         if not views:
             raise ValueError("CropDataset needs at least one view.")
-        if len({view.image_size for view in views}) != 1:
-            raise ValueError("All views must have the same image_size.")
         self.image_set, self.views, self.seed = image_set, tuple(views), seed
 
     def __len__(self) -> int:

@@ -49,13 +49,15 @@ view 1, view 2, view 1, ..., so any even number of views holds as many of each.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mixmask.errors import ConfigError
 
-__all__ = ["AUGMENTATION_PRESETS", "ViewConfig", "preset_views", "require_device_support"]
+__all__ = ["AUGMENTATION_PRESETS", "ViewConfig", "multi_crop_views", "preset_views",
+           "require_device_support"]
 
 
 def _blur_kernel_size(image_size: int) -> int:
@@ -81,7 +83,11 @@ class ViewConfig:
     Defaults are the "cifar" preset (MoCo v2 aug+ without blur). The views of one
     :class:`~mixmask.data.gpu_augment.BatchedViewAugment` must share ``image_size``,
     ``antialias``, ``interpolation``, the blur kernel size and ``solarize_threshold``;
-    probabilities and ranges may differ.
+    probabilities and ranges may differ. Both pipelines take views that differ in those
+    too (DINO's multi-crop: 2 global views at the image size and K local ones smaller):
+    the CPU pipeline collates each view on its own, the device pipeline runs one
+    BatchedViewAugment per group of alike views
+    (:class:`~mixmask.data.multi_size_augment.MultiSizeViewAugment`).
     """
 
     image_size: int
@@ -163,6 +169,23 @@ def preset_views(preset: str, image_size: int, num_views: int = 2) -> list[ViewC
         raise ValueError(f"num_views must be at least 1, got {num_views}.")
     fields = _PRESETS[preset]
     return [ViewConfig(image_size, **fields[k % len(fields)]) for k in range(num_views)]
+
+
+def multi_crop_views(preset: str, image_size: int, *, global_scale: tuple[float, float],
+                     local_crops: int, local_size: int,
+                     local_scale: tuple[float, float]) -> list[ViewConfig]:
+    """DINO's multi-crop (Caron et al. 2021, arXiv 2104.14294, sec. 3.1;
+    ``main_dino.py: DataAugmentationDINO``): the preset's two views at ``image_size`` with
+    crop scale ``global_scale``, then ``local_crops`` views of ``local_size`` px with crop
+    scale ``local_scale``. A local view takes the preset's first view's colour ops with no
+    solarisation and a blur probability of at most 0.5 (DINO's local transform: BYOL's
+    colours, blur p 0.5; a preset without blur, as at 32 px, keeps none)."""
+    global_views = [dataclasses.replace(view, scale=tuple(global_scale))
+                    for view in preset_views(preset, image_size, 2)]
+    first = global_views[0]
+    local = dataclasses.replace(first, image_size=local_size, scale=tuple(local_scale),
+                                solarize_p=0.0, blur_p=min(first.blur_p, 0.5))
+    return [*global_views, *([local] * local_crops)]
 
 
 def require_device_support(views: Sequence[ViewConfig]) -> None:

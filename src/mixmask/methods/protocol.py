@@ -1,8 +1,9 @@
 """The one protocol between the engine and every method.
 
 The engine knows no method: it builds the registered class of ``method.name``, asks it for
-its views and parameter groups, and each step calls :meth:`Method.training_step` and,
-after the optimizer step, :meth:`Method.after_optimizer_step`. Evaluation calls
+its views and parameter groups, and each step calls :meth:`Method.training_step`, before the
+optimizer step :meth:`Method.before_optimizer_step` and after it
+:meth:`Method.after_optimizer_step`. Evaluation calls
 :meth:`Method.features`. A new method is one file::
 
     @dataclass
@@ -172,6 +173,10 @@ class Method(nn.Module):
         """The loss of one batch. ``generator`` lives on the batch's device (masks, mixes);
         ``progress`` in [0, 1] is the share of training done (schedules)."""
         raise NotImplementedError
+
+    def before_optimizer_step(self, progress: float) -> None:
+        """After the backward and the gradient clipping, before ``optimizer.step()``: a
+        method may drop gradients here (DINO's last layer, frozen in the first epoch)."""
 
     def after_optimizer_step(self, output: StepOutput, progress: float) -> None:
         """After ``optimizer.step()``: EMA targets, queues (from ``output.targets``)."""

@@ -15,8 +15,8 @@ shape. Differences from timm's defaults, all MAE's:
 Besides the pooled forward, the masked-image-modeling entry points: all tokens
 (:meth:`ViTBackbone.forward_tokens`), MAE's encoder on the visible patches only
 (:meth:`ViTBackbone.forward_visible`), and A2MIM's residual mask token added at a chosen
-depth (:meth:`ViTBackbone.forward_with_mask_token`). Pixels to patches and back:
-:func:`patchify`, :func:`unpatchify`.
+depth or SimMIM's replacing one (:meth:`ViTBackbone.forward_with_mask_token`). Pixels to
+patches and back: :func:`patchify`, :func:`unpatchify`.
 """
 
 from __future__ import annotations
@@ -239,8 +239,20 @@ class ViTBackbone(nn.Module):
 
     # -- pieces ---------------------------------------------------------------------------
     def embed_patches(self, images: Tensor) -> Tensor:
-        """Patch tokens plus their position embeddings, without the cls token: [B, N, D]."""
-        return self.patch_embed(images) + self.pos_embed[:, 1:]
+        """Patch tokens plus their position embeddings, without the cls token: [B, N, D].
+        At another input size than the built one (DINO's local crops, ViTDet's larger
+        inputs), any size the patch divides, the position embedding is resampled to the
+        input's grid (bicubic, timm's ``resample_abs_pos_embed``; DINO's
+        ``interpolate_pos_encoding`` and ViTDet, arXiv 2203.16527 sec. 4.1, do the same)."""
+        if tuple(images.shape[-2:]) == tuple(self.patch_embed.img_size):
+            return self.patch_embed(images) + self.pos_embed[:, 1:]
+        from timm.layers import resample_abs_pos_embed
+
+        grid = self.patch_embed.proj(images)
+        patches = self.patch_embed.norm(grid.flatten(2).transpose(1, 2))
+        position = resample_abs_pos_embed(self.pos_embed, list(grid.shape[-2:]),
+                                          list(self.grid_size), num_prefix_tokens=1)
+        return patches + position[:, 1:]
 
     def prepend_cls(self, patch_tokens: Tensor) -> Tensor:
         # The cls token's position embedding is the zero row; added anyway, as MAE and timm.
@@ -262,21 +274,9 @@ class ViTBackbone(nn.Module):
 
     def feature_map(self, images: Tensor) -> Tensor:
         """The patch tokens after the blocks and ``norm`` as a map [B, D, h, w], at any input
-        size the patch divides: the position embedding is resampled (bicubic, timm's
-        ``resample_abs_pos_embed``) to the input's grid, as ViTDet does for its larger
-        detection inputs (arXiv 2203.16527 sec. 4.1); at the built size it is unchanged."""
-        from timm.layers import resample_abs_pos_embed
-
-        grid = self.patch_embed.proj(images)
-        side_h, side_w = grid.shape[-2:]
-        patches = self.patch_embed.norm(grid.flatten(2).transpose(1, 2))
-        position = self.pos_embed
-        if (side_h, side_w) != self.grid_size:
-            position = resample_abs_pos_embed(position, [side_h, side_w], list(self.grid_size),
-                                              num_prefix_tokens=1)
-        cls = (self.cls_token + position[:, :1]).expand(len(images), -1, -1)
-        tokens = torch.cat([cls, patches + position[:, 1:]], dim=1)
-        tokens = self.norm(self.blocks(tokens))[:, 1:]
+        size the patch divides (:meth:`embed_patches` resamples the position embedding)."""
+        side_h, side_w = (side // self.patch_size for side in images.shape[-2:])
+        tokens = self.forward_tokens(images)[:, 1:]
         return tokens.transpose(1, 2).reshape(len(images), self.embed_dim, side_h, side_w)
 
     @property
@@ -294,11 +294,16 @@ class ViTBackbone(nn.Module):
         return self.norm(self.blocks(self.prepend_cls(visible)))
 
     def forward_with_mask_token(self, images: Tensor, mask: Tensor, mask_token: Tensor,
-                                layer: int = 0) -> Tensor:
+                                layer: int = 0, *, replace: bool = False) -> Tensor:
         """All tokens [B, 1 + N, D], with ``mask_token`` [D] added to the masked patches'
         tokens (``mask`` [B, N] or [B, grid_h, grid_w], 1 = masked) just before block
         ``layer``: 0 = right after the patch and position embedding, ``depth`` = after the
         last block (before ``norm``).
+
+        ``replace=True`` (``layer`` 0 only): SimMIM's token (Xie et al., arXiv 2111.09886,
+        sec. 3.1; ``models/simmim.py: VisionTransformerForSimMIM.forward``), which takes the
+        place of the masked patches' embeddings before the position embedding is added, so
+        a masked patch keeps its position and nothing of its pixels.
 
         A2MIM (Li et al., arXiv 2205.13943) for ViTs, as its reference runs:
         openmixup ``SimMIMViT.forward_mask`` with ``replace=False`` (the A2MIM configs'
@@ -312,10 +317,17 @@ class ViTBackbone(nn.Module):
         """
         if not 0 <= layer <= self.depth:
             raise ValueError(f"layer must lie in 0..{self.depth}, got {layer}.")
+        if replace and layer != 0:
+            raise ValueError(f"replace=True puts the token at layer 0, got layer {layer}.")
         mask = mask.reshape(mask.shape[0], -1)
         if mask.shape[1] != self.num_patches:
             raise ValueError(f"mask has {mask.shape[1]} positions; this ViT has "
                              f"{self.num_patches} patches.")
+        if replace:
+            patches = self.patch_embed(images)
+            patches = torch.where(mask.bool()[..., None],
+                                  mask_token.reshape(1, 1, -1).to(patches.dtype), patches)
+            return self.norm(self.blocks(self.prepend_cls(patches + self.pos_embed[:, 1:])))
         tokens = self.prepend_cls(self.embed_patches(images))
         # No token on the cls position (the reference adds to x[:, 1:] only).
         weights = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)

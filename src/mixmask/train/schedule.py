@@ -28,6 +28,18 @@ def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
         1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def weight_decay(config: Config, step: int, steps_per_epoch: int) -> float:
+    """train.weight_decay, or with train.weight_decay_end >= 0 DINO's cosine_scheduler for
+    it (``utils.py``, no warm-up): from train.weight_decay at step 0 towards
+    train.weight_decay_end at the end of train.epochs."""
+    train = config.train
+    if train.weight_decay_end < 0:
+        return train.weight_decay
+    progress = step / max(1, train.epochs * steps_per_epoch)
+    return train.weight_decay_end + 0.5 * (train.weight_decay - train.weight_decay_end) * (
+        1.0 + math.cos(math.pi * progress))
+
+
 def cosine_epoch_lr(base: float, epoch: int, epochs: int) -> float:
     """torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch (evaluate.py):
     the lr of epoch ``epoch`` (0-based)."""

@@ -2,8 +2,9 @@
 anything else that trains a :class:`~mixmask.methods.protocol.Method` (finetuning).
 
 Views on the device -> the method's loss (under the caller's autocast; a Fabric-wrapped
-module brings its own) -> backward -> optimizer step -> gradients freed -> the method's
-after-step hook (EMA, queue). Nothing here reads a value back to the host.
+module brings its own) -> backward -> [clipping] -> the method's before-step hook (the
+gradients it drops) -> optimizer step -> gradients freed -> the method's after-step hook
+(EMA, queue). Nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     mask token at 0.1x, layer-wise decay)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Every decayed group's weight decay = ``weight_decay``; groups built without decay
+    (biases, norms, tokens) stay at 0 (DINO sets the regularised group's only)."""
+    for group in optimizer.param_groups:
+        if group.setdefault("decayed", group["weight_decay"] > 0):
+            group["weight_decay"] = weight_decay
 
 
 def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
@@ -76,6 +85,9 @@ def training_step(method: nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
             return output
     if clip_gradients is not None:
         output.logs["grad_norm"] = clip_gradients().detach()
+    before_step = getattr(method, "before_optimizer_step", None)
+    if before_step is not None:  # a plain model (finetuning) has none
+        before_step(progress)
     optimizer.step()
     # Gradients freed after the step, not before the next: no memory held between steps
     # (the parameters' size again).

@@ -33,9 +33,9 @@ from mixmask.runs.resume import rank_state
 from mixmask.train.fabric import device_name, grad_scaler, versions
 from mixmask.train.metrics_log import MetricsLog
 from mixmask.train.profiling import StepProfiler
-from mixmask.train.schedule import learning_rate
+from mixmask.train.schedule import learning_rate, weight_decay
 from mixmask.train.signals import StopSignals
-from mixmask.train.step import set_learning_rate, training_step
+from mixmask.train.step import set_learning_rate, set_weight_decay, training_step
 
 _STATE_FINITE = "_state_finite"  # the finite-state flag, read with each logged row
 
@@ -195,6 +195,9 @@ class Trainer:
                 break
             lr = learning_rate(config, step, self.steps_per_epoch)
             set_learning_rate(self.optimizer, lr)
+            if config.train.weight_decay_end >= 0:
+                set_weight_decay(self.optimizer,
+                                 weight_decay(config, step, self.steps_per_epoch))
             if self.profiler is not None:
                 self.profiler.before_step(step)
             output = training_step(method, self.optimizer, batch, self.generator,

@@ -163,6 +163,13 @@ class SiameseMethod(Method):
         ``generator`` is the step's, for any draw the target makes (MoCo's shuffle-BN)."""
         raise NotImplementedError
 
+    def target_embeddings(self, views: list[Tensor], indices: list[int],
+                          generator: torch.Generator) -> dict[int, Tensor]:
+        """The target network's embedding of each view in ``indices``, in that order (called
+        under no_grad): one :meth:`target_embedding` per view; a base whose reference runs
+        the target on all views in one batch (DINO's teacher) overrides this."""
+        return {index: self.target_embedding(views[index], generator) for index in indices}
+
     def target_from_online(self, embedding: Embedding) -> Tensor:
         """Target of a view from its online pass: its projection, with gradient (Barlow
         Twins, VICReg); a method with a stop-gradient (SimSiam) detaches it."""
@@ -211,15 +218,13 @@ class SiameseMethod(Method):
                 batches[(name, online_index)] = mix.images
         embeddings = self._embed_batches(batches)
 
-        targets: dict[int, Tensor] = {}
-        for online_index in online_views:
-            target_index = 1 - online_index
-            if self.has_target_network:
-                with torch.no_grad():
-                    targets[target_index] = self.target_embedding(views[target_index],
-                                                                  generator)
-            else:
-                targets[target_index] = self.target_from_online(embeddings[("view", target_index)])
+        target_indices = [1 - online_index for online_index in online_views]
+        if self.has_target_network:
+            with torch.no_grad():
+                targets = self.target_embeddings(views, target_indices, generator)
+        else:
+            targets = {index: self.target_from_online(embeddings[("view", index)])
+                       for index in target_indices}
 
         total = views[0].new_zeros(())
         logs: dict[str, Tensor] = {}
