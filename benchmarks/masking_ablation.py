@@ -15,6 +15,13 @@ GPU scale (full CIFAR-10, ResNet-18, batch 512, 200 epochs, bf16)::
 
     python benchmarks/masking_ablation.py --scale gpu --base byol data.root=...
 
+SimCLR and DINO (``--base simclr|dino``) run with their recipes of
+``benchmarks/peer_recipes.py`` (views, heads, temperatures, momentum: the ones their
+lightly comparison in ``time_to_accuracy.py`` uses) on the quickstart's budget::
+
+    python benchmarks/masking_ablation.py --base dino --strategies none erase mixmask \
+        --seeds 0 1 2 data.root=...
+
 Extra ``section.key=value`` overrides apply to every run (e.g. ``train.epochs=4``).
 """
 
@@ -24,6 +31,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +39,9 @@ import yaml
 
 from mixmask.config import load_config
 from mixmask.train.loop import pretrain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_recipes import PEER_RECIPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -62,12 +73,25 @@ def fragment_overrides(strategy: str) -> list[str]:
     return flatten(fragment, "")
 
 
+def base_overrides(base: str, scale: str, overrides: list[str]) -> list[str]:
+    """``method.name=BASE``; for SimCLR and DINO also their comparison recipe
+    (benchmarks/peer_recipes.py: views, optimizer, method keys), the masking left to the
+    strategy's fragment."""
+    if base not in PEER_RECIPES:
+        return [f"method.name={base}"]
+    recipe = PEER_RECIPES[base]
+    epochs = load_config(CONFIG, [*SCALES[scale], *overrides]).train.epochs
+    return [*recipe.shared_overrides(), *(item for item in recipe.method_overrides(epochs)
+                                          if not item.startswith("method.masking="))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="section.key=value for every run")
     parser.add_argument("--base", default="mocov2",
-                        choices=["mocov2", "byol", "simsiam", "barlow_twins", "vicreg"])
+                        choices=["mocov2", "byol", "simsiam", "barlow_twins", "vicreg",
+                                 *PEER_RECIPES])
     parser.add_argument("--strategies", nargs="+", default=["none", "erase", "mixmask"],
                         choices=["none", "erase", "mixmask", "unmix", "both"])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -80,12 +104,13 @@ def main() -> None:
     args.seeds = [int(item) for item in args.seeds if "=" not in item]
 
     out = Path(args.out)
+    base = base_overrides(args.base, args.scale, args.overrides)
     runs = []
     for seed in args.seeds:
         for strategy in args.strategies:
             run_dir = out / f"{args.base}_{strategy}_seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark starts afresh
-            overrides = [*SCALES[args.scale], f"method.name={args.base}",
+            overrides = [*SCALES[args.scale], *base,
                          *fragment_overrides(strategy), *args.overrides, f"train.seed={seed}",
                          "eval.knn=true", "eval.linear=true", "eval.compare_random_init=false",
                          "train.progress_bar=false", f"out_dir={run_dir}"]

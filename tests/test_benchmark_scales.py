@@ -34,6 +34,33 @@ def test_masking_ablation_gpu_scale_is_a_valid_config(base, strategy):
     assert (config.model.width, config.data.subset) == (1.0, 0)
 
 
+@pytest.mark.parametrize("recipe", ["cifar10/simclr_r18", "cifar10/dino_r18"])
+def test_time_to_accuracy_gpu_scale_takes_the_baselines_recipes(recipe):
+    """The SimCLR anchor (500 epochs) and DINO at the GPU scale: full CIFAR-10, width 1,
+    batch 512 on the device pipeline, the recipe's own method keys and optimizer."""
+    benchmark = load_benchmark("time_to_accuracy")
+    config = load_config(recipe, [*benchmark.SCALES["gpu"], "train.epochs=500"])
+    assert config.method.name == recipe.split("/")[1].split("_")[0]
+    assert (config.train.device, config.data.pipeline, config.train.optimizer) == (
+        "cuda", "device", "lars")
+    assert (config.train.batch_size, config.model.width, config.data.subset) == (512, 1.0, 0)
+
+
+@pytest.mark.parametrize("base", ["simclr", "dino"])
+@pytest.mark.parametrize("strategy", ["none", "erase", "mixmask"])
+def test_masking_ablation_takes_simclr_and_dino_with_their_peer_recipes(base, strategy):
+    ablation = load_benchmark("masking_ablation")
+    config = load_config(ablation.CONFIG, [
+        *ablation.SCALES["cpu"], *ablation.base_overrides(base, "cpu", []),
+        *ablation.fragment_overrides(strategy)])
+    assert (config.method.name, config.method.masking) == (base, strategy)
+    recipe = ablation.PEER_RECIPES[base]
+    assert config.data.augmentation == recipe.shared["data.augmentation"]
+    section = getattr(config.method, base)
+    for key, value in recipe.method_keys(config.train.epochs).items():
+        assert getattr(section, key) == (tuple(value) if isinstance(value, list) else value)
+
+
 def test_time_to_accuracy_gpu_scale_is_a_valid_config():
     benchmark = load_benchmark("time_to_accuracy")
     config = load_config(benchmark.CONFIG, [*benchmark.SCALES["gpu"], "monitor.knn=true",

@@ -245,6 +245,19 @@ def test_bad_settings_are_one_sentence(overrides):
     assert "\n" not in str(error.value)
 
 
+def test_sgd_trains_across_the_end_of_the_frozen_epoch(tmp_path):
+    """The prototypes' first gradient arrives in epoch 1, after every other parameter has a
+    momentum buffer: torch's fused SGD refuses that mix (a TypeError at the first step of
+    epoch 1), so the engine runs DINO's SGD unfused."""
+    config = load_config(None, [
+        "method.name=dino", *TINY, "data.dataset=synthetic", "data.subset=32",
+        "model.width=0.125", "train.batch_size=16", "train.epochs=2", "train.optimizer=sgd",
+        "train.fused_optimizer=true", "monitor.knn=false", "monitor.online_probe=false",
+        "eval.knn=false", "eval.linear=false", "train.progress_bar=false",
+        f"out_dir={tmp_path / 'run'}"])
+    assert pretrain(config)["steps"] == 4
+
+
 @pytest.mark.parametrize("recipe", ["dino_r18", "dino_vit_tiny"])
 def test_the_recipes_pretrain_on_real_cifar(recipe, tmp_path, cifar10_tarball):
     """`mixmask pretrain` of each CIFAR-10 recipe, 3 steps of 16 real images (the ViT with

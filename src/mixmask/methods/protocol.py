@@ -113,6 +113,9 @@ class Method(nn.Module):
     # that takes any count (multi-crop) sets variable_views and reads data.num_views.
     num_views: ClassVar[int] = 2
     variable_views: ClassVar[bool] = False
+    # before_optimizer_step sets some gradients to None for a while (DINO's frozen
+    # prototypes): the engine then avoids torch's fused SGD, which cannot take them back.
+    drops_gradients: ClassVar[bool] = False
 
     def __init__(self, config: Config, pixel_stats: PixelStats | None = None):
         super().__init__()

@@ -146,6 +146,11 @@ def build_parts(config: Config, fabric: Fabric, train_set: ImageSet, say) -> Par
     if train.fused_optimizer and not fused:
         say("Note: fp16 with gradient clipping runs the unfused optimizer (the gradients are "
             "unscaled before clipping, which a fused optimizer cannot take).")
+    if train.optimizer == "sgd" and getattr(method, "drops_gradients", False):
+        # Parameters whose gradients the method drops at first (DINO's prototypes in epoch
+        # 1) get their first gradient after the others have momentum buffers, a mix torch's
+        # fused SGD refuses: the multi-tensor update (the same update) runs instead.
+        fused = False
     optimizer = build_optimizer(
         train.optimizer, method.parameter_groups(train.optimizer), lr=train.lr,
         momentum=train.momentum, weight_decay=train.weight_decay, betas=train.betas,

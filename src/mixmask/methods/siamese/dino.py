@@ -61,6 +61,7 @@ class DINO(SiameseMethod):
     symmetric = True
     # Algorithm 1 averages the two teacher views' terms.
     symmetric_reduction = "mean"
+    drops_gradients = True  # the prototypes' in the first epoch(s)
 
     def __init__(self, config, pixel_stats=None):
         super().__init__(config, pixel_stats)
