@@ -132,7 +132,6 @@ from mixmask.data.views import ViewConfig, preset_views
 from mixmask.errors import MixmaskError
 from mixmask.eval.features import extract_features
 from mixmask.eval.knn import knn_top1
-from mixmask.methods import method_names
 from mixmask.models.backbones import build_backbone
 from mixmask.runs.checkpoint import read_checkpoint
 from mixmask.train.fabric import device_name, resolve_accelerator, versions
@@ -850,9 +849,6 @@ def peer_configs(method: str, *, scale: str, overrides: list[str], seed: int, ru
     configs = {lightly_name: lightly}
     if ours_name not in chosen:
         return configs
-    if recipe.name not in method_names():
-        raise MixmaskError(f"this mixmask has no {recipe.label} (method.name={recipe.name} is "
-                           "not registered); run --pipelines lightly for lightly's side alone.")
     # The method's keys before the command line's, so that one changing them shows below.
     ours = load_config(CONFIG, [*shared, *recipe.method_overrides(lightly.train.epochs),
                                 *given, f"out_dir={run_root / recipe.name}"])

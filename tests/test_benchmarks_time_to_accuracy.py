@@ -161,11 +161,6 @@ SMALL = ["model.width=0.125", "train.batch_size=16", "data.num_workers=0", "trai
          "data.dataset=synthetic", "data.eval_train_subset=32", "data.eval_test_subset=16"]
 
 
-def dino_registered() -> bool:
-    from mixmask.methods import method_names
-    return "dino" in method_names()
-
-
 def small_recipe(benchmark, name, **changes):
     """The method's recipe with test-sized heads (and any ``changes``), everything else as
     the benchmark has it."""
@@ -298,7 +293,7 @@ def test_the_recipe_is_the_one_place_both_sides_read(tmp_path, monkeypatch):
                          (lightly.transforms, "DINOTransform")]:
         spy_on(monkeypatch, module, name, calls)
     chosen = {"simclr": ["lightly SimCLR", "mixmask SimCLR"],
-              "dino": ["lightly DINO", "mixmask DINO"] if dino_registered() else ["lightly DINO"]}
+              "dino": ["lightly DINO", "mixmask DINO"]}
     for name in ("simclr", "dino"):
         configs = benchmark.peer_configs(name, scale="cpu",
                                          overrides=[*SMALL, "data.subset=32"], seed=0,
@@ -380,8 +375,6 @@ def test_peer_method_dino_runs_lightly_alone(tmp_path, monkeypatch):
     assert result["settings"]["lightly_transform"].startswith("DINOTransform(")
 
 
-@pytest.mark.skipif(not dino_registered(), reason="mixmask's DINO (method.name=dino) is not "
-                                                  "registered yet")
 def test_peer_method_dino_writes_both_rows(tmp_path, monkeypatch, capsys):
     pytest.importorskip("lightly")
     benchmark = load_script("benchmarks/time_to_accuracy.py")
@@ -399,17 +392,6 @@ def test_peer_method_dino_writes_both_rows(tmp_path, monkeypatch, capsys):
     assert resolved["method"]["dino"]["global_crop_scale"] == [0.08, 1.0]
     assert resolved["data"]["augmentation"] == "byol_cifar"
     assert "| mixmask DINO |" in benchmark.summarise_peer(tmp_path, "dino")
-
-
-@pytest.mark.skipif(dino_registered(), reason="mixmask's DINO is registered")
-def test_peer_method_dino_without_our_dino_says_to_run_lightly_alone(tmp_path, monkeypatch,
-                                                                     capsys):
-    pytest.importorskip("lightly")
-    benchmark = load_script("benchmarks/time_to_accuracy.py")
-    with pytest.raises(SystemExit) as exit_info:
-        run_peer(benchmark, monkeypatch, tmp_path, "--peer-method", "dino")
-    assert exit_info.value.code == 2
-    assert "--pipelines lightly" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, said", [
