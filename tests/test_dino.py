@@ -148,6 +148,16 @@ def test_without_local_crops_the_loss_is_the_two_global_directions():
     torch.testing.assert_close(output.loss, (directions[0] + directions[1]) / 2)
 
 
+def test_the_teacher_has_no_stochastic_depth():
+    """main_dino.py builds the student with drop_path_rate and the teacher without."""
+    config = load_config(ROOT / "configs" / "cifar10" / "dino_vit_tiny.yaml", TINY)
+    method = build_method(config)
+    rates = [[block.drop_path2.drop_prob if hasattr(block.drop_path2, "drop_prob") else 0.0
+              for block in network.blocks]
+             for network in (method.backbone, method.target_backbone)]
+    assert rates[0][-1] == pytest.approx(0.1) and rates[1] == [0.0] * len(rates[1])
+
+
 def test_the_views_are_two_globals_then_the_local_crops():
     method = _vit_dino(local_crops=3)
     views = method.view_configs()
@@ -245,13 +255,17 @@ def test_bad_settings_are_one_sentence(overrides):
     assert "\n" not in str(error.value)
 
 
-def test_sgd_trains_across_the_end_of_the_frozen_epoch(tmp_path):
+@pytest.mark.parametrize("name, model", [
+    ("dino", ["model.width=0.125"]),
+    ("ibot", ["model.backbone=vit_tiny", "model.patch_size=8"])])
+def test_sgd_trains_across_the_end_of_the_frozen_epoch(name, model, tmp_path):
     """The prototypes' first gradient arrives in epoch 1, after every other parameter has a
     momentum buffer: torch's fused SGD refuses that mix (a TypeError at the first step of
-    epoch 1), so the engine runs DINO's SGD unfused."""
+    epoch 1), so the engine runs the SGD of DINO and iBOT unfused."""
+    heads = [item.replace("method.dino.", f"method.{name}.") for item in TINY]
     config = load_config(None, [
-        "method.name=dino", *TINY, "data.dataset=synthetic", "data.subset=32",
-        "model.width=0.125", "train.batch_size=16", "train.epochs=2", "train.optimizer=sgd",
+        f"method.name={name}", *heads, "data.dataset=synthetic", "data.subset=32", *model,
+        "train.batch_size=16", "train.epochs=2", "train.optimizer=sgd",
         "train.fused_optimizer=true", "monitor.knn=false", "monitor.online_probe=false",
         "eval.knn=false", "eval.linear=false", "train.progress_bar=false",
         f"out_dir={tmp_path / 'run'}"])

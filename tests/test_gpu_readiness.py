@@ -107,7 +107,7 @@ PROBES = {
 }
 RECIPE_PROBES = ["mae_vit_tiny", "pixmim_vit_tiny", "a2mim_vit_tiny", "a2mim_r18",
                  "siameseim_vit_tiny", "siameseim_r18", "simmim_vit_tiny", "simmim_r18",
-                 "dino_r18", "dino_vit_tiny"]
+                 "dino_r18", "dino_vit_tiny", "ibot_vit_tiny"]
 
 
 def _probe_step(config) -> None:

@@ -71,6 +71,10 @@ class DINO(SiameseMethod):
         # copies all of it.
         self.projector = build_head(params, self.feature_dim)
         self.build_target_network()
+        # The reference builds its teacher without stochastic depth (main_dino.py: the
+        # student gets drop_path_rate, the teacher not); a deep copy would inherit it.
+        if hasattr(self.target_backbone, "set_drop_path"):
+            self.target_backbone.set_drop_path(0.0)
         self.register_buffer("center", torch.zeros(1, params.num_prototypes))
         # Set from progress at the start of each step (DINO: per epoch).
         self.current_teacher_temperature = params.warmup_teacher_temperature
