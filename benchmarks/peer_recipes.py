@@ -63,7 +63,8 @@ PEER_RECIPES = {
         # Temperature 0.2: solo-learn's CIFAR recipe (lightly's NTXentLoss defaults to 0.5,
         # SimCLR's CIFAR setting). NTXentLoss averages over the 2N anchors: "mean".
         method={"proj_hidden_dim": 512, "proj_output_dim": 256, "proj_layers": 2,
-                "temperature": 0.2, "symmetric_reduction": "mean"}),
+                "output_batch_norm": True, "temperature": 0.2,
+                "symmetric_reduction": "mean"}),
     "dino": PeerRecipe(
         "dino", "DINO",
         # solo-learn's CIFAR DINO: two global crops of its asymmetric views

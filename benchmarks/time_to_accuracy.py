@@ -113,6 +113,7 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -310,12 +311,14 @@ _TORCHVISION_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def _blur_difference(view: ViewConfig) -> str:
+    covers = view.kernel_size >= 2 * math.ceil(3 * view.blur_sigma[1]) + 1
     return (f"blur (p {view.blur_p}, sigma {view.blur_sigma[0]}-{view.blur_sigma[1]}): "
-            "lightly's GaussianBlur is PIL's GaussianBlur(radius=sigma), as solo-learn's, "
-            f"whose support grows with sigma; ours is torchvision's {view.kernel_size}x"
-            f"{view.kernel_size} kernel at {view.image_size} px (ViewConfig.kernel_size), so "
-            "lightly blurs more at large sigma; no SimCLRTransform / DINOTransform argument "
-            "sets a kernel")
+            "lightly's GaussianBlur is PIL's GaussianBlur(radius=sigma), as solo-learn's (box "
+            "blurs approximating a Gaussian, support growing with sigma); ours is torchvision's "
+            f"Gaussian {view.kernel_size}x{view.kernel_size} kernel at {view.image_size} px "
+            "(ViewConfig.kernel_size), " + (
+                "which covers +-3 sigma" if covers else "so lightly blurs more at large sigma")
+            + "; no SimCLRTransform / DINOTransform argument sets a kernel")
 
 
 def _crop_differences(view: ViewConfig, interpolation: str) -> list[str]:
@@ -602,7 +605,8 @@ def lightly_simclr(config, *, budget_s: float, max_steps: int | None = None, eva
     torch.manual_seed(config.train.seed)
     backbone, feature_dim = build_backbone(config.model, config.data.image_size)
     # lightly's head: Linear-BN-ReLU, then Linear (no bias) and BN on the output, as
-    # SimCLR's reference; ours (MLPHead) ends on a Linear with a bias and no BN.
+    # SimCLR's reference and ours (method.simclr.output_batch_norm); lightly's output BN
+    # also learns a shift, which the reference's (center=False) and ours do not.
     projection_head = SimCLRProjectionHead(feature_dim, keys["proj_hidden_dim"],
                                            keys["proj_output_dim"],
                                            num_layers=keys["proj_layers"])

@@ -1,20 +1,21 @@
-"""The seed papers' baselines (issue 28): SimCLR and MoCo v3 so far. Their losses against
-hand computations on tiny tensors, their step on the Siamese base (every masking value),
-and `mixmask pretrain` of their recipes on real CIFAR-10 images."""
+"""The seed papers' baselines (issue 28): SimCLR's and MoCo v3's losses against hand
+computations on tiny tensors, their step on the Siamese base (every masking value),
+`mixmask pretrain` of their recipes on real CIFAR-10 images; and every evaluation protocol
+on a run of each new method (DINO, SimMIM and iBOT have their own files too)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, pretrain_recipe_briefly, real_view_pairs
 
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
 from mixmask.methods import build_method
 from mixmask.ops.losses.siamese import moco_v3_loss, nt_xent
-from mixmask.train.loop import pretrain
 
 MASKINGS = ("none", "erase", "mixmask", "unmix", "both")
 
@@ -88,18 +89,6 @@ TINY = {"simclr": ["method.simclr.proj_hidden_dim=64", "method.simclr.proj_outpu
                    "method.mocov3.pred_hidden_dim=64"]}
 
 
-def _real_views(cifar10_tarball, count: int = 16):
-    from mixmask.data import load_image_set, preset_views, view_transform
-
-    image_set = load_image_set("imagefolder", str(cifar10_tarball), "train", subset=count)
-    first, second = (view_transform(view, image_set.mean, image_set.std)
-                     for view in preset_views("simclr", 32))
-    torch.manual_seed(0)
-    pairs = [(first(image_set.load_pil(index))[0], second(image_set.load_pil(index))[0])
-             for index in range(count)]
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-
-
 @pytest.mark.parametrize("masking", MASKINGS)
 @pytest.mark.parametrize("name", ["simclr", "mocov3"])
 def test_every_trainable_parameter_gets_a_gradient_on_real_views(name, masking,
@@ -108,7 +97,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_real_views(name, masking,
                                 "model.width=0.125", "train.batch_size=16", *TINY[name]])
     torch.manual_seed(0)
     method = build_method(config)
-    output = method.training_step(Batch.from_views(*_real_views(cifar10_tarball)),
+    output = method.training_step(Batch.from_views(*real_view_pairs(cifar10_tarball, "simclr")),
                                   torch.Generator().manual_seed(0), 0.3)
     assert torch.isfinite(output.loss)
     output.loss.backward()
@@ -119,6 +108,20 @@ def test_every_trainable_parameter_gets_a_gradient_on_real_views(name, masking,
     if name == "mocov3":  # the momentum encoder learns by EMA only
         assert all(not parameter.requires_grad
                    for parameter in method.target_backbone.parameters())
+
+
+def test_simclrs_projector_ends_in_a_scale_only_batch_norm_unless_asked_not_to():
+    """The reference's last linear_layer: no bias, then BN with center=False (a learnt scale,
+    no shift); solo-learn's CIFAR projector ends on a plain Linear."""
+    torch.manual_seed(0)
+    base = ["method.name=simclr", "model.width=0.125", *TINY["simclr"]]
+    projector = build_method(load_config(None, base)).projector
+    last_linear, norm = projector[-2], projector[-1]
+    assert last_linear.bias is None and isinstance(norm, torch.nn.BatchNorm1d)
+    assert norm.weight.requires_grad and not norm.bias.requires_grad
+    assert not norm.bias.any()
+    solo = build_method(load_config(None, [*base, "method.simclr.output_batch_norm=false"]))
+    assert isinstance(solo.projector[-1], torch.nn.Linear) and solo.projector[-1].bias is not None
 
 
 def test_mocov3_momentum_follows_the_cosine_to_one_and_the_vit_patch_projection_stays():
@@ -144,12 +147,37 @@ def test_the_recipes_pretrain_on_real_cifar(recipe, tmp_path, cifar10_tarball):
     """`mixmask pretrain` of each CIFAR-10 recipe, a few steps of 16 real images."""
     small = ["model.width=0.125"] if "r18" in recipe else []
     name = recipe.split("_")[0]
-    config = load_config(ROOT / "configs" / "cifar10" / f"{recipe}.yaml", [
-        f"data.root={cifar10_tarball}", "data.dataset=imagefolder", "data.subset=48",
-        "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "train.warmup_epochs=0",
-        "monitor.knn=false", "monitor.online_probe=false", "eval.knn=true", "eval.linear=false",
-        "data.eval_train_subset=64", "data.eval_test_subset=32", "train.progress_bar=false",
-        *small, *TINY[name], f"out_dir={tmp_path / 'run'}"])
-    summary = pretrain(config)
+    summary = pretrain_recipe_briefly(recipe, cifar10_tarball, tmp_path / "run", *small,
+                                      *TINY[name])
     assert summary["steps"] == 3 and summary["method"] == name
     assert 0 <= summary["knn_top1"] <= 100
+
+
+# --------------------------------------------------------------------------- evaluation
+
+EVALUATED = {  # recipe -> test-sized overrides
+    "simclr_r18": ["model.width=0.125", *TINY["simclr"]],
+    "mocov3_vit_tiny": TINY["mocov3"],
+    "dino_vit_tiny": ["method.dino.proj_hidden_dim=64", "method.dino.bottleneck_dim=16",
+                      "method.dino.num_prototypes=32"],
+    "simmim_r18": ["model.width=0.125"],
+    "ibot_vit_tiny": ["method.ibot.proj_hidden_dim=64", "method.ibot.bottleneck_dim=16",
+                      "method.ibot.num_prototypes=32"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(EVALUATED))
+def test_every_protocol_evaluates_the_baselines_runs(recipe, tmp_path, cifar10_tarball):
+    """Each issue-28 method's run folder through `mixmask knn`, `linear` (the MoCo
+    protocol) and `finetune` (1% of the labels): each writes its JSON with its protocol."""
+    from mixmask.cli import main
+
+    run = tmp_path / "run"
+    pretrain_recipe_briefly(recipe, cifar10_tarball, run, *EVALUATED[recipe])
+    assert main(["knn", str(run), "eval.knn_k=20"]) == 0
+    assert main(["linear", str(run), "--protocol", "moco", "eval.linear_epochs=1"]) == 0
+    assert main(["finetune", str(run), "--labels", "1%", "eval.finetune_epochs=1",
+                 "eval.finetune_batch_size=8"]) == 0
+    for name in ("knn", "linear_moco", "finetune_1pct"):
+        result = json.loads((run / "eval" / f"{name}.json").read_text())
+        assert result["protocol"] == name and 0 <= result["top1"] <= 100

@@ -124,7 +124,8 @@ def test_mim_ablation_variants_are_valid_configs(scale):
     for name, (recipe, variant, family) in benchmark.VARIANTS.items():
         config = load_config(benchmark.CONFIGS / recipe, [*benchmark.SCALES[scale], *variant,
                                                           *benchmark.EVALUATION[scale]])
-        assert config.method.name in ("mae", "a2mim", "mocov2", "siameseim"), name
+        assert config.method.name in ("mae", "a2mim", "mocov2", "siameseim", "simmim",
+                                      "ibot"), name
         # The finetune command's protocol file and overrides over this variant's run config.
         finetune = benchmark.FINETUNE[family][scale]
         layers = finetune[1:2] if finetune else []

@@ -192,7 +192,7 @@ def test_simclr_views_map_to_simclr_transform_parameter_by_parameter():
                          "random_gray_scale": 0.2, "gaussian_blur": 0.5, "sigmas": (0.1, 2.0),
                          "vf_prob": 0.0, "hf_prob": 0.5, "rr_prob": 0.0, "normalize": None}
     assert len(differences) == 1 and differences[0].startswith("blur")
-    assert "3x3" in differences[0] and "radius=sigma" in differences[0]
+    assert "13x13" in differences[0] and "radius=sigma" in differences[0]
 
 
 def test_dino_views_map_to_dino_transform_parameter_by_parameter():

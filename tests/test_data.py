@@ -581,6 +581,8 @@ def torchvision_compose(preset: str, view: int, size: int, mean, std) -> T.Compo
              T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
     if blur_p[view] > 0:
         kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+        if preset == "simclr":  # solo-learn's PIL blur reaches +-3 sigma: 2 x ceil(3 x 2) + 1
+            kernel = max(kernel, 13)
         steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p[view]))
     if solarize_p[view] > 0:
         steps.append(T.RandomSolarize(threshold=128, p=solarize_p[view]))

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT
+from helpers import ROOT, pretrain_recipe_briefly, real_view_pairs
 
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
@@ -197,25 +197,13 @@ def test_after_a_step_the_centre_and_the_teacher_move():
     torch.testing.assert_close(method.center, expected)
 
 
-def _real_views(cifar10_tarball, count: int = 16):
-    from mixmask.data import load_image_set, preset_views, view_transform
-
-    image_set = load_image_set("imagefolder", str(cifar10_tarball), "train", subset=count)
-    first, second = (view_transform(view, image_set.mean, image_set.std)
-                     for view in preset_views("byol_cifar", 32))
-    torch.manual_seed(0)
-    pairs = [(first(image_set.load_pil(index))[0], second(image_set.load_pil(index))[0])
-             for index in range(count)]
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-
-
 @pytest.mark.parametrize("masking", MASKINGS)
 def test_every_trainable_parameter_gets_a_gradient_on_real_views(masking, cifar10_tarball):
     config = load_config(None, ["method.name=dino", f"method.masking={masking}",
                                 "model.width=0.125", "train.batch_size=16", *TINY])
     torch.manual_seed(0)
     method = build_method(config)
-    output = method.training_step(Batch.from_views(*_real_views(cifar10_tarball)),
+    output = method.training_step(Batch.from_views(*real_view_pairs(cifar10_tarball, "byol_cifar")),
                                   torch.Generator().manual_seed(0), 0.3)
     assert torch.isfinite(output.loss)
     output.loss.backward()
@@ -277,12 +265,6 @@ def test_the_recipes_pretrain_on_real_cifar(recipe, tmp_path, cifar10_tarball):
     """`mixmask pretrain` of each CIFAR-10 recipe, 3 steps of 16 real images (the ViT with
     its 6 local 16 px crops, the weight-decay schedule and gradient clipping)."""
     small = ["model.width=0.125"] if "r18" in recipe else []
-    config = load_config(ROOT / "configs" / "cifar10" / f"{recipe}.yaml", [
-        f"data.root={cifar10_tarball}", "data.dataset=imagefolder", "data.subset=48",
-        "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "train.warmup_epochs=0",
-        "monitor.knn=false", "monitor.online_probe=false", "eval.knn=true", "eval.linear=false",
-        "data.eval_train_subset=64", "data.eval_test_subset=32", "train.progress_bar=false",
-        *small, *TINY, f"out_dir={tmp_path / 'run'}"])
-    summary = pretrain(config)
+    summary = pretrain_recipe_briefly(recipe, cifar10_tarball, tmp_path / "run", *small, *TINY)
     assert summary["steps"] == 3 and summary["method"] == "dino"
     assert 0 <= summary["knn_top1"] <= 100

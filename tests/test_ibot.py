@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import ROOT, free_port
+from helpers import free_port, pretrain_recipe_briefly, real_view_pairs
 from torch.nn.parallel import DistributedDataParallel
 
 from mixmask.config import load_config
@@ -26,7 +26,6 @@ from mixmask.ops.losses.distillation import (
     masked_token_mean,
     teacher_probabilities,
 )
-from mixmask.train.loop import pretrain
 
 TINY = ["method.ibot.proj_hidden_dim=64", "method.ibot.bottleneck_dim=16",
         "method.ibot.num_prototypes=32"]
@@ -259,18 +258,6 @@ def test_after_a_step_the_centres_follow_the_teacher_and_the_last_layers_freeze_
 # --------------------------------------------------------------------------- real images
 
 
-def _real_views(cifar10_tarball, count: int = 16):
-    from mixmask.data import load_image_set, preset_views, view_transform
-
-    image_set = load_image_set("imagefolder", str(cifar10_tarball), "train", subset=count)
-    first, second = (view_transform(view, image_set.mean, image_set.std)
-                     for view in preset_views("byol_cifar", 32))
-    torch.manual_seed(0)
-    pairs = [(first(image_set.load_pil(index))[0], second(image_set.load_pil(index))[0])
-             for index in range(count)]
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-
-
 @pytest.mark.parametrize("shared_head", [False, True])
 def test_every_trainable_parameter_gets_a_gradient_on_real_views(shared_head, cifar10_tarball):
     config = load_config(None, [
@@ -280,7 +267,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_real_views(shared_head, ci
         "method.ibot.mask_ratios=[0.3]", "method.ibot.mask_ratio_vars=[0.1]"])
     torch.manual_seed(0)
     method = build_method(config)
-    first, second = _real_views(cifar10_tarball)
+    first, second = real_view_pairs(cifar10_tarball, "byol_cifar")
     locals_ = [F.interpolate(view, size=16, mode="bilinear", antialias=True)
                for view in (first, second)]
     output = method.training_step(Batch.from_views(first, second, *locals_),
@@ -300,13 +287,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_real_views(shared_head, ci
 def test_the_recipe_pretrains_on_real_cifar(tmp_path, cifar10_tarball):
     """`mixmask pretrain` of cifar10/ibot_vit_tiny, 3 steps of 16 real images (2 global
     views with block masks, 6 local 16 px crops, the weight-decay schedule, clipping)."""
-    config = load_config(ROOT / "configs" / "cifar10" / "ibot_vit_tiny.yaml", [
-        f"data.root={cifar10_tarball}", "data.dataset=imagefolder", "data.subset=48",
-        "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "train.warmup_epochs=0",
-        "monitor.knn=false", "monitor.online_probe=false", "eval.knn=true", "eval.linear=false",
-        "data.eval_train_subset=64", "data.eval_test_subset=32", "train.progress_bar=false",
-        *TINY, f"out_dir={tmp_path / 'run'}"])
-    summary = pretrain(config)
+    summary = pretrain_recipe_briefly("ibot_vit_tiny", cifar10_tarball, tmp_path / "run", *TINY)
     assert summary["steps"] == 3 and summary["method"] == "ibot"
     assert 0 <= summary["knn_top1"] <= 100
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import pretrain_recipe_briefly
 
 from mixmask.cli import main
 from mixmask.config import load_config
@@ -16,7 +16,6 @@ from mixmask.methods import PixelStats, build_method
 from mixmask.ops.grid_masks import upsample_mask
 from mixmask.ops.losses.mim import masked_l1
 from mixmask.ops.optim import build_optimizer
-from mixmask.train.loop import pretrain
 from mixmask.train.step import training_step
 
 VIT = ["model.backbone=vit_tiny", "model.patch_size=4"]
@@ -196,13 +195,7 @@ def test_a_few_steps_on_a_repeated_real_batch_lower_the_loss(cifar10_tarball, ov
 def test_the_recipes_pretrain_on_real_cifar(recipe, tmp_path, cifar10_tarball):
     """`mixmask pretrain` of each CIFAR-10 recipe, a few steps of 16 real images."""
     small = ["model.width=0.125"] if "r18" in recipe else []
-    config = load_config(ROOT / "configs" / "cifar10" / f"{recipe}.yaml", [
-        f"data.root={cifar10_tarball}", "data.dataset=imagefolder", "data.subset=48",
-        "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "train.warmup_epochs=0",
-        "monitor.knn=false", "monitor.online_probe=false", "eval.knn=true", "eval.linear=false",
-        "data.eval_train_subset=64", "data.eval_test_subset=32", "train.progress_bar=false",
-        *small, f"out_dir={tmp_path / 'run'}"])
-    summary = pretrain(config)
+    summary = pretrain_recipe_briefly(recipe, cifar10_tarball, tmp_path / "run", *small)
     assert summary["steps"] == 3 and summary["method"] == "simmim"
     assert 0 <= summary["knn_top1"] <= 100
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

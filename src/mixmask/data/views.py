@@ -50,6 +50,7 @@ view 1, view 2, view 1, ..., so any even number of views holds as many of each.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -106,8 +107,13 @@ class ViewConfig:
     hue: float = 0.1
     grayscale_p: float = 0.2
     blur_p: float = 0.0
-    blur_kernel_size: int | None = None  # None: about 10% of image_size, odd (23 at 224)
+    blur_kernel_size: int | None = None  # None: by blur_support
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # The blur's kernel when blur_kernel_size is None: "image", about 10% of image_size, odd
+    # (SimCLR's rule, app. A: 23 at 224, 3 at 32); "sigma", at least +-3 x the largest sigma
+    # as well (13 at 32 px for sigma up to 2), as PIL's GaussianBlur(radius=sigma) of
+    # solo-learn's and lightly's CIFAR views blurs: its support grows with sigma.
+    blur_support: Literal["image", "sigma"] = "image"
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
     flip_p: float = 0.5
@@ -118,7 +124,10 @@ class ViewConfig:
     def kernel_size(self) -> int:
         if self.blur_kernel_size is not None:
             return self.blur_kernel_size
-        return _blur_kernel_size(self.image_size)
+        size = _blur_kernel_size(self.image_size)
+        if self.blur_support == "sigma":
+            size = max(size, 2 * math.ceil(3 * self.blur_sigma[1]) + 1)
+        return size
 
 
 # Each preset's views as ViewConfig fields (besides image_size) that differ from the
@@ -133,9 +142,10 @@ _PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     "byol_cifar": (dict(_BYOL), {**_BYOL, "solarize_p": 0.2}),
     # SimCLR's views (arXiv 2002.05709, app. A; solo-learn's CIFAR recipe alike:
     # augmentations/symmetric.yaml): crop 0.08-1, jitter 0.8/0.8/0.8/0.2 with p 0.8
-    # (colour strength 1), grayscale 0.2, blur p 0.5 (sigma 0.1-2), flip; both views alike.
+    # (colour strength 1), grayscale 0.2, blur p 0.5 (sigma 0.1-2) with the support of
+    # solo-learn's PIL blur (13 px at 32, SimCLR's 23 at 224), flip; both views alike.
     "simclr": ({"scale": (0.08, 1.0), "brightness": 0.8, "contrast": 0.8, "saturation": 0.8,
-                "hue": 0.2, "blur_p": 0.5},),
+                "hue": 0.2, "blur_p": 0.5, "blur_support": "sigma"},),
     # PixMIM's conservative transform: no colour ops at all (its train_pipeline has none).
     "conservative": ({"crop": "padded", "jitter_p": 0.0, "grayscale_p": 0.0},),
     # MAE (main_pretrain.py): RandomResizedCrop(scale=(0.2, 1.0), bicubic) + flip, no colour.

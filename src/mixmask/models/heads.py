@@ -10,18 +10,22 @@ from torch import Tensor, nn
 
 
 class MLPHead(nn.Sequential):
-    """``num_layers`` Linear layers with [BN] + ReLU between them, optionally a BN without
-    affine parameters on the output.
+    """``num_layers`` Linear layers with [BN] + ReLU between them, optionally a BN on the
+    output: without affine parameters, or (``output_scale``) with a learnt scale only.
 
     - MoCo v2 projector (arXiv 2003.04297, sec. 3): 2 layers, no BN (2048-2048-128 on R-50).
     - BYOL projector and predictor (arXiv 2006.07733, sec. 3.3): 2 layers with BN, 4096-256.
     - SimSiam CIFAR projector (arXiv 2011.10566, app. D): 2 layers with BN and an output BN;
       predictor: 2 layers, BN on the hidden layer only (bottleneck 512).
     - Barlow Twins / VICReg projectors (arXiv 2103.03230, 2105.04906): 3 layers with BN.
+    - SimCLR's projector (arXiv 2002.05709; the reference's ``projection_head``): BN on
+      every layer, the output's with a scale and no shift (``linear_layer(...,
+      use_bn=True)``, ``center=False`` where there is no bias).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, batch_norm: bool = False,
-                 num_layers: int = 2, output_batch_norm: bool = False):
+                 num_layers: int = 2, output_batch_norm: bool = False,
+                 output_scale: bool = False):
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}.")
         layers: list[nn.Module] = []
@@ -35,7 +39,10 @@ class MLPHead(nn.Sequential):
             width = hidden_dim
         layers.append(nn.Linear(width, out_dim, bias=not output_batch_norm))
         if output_batch_norm:
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            output_norm = nn.BatchNorm1d(out_dim, affine=output_scale)
+            if output_scale:  # a learnt scale and no shift: SimCLR's BN with center=False
+                output_norm.bias.requires_grad_(False)
+            layers.append(output_norm)
         super().__init__(*layers)
 
 

@@ -29,6 +29,10 @@ class SimCLRConfig:
     # Linear layers of the projector, BN + ReLU between: 2 (SimCLR v1, its CIFAR and
     # ImageNet models) or 3 (SimCLR v2's ImageNet projector, arXiv 2006.10029 sec. 2).
     proj_layers: int = 2
+    # A BN with a learnt scale and no shift on the projector's output, as the reference's
+    # projection_head (its last linear_layer: use_bn=True, center=False); solo-learn's CIFAR
+    # projector has none.
+    output_batch_norm: bool = True
     temperature: float = 0.2
     # The reference sums the two directions' means (objective.py: loss_a + loss_b);
     # solo-learn averages them, and its CIFAR learning rates are tuned for the mean.
@@ -46,7 +50,8 @@ class SimCLR(SiameseMethod):
         params = self.params
         self.temperature, self.symmetric_reduction = params.temperature, params.symmetric_reduction
         self.projector = MLPHead(self.feature_dim, params.proj_hidden_dim, params.proj_output_dim,
-                                 batch_norm=True, num_layers=params.proj_layers)
+                                 batch_norm=True, num_layers=params.proj_layers,
+                                 output_batch_norm=params.output_batch_norm, output_scale=True)
 
     @classmethod
     def validate_config(cls, config) -> None:
