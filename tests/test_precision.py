@@ -202,6 +202,29 @@ def test_every_method_on_a_real_batch_under_bf16_is_float32_finite_and_near_fp32
     assert values["bf16"].item() == pytest.approx(values["32"].item(), rel=0.01)
 
 
+@pytest.mark.parametrize("name", [*BUILTIN_METHODS, "simclr", "mocov3", "dino"])
+def test_siamese_heads_run_in_float32_under_bf16_while_the_backbone_autocasts(name):
+    """Under a CPU bf16 autocast the backbone's output is bf16 and the projector's and
+    predictor's (and the target network's head's) are float32: their rounding to bf16
+    before a temperature-scaled loss cost SimCLR about 4 kNN points (docs/performance.md).
+    A head left under autocast returns bf16 here."""
+    heads = {"dino": ["method.dino.proj_hidden_dim=32", "method.dino.bottleneck_dim=16",
+                      "method.dino.num_prototypes=32"]}.get(
+        name, [f"method.{name}.proj_hidden_dim=32", f"method.{name}.proj_output_dim=16"])
+    config = load_config(None, [f"method.name={name}", "model.width=0.125",
+                                "train.batch_size=8", "method.mocov2.queue_size=64", *heads])
+    torch.manual_seed(0)
+    method = build_method(config)
+    images = torch.randn(8, 3, 32, 32)
+    with mixed_precision(torch.device("cpu"), "bf16"):
+        embedding = method.embed(images)
+        targets = (method.target_embeddings([images, images], [1], torch.Generator())
+                   if method.has_target_network else {})
+    assert embedding.features.dtype == torch.bfloat16
+    assert embedding.projection.dtype == embedding.output.dtype == torch.float32
+    assert all(target.dtype == torch.float32 for target in targets.values())
+
+
 def test_bf16_features_come_back_float32_and_the_knn_reads_them_outside_autocast(
         cifar10_tarball):
     """Feature extraction autocasts the forward only: float32 features near the fp32 ones

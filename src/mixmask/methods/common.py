@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mixmask.errors import ConfigError
+from mixmask.ops.tensors import autocast_off
 
 
 def ema_copy(network: nn.Module) -> nn.Module:
@@ -45,6 +47,16 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     if target_buffers:
         # One multi-tensor copy, not one kernel per BN buffer (a ResNet-18 has ~60).
         torch._foreach_copy_(target_buffers, online_buffers)
+
+
+def head_in_float32(head: Callable[[Tensor], Tensor], features: Tensor) -> Tensor:
+    """``head(features)`` in float32 with autocast off: under mixed precision the backbone's
+    convolutions are where bf16 pays; a head's small matmuls gain little, and the rounding of
+    its outputs to bf16's 8 significant bits before a temperature-scaled contrastive loss
+    cost SimCLR about 4 kNN points on CIFAR-10 in our CPU comparison with lightly
+    (docs/performance.md, "SimCLR and DINO against lightly's"). The Siamese heads run so."""
+    with autocast_off(features.device):
+        return head(features.float())
 
 
 def check_unit_interval(params, section: str, *keys: str) -> None:

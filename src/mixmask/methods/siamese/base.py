@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from mixmask.data.batch import Batch
 from mixmask.errors import ConfigError
-from mixmask.methods.common import HostGenerator, ema_copy, ema_update
+from mixmask.methods.common import HostGenerator, ema_copy, ema_update, head_in_float32
 from mixmask.methods.protocol import Method, PixelStats, StepOutput
 from mixmask.methods.siamese.masking_axis import (
     MaskingAxisConfig,
@@ -140,10 +140,12 @@ class SiameseMethod(Method):
 
     # -- the base's ingredients ----------------------------------------------------------
     def embed(self, images: Tensor) -> Embedding:
-        """The online network on a batch: backbone -> projector [-> predictor]."""
+        """The online network on a batch: backbone -> projector [-> predictor], the heads
+        in float32 under mixed precision (:func:`~mixmask.methods.common.head_in_float32`)."""
         features = self.backbone(images)
-        projection = self.projector(features)
-        output = projection if self.predictor is None else self.predictor(projection)
+        projection = head_in_float32(self.projector, features)
+        output = projection if self.predictor is None else head_in_float32(self.predictor,
+                                                                            projection)
         return Embedding(features, projection, output)
 
     def build_target_network(self) -> None:

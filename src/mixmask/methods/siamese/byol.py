@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixmask.methods.common import check_unit_interval, cosine_momentum
+from mixmask.methods.common import check_unit_interval, cosine_momentum, head_in_float32
 from mixmask.methods.registry import register_method
 from mixmask.methods.siamese.base import (
     SiameseMethod,
@@ -60,7 +60,7 @@ class BYOL(SiameseMethod):
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        return self.target_projector(self.target_backbone(images))
+        return head_in_float32(self.target_projector, self.target_backbone(images))
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         return byol_loss(online, target)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mixmask.errors import ConfigError
-from mixmask.methods.common import cosine_momentum
+from mixmask.methods.common import cosine_momentum, head_in_float32
 from mixmask.methods.registry import register_method
 from mixmask.methods.self_distillation import (
     SelfDistillationConfig,
@@ -96,13 +96,15 @@ class DINO(SiameseMethod):
         """Student: features, the normalised bottleneck (what the collapse monitor reads),
         the prototype logits."""
         features = self.backbone(images)
-        bottleneck = self.projector.bottleneck(features)
-        return Embedding(features, bottleneck, self.projector.last_layer(bottleneck))
+        bottleneck = head_in_float32(self.projector.bottleneck, features)
+        return Embedding(features, bottleneck, head_in_float32(self.projector.last_layer,
+                                                               bottleneck))
 
     @torch.no_grad()
     def target_embeddings(self, views, indices, generator):
         """The teacher's logits of the global views, both in one batch (BN over both)."""
-        logits = self.target_projector(self.target_backbone(torch.cat([views[0], views[1]])))
+        logits = head_in_float32(self.target_projector,
+                                 self.target_backbone(torch.cat([views[0], views[1]])))
         first, second = logits.float().chunk(2)
         return {index: (first, second)[index] for index in indices}
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixmask.errors import ConfigError
-from mixmask.methods.common import check_unit_interval, cosine_momentum
+from mixmask.methods.common import check_unit_interval, cosine_momentum, head_in_float32
 from mixmask.methods.registry import register_method
 from mixmask.methods.siamese.base import (
     SiameseMethod,
@@ -126,7 +126,7 @@ class MoCoV2(SiameseMethod):
     @torch.no_grad()
     def target_embedding(self, images: Tensor, generator: torch.Generator) -> Tensor:
         def encode(batch: Tensor) -> Tensor:
-            return self.target_projector(self.target_backbone(batch))
+            return head_in_float32(self.target_projector, self.target_backbone(batch))
 
         # Shuffle-BN (MoCo sec. 3.3) across processes; on one process BN already sees the
         # whole batch, so shuffling would change nothing.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixmask.errors import ConfigError
-from mixmask.methods.common import check_unit_interval, cosine_momentum
+from mixmask.methods.common import check_unit_interval, cosine_momentum, head_in_float32
 from mixmask.methods.registry import register_method
 from mixmask.methods.siamese.base import SiameseMethod, SymmetricReduction
 from mixmask.models.backbones import backbone_traits
@@ -91,7 +91,8 @@ class MoCoV3(SiameseMethod):
 
     @torch.no_grad()
     def target_embedding(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        return F.normalize(self.target_projector(self.target_backbone(images)).float(), dim=1)
+        return F.normalize(head_in_float32(self.target_projector, self.target_backbone(images)),
+                           dim=1)
 
     def pair_loss(self, online: Tensor, target: Tensor) -> Tensor:
         return moco_v3_loss(online, target, self.temperature)
