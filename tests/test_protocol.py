@@ -62,7 +62,9 @@ SMALL = ["model.width=0.125", "train.batch_size=16", "method.mocov2.queue_size=6
 
 # Methods that need another backbone than SMALL's ResNet (a ViT for MIM), made small.
 NEEDS = {"mae": ["model.backbone=vit_tiny", "method.mae.decoder_depth=1",
-                 "method.mae.decoder_dim=64", "method.mae.decoder_heads=2"]}
+                 "method.mae.decoder_dim=64", "method.mae.decoder_heads=2"],
+         "ibot": ["model.backbone=vit_tiny", "method.ibot.proj_hidden_dim=64",
+                  "method.ibot.bottleneck_dim=16", "method.ibot.num_prototypes=32"]}
 
 
 @pytest.mark.parametrize("name", method_names())
