@@ -68,3 +68,11 @@ def pretrain_recipe_briefly(recipe: str, cifar10_tarball, out_dir, *overrides: s
         "data.eval_train_subset=64", "data.eval_test_subset=32", "train.progress_bar=false",
         *overrides, f"out_dir={out_dir}"])
     return pretrain(config)
+
+
+def parameters_without_gradient(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s trainable parameters whose gradient is missing or all zero
+    (after a backward)."""
+    return [name for name, parameter in module.named_parameters()
+            if parameter.requires_grad and (parameter.grad is None
+                                            or not parameter.grad.abs().sum() > 0)]

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, pretrain_recipe_briefly, real_view_pairs
+from helpers import ROOT, parameters_without_gradient, pretrain_recipe_briefly, real_view_pairs
 
 from mixmask.config import load_config
 from mixmask.data.batch import Batch
@@ -207,10 +207,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_real_views(masking, cifar1
                                   torch.Generator().manual_seed(0), 0.3)
     assert torch.isfinite(output.loss)
     output.loss.backward()
-    missing = [key for key, parameter in method.named_parameters()
-               if parameter.requires_grad and (parameter.grad is None
-                                               or not parameter.grad.abs().sum() > 0)]
-    assert missing == []
+    assert parameters_without_gradient(method) == []
     # The teacher learns by EMA only; norm_last_layer keeps the weight-norm gain at 1.
     assert not any(p.requires_grad for p in method.target_backbone.parameters())
     assert not method.projector.last_layer.gain.requires_grad

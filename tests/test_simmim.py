@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import pretrain_recipe_briefly
+from helpers import parameters_without_gradient, pretrain_recipe_briefly
 
 from mixmask.cli import main
 from mixmask.config import load_config
@@ -171,10 +171,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_a_real_batch(cifar10_tarba
     assert torch.isfinite(output.loss) and set(output.logs) == {"loss"}
     assert output.features.shape == (16, method.feature_dim) and not output.features.requires_grad
     output.loss.backward()
-    missing = [name for name, parameter in method.named_parameters()
-               if parameter.requires_grad and (parameter.grad is None
-                                               or not parameter.grad.abs().sum() > 0)]
-    assert missing == []
+    assert parameters_without_gradient(method) == []
     assert method.mask_token.requires_grad
 
 

@@ -123,8 +123,12 @@ class DINO(SiameseMethod):
         if not local_views:
             return output
         local_logits = self.embed(torch.cat(local_views)).output.chunk(len(local_views))
-        local_total = sum(self.pair_loss(student, teacher).mean()
-                          for student in local_logits for teacher in output.targets)
+        # Each teacher view's centred, sharpened softmax once, for all the local crops.
+        teachers = [teacher_probabilities(target, self.center, self.current_teacher_temperature)
+                    for target in output.targets]
+        temperature = self.params.student_temperature
+        local_total = sum(distillation_cross_entropy(student, teacher, temperature).mean()
+                          for student in local_logits for teacher in teachers)
         pairs = 2 + 2 * len(local_views)
         output.loss = (2 * output.loss + local_total) / pairs
         output.logs["loss_local"] = (local_total / (2 * len(local_views))).detach()
