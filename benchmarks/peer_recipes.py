@@ -70,8 +70,14 @@ PEER_RECIPES = {
         # solo-learn's CIFAR DINO: two global crops of its asymmetric views
         # (augmentations/asymmetric.yaml: byol_cifar, crop scale 0.08-1), no local crops.
         shared={"data.augmentation": "byol_cifar", **QUICKSTART_SGD},
-        method={"proj_hidden_dim": 512, "bottleneck_dim": 256, "num_prototypes": 4096,
-                "proj_layers": 3, "use_bn_in_head": False, "norm_last_layer": True,
+        # The head is lightly's CIFAR-10 benchmark's (benchmarks/cifar10_benchmark.py:
+        # DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True) with its MLP cut to 2
+        # layers): solo-learn's (3 layers, no BN, 4,096 prototypes) sat at ln(4096), a
+        # uniform student, from the first epochs on both sides at this budget (stop 27),
+        # where BN in the head learns (stop 28: docs/results.md, "DINO's head at the
+        # quickstart budget").
+        method={"proj_hidden_dim": 2048, "bottleneck_dim": 256, "num_prototypes": 2048,
+                "proj_layers": 2, "use_bn_in_head": True, "norm_last_layer": True,
                 "student_temperature": 0.1, "teacher_temperature": 0.07,
                 "warmup_teacher_temperature": 0.04, "center_momentum": 0.9,
                 # The quickstart's short-schedule momentum (its MoCo v2's 0.99), rising to 1

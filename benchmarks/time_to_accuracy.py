@@ -631,6 +631,20 @@ def lightly_simclr(config, *, budget_s: float, max_steps: int | None = None, eva
         workers=workers, device=device)
 
 
+def _lightly_mlp(feature_dim: int, keys: dict[str, Any]):
+    """lightly's MLP blocks for a DINO head of ``proj_layers`` Linear layers (GELU, and BN
+    when ``use_bn_in_head``, between them), as ours builds it (models/heads.py)."""
+    from lightly.models.modules.heads import ProjectionHead
+    from torch import nn
+
+    hidden, widths = keys["proj_hidden_dim"], [feature_dim]
+    widths += [hidden] * (keys["proj_layers"] - 1)
+    blocks = [(width, hidden, nn.BatchNorm1d(hidden) if keys["use_bn_in_head"] else None,
+               nn.GELU()) for width in widths[:-1]]
+    blocks.append((widths[-1], keys["bottleneck_dim"], None, None))
+    return ProjectionHead(blocks).layers
+
+
 def lightly_dino(config, *, budget_s: float, max_steps: int | None = None, eval_data=None,
                  num_workers: int | None = None, recipe: PeerRecipe | None = None
                  ) -> dict[str, Any]:
@@ -650,9 +664,6 @@ def lightly_dino(config, *, budget_s: float, max_steps: int | None = None, eval_
 
     recipe = recipe or PEER_RECIPES["dino"]
     keys = recipe.method_keys(config.train.epochs)
-    if keys["proj_layers"] != 3:
-        raise MixmaskError("lightly's DINOProjectionHead has 3 layers; set proj_layers "
-                           "to 3 in PEER_RECIPES['dino'].")
     started = time.perf_counter()
     device, workers, train_set, normalize = _lightly_start(config, num_workers)
     transform = DINOTransform(**peer_views(config, recipe, normalize)[0])
@@ -661,9 +672,16 @@ def lightly_dino(config, *, budget_s: float, max_steps: int | None = None, eval_
     student_backbone, feature_dim = build_backbone(config.model, config.data.image_size)
 
     def head(**freezing) -> DINOProjectionHead:
-        return DINOProjectionHead(feature_dim, keys["proj_hidden_dim"], keys["bottleneck_dim"],
-                                  keys["num_prototypes"], batch_norm=keys["use_bn_in_head"],
-                                  norm_last_layer=keys["norm_last_layer"], **freezing)
+        built = DINOProjectionHead(feature_dim, keys["proj_hidden_dim"], keys["bottleneck_dim"],
+                                   keys["num_prototypes"], batch_norm=keys["use_bn_in_head"],
+                                   norm_last_layer=keys["norm_last_layer"], **freezing)
+        if keys["proj_layers"] != 3:
+            # DINOProjectionHead's MLP has 3 layers; lightly's CIFAR-10 benchmark swaps in a
+            # 2-layer one the same way (head.layers = ProjectionHead(...)). Re-initialised
+            # as the head initialises its own (trunc_normal 0.02), as ours is.
+            built.layers = _lightly_mlp(feature_dim, keys)
+            built.layers.apply(built._init_weights)
+        return built
 
     student_head = head(freeze_last_layer=keys["freeze_last_layer_epochs"])
     teacher_backbone = copy.deepcopy(student_backbone)

@@ -272,6 +272,29 @@ def test_lightly_dino_trains_past_its_frozen_first_epoch(monkeypatch):
     assert math.isfinite(row["knn_top1"]) and math.isfinite(row["last_loss"])
 
 
+@pytest.mark.parametrize("layers,batch_norm", [(2, True), (3, False), (1, False)])
+def test_lightly_dino_mlp_has_our_heads_layers(layers, batch_norm):
+    """lightly's DINO MLP for any proj_layers (its CIFAR benchmark swaps in 2 layers with BN)
+    has our DINOHead's Linear shapes and BN places."""
+    pytest.importorskip("lightly")
+    from torch import nn
+
+    from mixmask.models.heads import DINOHead
+    benchmark = load_script("benchmarks/time_to_accuracy.py")
+    keys = {"proj_layers": layers, "proj_hidden_dim": 24, "bottleneck_dim": 8,
+            "use_bn_in_head": batch_norm}
+    theirs = benchmark._lightly_mlp(16, keys)
+    ours = DINOHead(16, hidden_dim=24, bottleneck_dim=8, num_prototypes=5, num_layers=layers,
+                    batch_norm=batch_norm).mlp
+
+    def shape(mlp):
+        return [(type(m).__name__, tuple(m.weight.shape)) for m in mlp
+                if isinstance(m, (nn.Linear, nn.BatchNorm1d))]
+
+    assert shape(theirs) == shape(ours)
+    assert sum(isinstance(m, nn.Linear) for m in theirs) == layers
+
+
 def test_the_recipe_is_the_one_place_both_sides_read(tmp_path, monkeypatch):
     """A value changed in PEER_RECIPES reaches lightly's loss and head and our config alike;
     lightly's transform takes its arguments from our config's views."""
