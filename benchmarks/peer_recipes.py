@@ -52,9 +52,9 @@ class PeerRecipe:
 # train.optimizer=sgd does (mixmask.ops.optim.pretraining_groups), cosine to 0 per step.
 QUICKSTART_SGD = {"train.optimizer": "sgd", "train.lr": 0.06, "train.momentum": 0.9,
                   "train.weight_decay": 5.0e-4, "train.warmup_epochs": 0.0}
-# The projectors' hidden width is the quickstart's (its MoCo v2 projector at width 0.25:
-# 512, where the width-1 recipes have 2048); their outputs are those of each method's
-# CIFAR recipe (solo-learn scripts/pretrain/cifar/{simclr,dino}.yaml).
+# SimCLR's projector has the quickstart's hidden width (its MoCo v2 projector at width
+# 0.25: 512, where the width-1 recipes have 2048) and solo-learn's CIFAR output
+# (scripts/pretrain/cifar/simclr.yaml); DINO's head is lightly's CIFAR-10 benchmark's.
 PEER_RECIPES = {
     "simclr": PeerRecipe(
         "simclr", "SimCLR",
